@@ -1,0 +1,88 @@
+"""Fine-tuning methods by name: leanft's own tuners and the baselines users compare against.
+
+``make_config`` turns a method name plus a few common options into a PEFT config (``None`` for full
+fine-tuning); ``apply_method`` wraps a model with it. One place, so the CLI, the trainer and the
+benchmarks all build methods the same way.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from peft import LoraConfig, PeftConfig, get_peft_model
+from peft.utils import ModulesToSaveWrapper
+from torch import nn
+
+from .tuners import LorettaAdpConfig, LorettaRepConfig
+
+METHODS = ("full", "lora", "loretta-adp", "loretta-rep")
+
+# Common option -> config field of each method (options a method does not know are an error).
+OPTION_FIELDS: dict[str, dict[str, str]] = {
+    "lora": {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": "target_modules"},
+    "loretta-rep": {
+        "rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "tt_rank": "tt_rank",
+        "target_modules": "target_modules", "train_norms": "train_norms", "init_mode": "init_mode",
+    },
+    "loretta-adp": {
+        "bottleneck": "bottleneck_size", "dropout": "adapter_dropout", "tt_rank": "tt_rank",
+        "target_modules": "target_modules", "train_norms": "train_norms", "init_mode": "init_mode",
+    },
+    "full": {},
+}
+
+
+def resolve_method(name: str) -> str:
+    """Canonical method name; a typo gets the closest known name suggested."""
+    key = name.strip().lower().replace("_", "-")
+    if key in METHODS:
+        return key
+    close = difflib.get_close_matches(key, METHODS, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"unknown method {name!r}{hint} Known methods: {', '.join(METHODS)}")
+
+
+def make_config(method: str, task_type: str, **options: Any) -> PeftConfig | None:
+    """The PEFT config of ``method`` (LoRA baseline: r 8, alpha 16, dropout 0.05 on q and v)."""
+    method = resolve_method(method)
+    fields = OPTION_FIELDS[method]
+    unknown = sorted(k for k, v in options.items() if v is not None and k not in fields)
+    if unknown:
+        raise ValueError(f"method {method!r} does not take option(s) {unknown}; it takes {sorted(fields)}")
+    kwargs = {fields[k]: v for k, v in options.items() if v is not None}
+    if method == "full":
+        return None
+    if method == "lora":
+        kwargs = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, **kwargs}
+        if kwargs["r"] <= 0:
+            raise ValueError(f"LoRA rank must be a positive integer, got {kwargs['r']}")
+        return LoraConfig(task_type=task_type, **kwargs)
+    config_cls = LorettaAdpConfig if method == "loretta-adp" else LorettaRepConfig
+    return config_cls(task_type=task_type, **kwargs)
+
+
+def apply_method(model: nn.Module, method: str, task_type: str, **options: Any) -> nn.Module:
+    """``model`` made trainable by ``method``: a PeftModel, or the model itself for full fine-tuning."""
+    config = make_config(method, task_type, **options)
+    if config is None:
+        model.requires_grad_(True)
+        return model
+    return get_peft_model(model, config)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Trainable and total parameters (by numel, meta tensors included).
+
+    The frozen originals kept by PEFT's ``modules_to_save`` wrappers are not counted in ``total``: the
+    adapted model's size is the base model plus what the method adds.
+    """
+    skip = set()
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            skip.update(id(p) for p in module.original_module.parameters())
+    params = [p for p in model.parameters() if id(p) not in skip]
+    return {
+        "trainable": sum(p.numel() for p in params if p.requires_grad),
+        "total": sum(p.numel() for p in params),
+    }

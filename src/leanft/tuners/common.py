@@ -1,0 +1,170 @@
+"""What every leanft tuner shares: PEFT registration, trainable norms, the base-model check.
+
+PEFT's ``PeftType`` is a closed enum, so leanft owns a ``str`` enum and writes its methods into PEFT's
+lookup tables directly (every lookup there is a dict key or ``in`` check, and a ``str`` enum member
+hashes and compares as its value, which is what a reloaded ``adapter_config.json`` holds).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from peft.config import PeftConfig
+from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
+from torch import nn
+
+
+class LeanftPeftType(str, enum.Enum):
+    LORETTA_ADP = "LORETTA_ADP"
+    LORETTA_REP = "LORETTA_REP"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def register(peft_type: LeanftPeftType, config_cls: type, model_cls: type, prefix: str) -> None:
+    """Make ``peft_type`` known to PEFT (get_peft_model, save/load, PeftModel.from_pretrained)."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+
+    PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
+    PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
+    PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = prefix
+
+
+# Architectures whose MLP is gate/up/down (LoRETTA_adp puts input adapters before gate and up).
+LLAMA_LIKE = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite", "phi3")
+BERT_LIKE = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "deberta", "deberta-v2")
+
+FINGERPRINT_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
+
+
+def model_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """The few config values that identify which base model an adapter belongs to."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return {}
+    return {k: getattr(config, k) for k in FINGERPRINT_KEYS if getattr(config, k, None) is not None}
+
+
+def norm_module_names(model: nn.Module) -> list[str]:
+    """Leaf names of the normalisation layers (LayerNorm, RMSNorm, ...), found by class name."""
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if "norm" in type(m).__name__.lower() and name}
+    return sorted(names)
+
+
+@dataclass
+class LeanftConfig(PeftConfig):
+    """Fields common to leanft's methods (see the method configs for the method-specific ones)."""
+
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Module names (suffix match) or a regex (full match); None = default for the architecture"},
+    )
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules never adapted"})
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules trained densely and saved with the adapter (e.g. a classifier)"}
+    )
+    train_norms: bool = field(
+        default=True,
+        metadata={"help": "Train all normalisation layers (the papers' parameter counts include them)"},
+    )
+    base_model_fingerprint: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "Filled in on injection; loading onto a base model that differs raises an error"},
+    )
+
+    def _check_positive(self, **values: int) -> None:
+        for name, value in values.items():
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{type(self).__name__}.{name} must be a positive integer, got {value!r}")
+
+    def _check_dropout_and_init(self, dropout: float, init_modes: tuple[str, ...]) -> None:
+        if not 0 <= dropout < 1:
+            raise ValueError(f"{type(self).__name__}: dropout must be in [0, 1), got {dropout}")
+        if getattr(self, "init_mode", None) not in init_modes:
+            raise ValueError(f"init_mode must be one of {init_modes}, got {getattr(self, 'init_mode', None)!r}")
+
+
+class LeanftTuner(BaseTuner):
+    """BaseTuner with leanft's checks before injection (targets exist, base model matches, norms) and
+    the one way its layers are created: ``layer_cls(target, adapter_name, config, name, **layer_kwargs)``.
+    """
+
+    layer_cls: type[nn.Module]
+
+    def _layer_kwargs(self, config: LeanftConfig, key: str) -> dict[str, Any]:
+        """Extra per-module arguments of ``layer_cls`` and ``update_layer`` (none by default)."""
+        return {}
+
+    def _create_and_replace(
+        self,
+        peft_config: LeanftConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        *,
+        parameter_name: str | None = None,
+    ) -> None:
+        kwargs = self._layer_kwargs(peft_config, current_key)
+        if isinstance(target, self.tuner_layer_cls):
+            target.update_layer(adapter_name, peft_config, **kwargs)
+            return
+        new = self.layer_cls(target, adapter_name, peft_config, name=current_key, **kwargs)
+        if adapter_name not in self.active_adapters:
+            new.requires_grad_(False)
+        self._replace_module(parent, target_name, new, target)
+
+    def _pre_injection_hook(self, model: nn.Module, config: LeanftConfig, adapter_name: str) -> None:
+        fp = model_fingerprint(model)
+        if config.base_model_fingerprint is None:
+            config.base_model_fingerprint = fp
+        else:
+            diff = [f"{k} {v} (adapter) vs {fp[k]} (model)" for k, v in config.base_model_fingerprint.items()
+                    if k in fp and fp[k] != v]
+            if diff:
+                raise ValueError(
+                    f"this {config.peft_type} adapter was made for a different base model: {'; '.join(diff)}. "
+                    "Load it onto the base model it was trained on."
+                )
+        self._prepare_adapter_config(config, {"model_type": fp.get("model_type")})
+        names = [name for name, m in model.named_modules() if name]
+        if not any(check_target_module_exists(config, name) for name in names):
+            linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+            raise ValueError(
+                f"target_modules={config.target_modules!r} matches no module of this "
+                f"{fp.get('model_type', type(model).__name__)} model; its linear layers are named {linears}"
+            )
+        if config.train_norms:
+            config.modules_to_save = sorted(set(config.modules_to_save or []) | set(norm_module_names(model)))
+
+    def _prepare_adapter_config(self, peft_config: LeanftConfig, model_config: dict) -> LeanftConfig:
+        if peft_config.target_modules is None:
+            targets = self.target_module_mapping.get(model_config.get("model_type"))
+            if targets is None:
+                raise ValueError(
+                    f"{peft_config.peft_type} has no default target modules for model type "
+                    f"{model_config.get('model_type')!r}; pass target_modules explicitly"
+                )
+            peft_config.target_modules = targets if isinstance(targets, str) else list(targets)
+        return peft_config
+
+
+def linear_features(module: nn.Module, name: str, method: str) -> tuple[int, int]:
+    """``(in, out)`` of a target, which must be an ``nn.Linear``."""
+    if not isinstance(module, nn.Linear):
+        raise ValueError(f"{method} adapts torch.nn.Linear layers only; {name} is a {type(module).__name__}")
+    return module.in_features, module.out_features
+
+
+def shape_for(config_shapes: dict[str, list[int]] | None, in_features: int, out_features: int) -> list[int] | None:
+    """An explicit TT shape from a config's ``tt_shapes`` (keyed ``"INxOUT"``), if one is given."""
+    return (config_shapes or {}).get(f"{in_features}x{out_features}")
+
+
+def param_device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device

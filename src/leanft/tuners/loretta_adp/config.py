@@ -1,0 +1,48 @@
+"""Configuration of LoRETTA_adp: bottleneck adapters whose projections are TT matrices."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..common import LeanftConfig, LeanftPeftType
+
+
+@dataclass
+class LorettaAdpConfig(LeanftConfig):
+    """Adapter ``A(u) = s * U(act(D(dropout(u))))``, ``D: h -> b`` and ``U: b -> h`` TT matrices with bias.
+
+    Placement follows the reference: an *output* adapter adds ``A(v)`` to a layer's output ``v``; an
+    *input* adapter feeds ``x + A(x)`` to the layer. LLaMA-like models get input adapters on ``gate_proj``
+    and ``up_proj`` and an output adapter on ``down_proj`` (3 per layer); BERT-like models get output
+    adapters after the attention-output and FFN-output dense layers (2 per layer). Other architectures
+    need ``target_modules`` (output adapters; list ``input_modules`` for input ones).
+
+    Defaults are the paper's (bottleneck 64, TT rank 5, ReLU, scaling 1, trainable norms: the LLaMA-2-7B
+    count of 876,800). ``init_mode="noise_free"`` (default) subtracts a frozen copy of the initial
+    adapter, ``A(u) - A0(u)``, so the adapted model starts equal to the base model (about twice the
+    adapter FLOPs, still small next to the base layer); ``"reference"`` keeps the reference code's
+    random start.
+    """
+
+    bottleneck_size: int = field(default=64, metadata={"help": "Adapter bottleneck width b"})
+    tt_rank: int = field(default=5, metadata={"help": "TT rank of both projections"})
+    non_linearity: str = field(default="relu", metadata={"help": "Activation name from transformers' ACT2FN"})
+    scaling: float = field(default=1.0, metadata={"help": "Multiplier s of the adapter output"})
+    adapter_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input"})
+    input_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Targets that get an input (pre-linear) adapter; None = architecture default"},
+    )
+    init_mode: Literal["noise_free", "reference"] = field(default="noise_free")
+    tt_shapes: dict[str, list[int]] | None = field(default=None, metadata={"help": "Explicit shapes by 'INxOUT'"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = LeanftPeftType.LORETTA_ADP
+        self._check_positive(bottleneck_size=self.bottleneck_size, tt_rank=self.tt_rank)
+        self._check_dropout_and_init(self.adapter_dropout, ("noise_free", "reference"))
+        from transformers.activations import ACT2FN
+
+        if self.non_linearity not in ACT2FN:
+            raise ValueError(f"unknown non_linearity {self.non_linearity!r}; choose one of {sorted(ACT2FN)}")

@@ -1,0 +1,33 @@
+"""Configuration of LoRETTA_rep: a LoRA-style update whose two factors are TT matrices."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..common import LeanftConfig, LeanftPeftType
+
+
+@dataclass
+class LorettaRepConfig(LeanftConfig):
+    """``delta W = (alpha / r) * TT(A) @ TT(B)`` on each target linear (``A: in x r``, ``B: r x out``).
+
+    Defaults follow the LoRETTA reference (r 8, alpha 16, dropout 0.05; TT rank 8 and trainable norms,
+    which the paper's LLaMA-2-7B count of 516,096 implies). ``init_mode="noise_free"`` (default) makes
+    the adapted model equal the base model before training by subtracting a frozen copy of the initial
+    factors: ``delta = s * (B(A(x)) - B0(A0(x)))``; ``"reference"`` keeps the reference code's random,
+    non-zero start. ``tt_shapes`` overrides factor shapes by matrix size, e.g. ``{"4096x8": [16,16,8,4,4]}``.
+    """
+
+    r: int = field(default=8, metadata={"help": "LoRA rank: width of the update"})
+    lora_alpha: float = field(default=16, metadata={"help": "Update scale is lora_alpha / r"})
+    tt_rank: int = field(default=8, metadata={"help": "TT rank of both factors"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapter input"})
+    init_mode: Literal["noise_free", "reference"] = field(default="noise_free")
+    tt_shapes: dict[str, list[int]] | None = field(default=None, metadata={"help": "Explicit shapes by 'INxOUT'"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = LeanftPeftType.LORETTA_REP
+        self._check_positive(r=self.r, tt_rank=self.tt_rank)
+        self._check_dropout_and_init(self.lora_dropout, ("noise_free", "reference"))

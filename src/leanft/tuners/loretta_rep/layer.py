@@ -1,0 +1,103 @@
+"""LoRETTA_rep layer: ``y = W0 x + b0 + (alpha/r) * B(A(dropout(x)))`` with TT-matrix factors A and B."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from ...tt import TTMatrix
+from ..common import linear_features, param_device, shape_for
+from .config import LorettaRepConfig
+
+
+class LorettaRepLayer(BaseTunerLayer):
+    adapter_layer_names = ("loretta_rep_A", "loretta_rep_B")
+    other_param_names = ("loretta_rep_A0", "loretta_rep_B0", "loretta_rep_dropout", "r", "scaling")
+
+    def __init__(self, base_layer: nn.Module, name: str = "") -> None:
+        self.base_layer = base_layer
+        self.in_features, self.out_features = linear_features(base_layer, name, "LoRETTA_rep")
+        self.loretta_rep_A, self.loretta_rep_B = nn.ModuleDict(), nn.ModuleDict()
+        self.loretta_rep_A0, self.loretta_rep_B0 = nn.ModuleDict(), nn.ModuleDict()  # initial factors, frozen
+        self.loretta_rep_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.merged_adapters: list[str] = []
+        self._disable_adapters = False
+
+    def update_layer(self, adapter_name: str, config: LorettaRepConfig) -> None:
+        device = param_device(self.get_base_layer())
+        i, o, r = self.in_features, self.out_features, config.r
+        a = TTMatrix(i, r, config.tt_rank, shape_for(config.tt_shapes, i, r), device=device)
+        b = TTMatrix(r, o, config.tt_rank, shape_for(config.tt_shapes, r, o), device=device)
+        self.loretta_rep_A[adapter_name], self.loretta_rep_B[adapter_name] = a, b
+        if config.init_mode == "noise_free":
+            self.loretta_rep_A0[adapter_name], self.loretta_rep_B0[adapter_name] = a.frozen_copy(), b.frozen_copy()
+        p = config.lora_dropout
+        self.loretta_rep_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
+        self.r[adapter_name] = r
+        self.scaling[adapter_name] = config.lora_alpha / r
+        self.set_adapter(self.active_adapters)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``(alpha/r) * (W_A W_B - W_A0 W_B0)^T`` in the base weight's ``(out, in)`` layout, fp32."""
+        delta = self.loretta_rep_A[adapter_name].to_dense() @ self.loretta_rep_B[adapter_name].to_dense()
+        if adapter_name in self.loretta_rep_A0:
+            delta = delta - self.loretta_rep_A0[adapter_name].to_dense() @ self.loretta_rep_B0[adapter_name].to_dense()
+        return (self.scaling[adapter_name] * delta).T
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        weight = self.get_base_layer().weight
+        for name in check_adapters_to_merge(self, adapter_names):
+            if name not in self.loretta_rep_A:
+                continue
+            merged = weight.data.float() + self.get_delta_weight(name).to(weight.device)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"merging adapter {name!r} gives non-finite weights; the adapter is broken")
+            weight.data = merged.to(weight.dtype)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", UserWarning)
+            return
+        weight = self.get_base_layer().weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            weight.data = (weight.data.float() - self.get_delta_weight(name).to(weight.device)).to(weight.dtype)
+
+    def adapter_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The update ``(alpha/r) * (B(A(x)) - B0(A0(x)))`` in fp32."""
+        x = self.loretta_rep_dropout[name](x.float())
+        delta = self.loretta_rep_B[name](self.loretta_rep_A[name](x))
+        if name in self.loretta_rep_A0:
+            with torch.no_grad():
+                start = self.loretta_rep_B0[name](self.loretta_rep_A0[name](x))
+            delta = delta - start
+        return self.scaling[name] * delta
+
+
+class Linear(nn.Module, LorettaRepLayer):
+    def __init__(self, base_layer: nn.Linear, adapter_name: str, config: LorettaRepConfig, name: str = "") -> None:
+        super().__init__()
+        LorettaRepLayer.__init__(self, base_layer, name)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters or self.merged:
+            return result
+        for name in self.active_adapters:
+            if name in self.loretta_rep_A:
+                result = result + self.adapter_output(name, x).to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "loretta_rep." + super().__repr__()

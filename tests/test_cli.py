@@ -1,0 +1,50 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from leanft import cli, methods
+
+PAPER_COUNTS = [("loretta-adp", 876_800), ("loretta-rep", 516_096), ("lora", 4_194_304)]
+
+
+@pytest.mark.parametrize("method,trainable", PAPER_COUNTS)
+def test_params_reproduces_the_paper_counts_for_llama_2_7b(method, trainable, capsys):
+    cli.main(["params", "--model", "llama-2-7b", "--method", method, "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["trainable"] == trainable
+    assert result["total"] >= 6_738_415_616 and result["total"] - 6_738_415_616 <= trainable
+
+
+def test_params_table_for_an_encoder(capsys):
+    cli.main(["params", "--model", "roberta-base", "--method", "loretta-adp,loretta-rep"])
+    text = capsys.readouterr().out
+    assert "loretta-adp" in text and "loretta-rep" in text
+
+
+def test_options_change_the_counts(capsys):
+    cli.main(["params", "--model", "llama-2-7b", "--method", "loretta-adp", "--json", "--tt-rank", "8",
+              "--no-train-norms"])
+    assert json.loads(capsys.readouterr().out)["trainable"] == 921_600  # METHODS.md 9.1
+
+
+def test_method_typo_suggests_the_closest_name():
+    with pytest.raises(ValueError, match="did you mean 'loretta-rep'"):
+        methods.resolve_method("loreta-rep")
+    result = subprocess.run([sys.executable, "-m", "leanft.cli", "params", "--model", "llama-2-7b", "--method",
+                             "lorra"], capture_output=True, text=True)
+    assert result.returncode != 0 and "did you mean 'lora'" in result.stderr
+
+
+def test_unknown_model_name_is_a_clear_error():
+    result = subprocess.run([sys.executable, "-m", "leanft.cli", "params", "--model", "llama2-7b"],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "llama-2-7b" in result.stderr
+
+
+def test_options_a_method_does_not_take_are_rejected():
+    with pytest.raises(ValueError, match="does not take option"):
+        methods.make_config("lora", "CAUSAL_LM", bottleneck=16)
+    with pytest.raises(ValueError, match="positive integer"):
+        methods.make_config("lora", "CAUSAL_LM", rank=0)

