@@ -48,3 +48,46 @@ def tokens() -> torch.Tensor:
 def out(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=tokens).logits
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained in a second on a few sentences: no hub, never an unknown token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["It was great. It was terrible. Yes or No? Does this mean that the movie is good?",
+              "Suppose the premise. Can we infer that? Yes, No, or Maybe? a film with a story"] * 50
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def make_model_dir(path, family: str = "llama") -> str:
+    """Save a tiny random model of ``family`` with the tiny tokenizer, loadable by name (its folder)."""
+    tokenizer = tiny_tokenizer()
+    vocab = len(tokenizer)
+    torch.manual_seed(0)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                                             pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    else:
+        model = BertForSequenceClassification(BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                         num_attention_heads=4, vocab_size=vocab, pad_token_id=0))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> str:
+    return make_model_dir(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> str:
+    return make_model_dir(tmp_path_factory.mktemp("tiny-bert"), "bert")

@@ -1,18 +1,22 @@
-"""The ``leanft`` command line: ``params`` (counts without weights) and ``demo`` (methods on a real model)."""
+"""The ``leanft`` command line: train, eval, params (counts without weights), demo, bench."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 import transformers
+import yaml
 
 from . import bench, methods, models
+from .train import TrainConfig, evaluate_saved, train
 
 TASK_TYPE = {"causal": "CAUSAL_LM", "encoder": "SEQ_CLS"}
 
@@ -128,6 +132,86 @@ def cmd_bench(args: argparse.Namespace) -> None:
         print(f"saved {args.output}")
 
 
+TRAIN_HELP = {
+    "model": "model name (smollm2-135m, minilm-l6), local folder or hub id",
+    "method": f"fine-tuning method: {', '.join(methods.METHODS)}",
+    "task": "built-in task(s), comma-separated for a mixture: sst2, rte, cb, boolq, copa, wsc, multirc, e2e",
+    "sequential": "train the comma-separated tasks one after another and report forgetting",
+    "num_train": "training examples sampled per task", "num_dev": "dev examples (model selection)",
+    "num_eval": "evaluation examples (from the labelled validation split)",
+    "epochs": "passes over the training sample", "max_steps": "optimiser steps; overrides --epochs when > 0",
+    "batch_size": "examples per process and micro-step", "grad_accum": "micro-steps per optimiser step",
+    "lr": "peak learning rate (0 = the method's default)", "weight_decay": "AdamW weight decay (not on biases/norms)",
+    "scheduler": "linear, cosine, constant, constant_with_warmup, ...", "warmup_ratio": "fraction of steps warming up",
+    "eval_every": "evaluate on dev every N steps (and keep the best adapter)",
+    "patience": "stop after N evaluations without dev improvement (0 = never)",
+    "eval_before": "evaluate before training too", "max_length": "maximum tokens of prompt + answer",
+    "max_new_tokens": "generation length when evaluating generation tasks",
+    "eval_batch_size": "examples per evaluation batch", "seed": "seed of sampling, data order and init",
+    "output_dir": "where metrics, checkpoints and the best adapter go", "resume": "continue from output_dir's checkpoint",
+    "dtype": "model weights dtype: float32 or bfloat16 (adapters stay float32)",
+    "train_file": "your own CSV/TSV/JSONL training file", "eval_file": "your own evaluation file",
+    "text_columns": "comma-separated text column(s) of your files", "label_column": "label column of your files",
+    "template": "prompt template over your columns, e.g. '{review} It was'",
+    "label_words": "comma-separated answer words, one per label (sorted label order)",
+    "dataset": "a hub dataset name (needs network and `pip install datasets`)", "dataset_config": "its config name",
+}
+METHOD_FLAGS = {"rank": int, "tt_rank": int, "bottleneck": int, "alpha": float, "dropout": float, "init_mode": str}
+
+
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; only flags given on the command line override --config."""
+    p.add_argument("--config", help="YAML file of TrainConfig keys; flags given here override it")
+    for f in fields(TrainConfig):
+        if f.name not in TRAIN_HELP:
+            continue
+        flag, default = "--" + f.name.replace("_", "-"), f.default
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=f"{TRAIN_HELP[f.name]} (default {default})")
+        elif f.name in ("text_columns", "label_words"):
+            p.add_argument(flag, type=lambda v: v.split(","), default=argparse.SUPPRESS, help=TRAIN_HELP[f.name])
+        else:
+            kind = type(default) if default is not None else str
+            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"{TRAIN_HELP[f.name]} (default {default})")
+    for name, kind in METHOD_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=argparse.SUPPRESS,
+                       help=f"method option {name} (see leanft.methods.OPTION_FIELDS)")
+    p.add_argument("--no-train-norms", dest="train_norms", action="store_false", default=argparse.SUPPRESS,
+                   help="keep normalisation layers frozen (LoRETTA)")
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    values = yaml.safe_load(Path(args.config).read_text()) if getattr(args, "config", None) else {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{args.config}: expected a mapping of TrainConfig keys")
+    given = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command", "adapter")}
+    options = {**values.pop("method_options", {}),
+               **{k: given.pop(k) for k in list(given) if k in METHOD_FLAGS or k == "train_norms"}}
+    return TrainConfig.from_dict({**values, **given, "method_options": options})
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    cfg = train_config(args)
+    metrics = train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # data-parallel: the main process reports
+        return
+    print(f"\n{metrics['model']} + {metrics['method']} on {','.join(metrics['tasks'])}")
+    if metrics["eval_before"]:
+        print(f"  before: {json.dumps(metrics['eval_before'])}")
+    print(f"  after:  {json.dumps(metrics['eval'])}")
+    print(f"  trainable parameters {metrics['trainable']:,} of {metrics['total']:,}; "
+          f"peak memory {metrics['peak_memory_mb']:.0f} MB ({metrics['peak_memory_kind']}); "
+          f"{metrics['steps']} steps, {metrics['time_per_step_s']} s/step, wall time {metrics['wall_time_s']:.0f} s")
+    print(f"  metrics, curves and the best adapter: {cfg.output_dir}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    cfg = train_config(args)
+    cfg.task = getattr(args, "task", "")
+    print(json.dumps(evaluate_saved(args.adapter, cfg), indent=1))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="leanft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     method_flags(p)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("train", help="fine-tune a model on a task and evaluate it (default: SmolLM2 + LoRETTA_rep on SST-2)")
+    add_train_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a saved adapter (a run's best/ folder) on its tasks or others")
+    p.add_argument("--adapter", required=True, help="folder written by leanft train (OUTPUT_DIR/best)")
+    add_train_flags(p)
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("bench", help="forward time of each method on a real model, side by side")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--methods", default=",".join(bench.DEFAULT_METHODS), help="'base' is the model without adapter")
@@ -174,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     transformers.utils.logging.set_verbosity_error()
     try:
         args.func(args)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
         sys.exit(f"leanft: error: {e}")
 
 

@@ -142,10 +142,22 @@ def _unknown(name: str) -> ValueError:
     return ValueError(f"unknown model {name!r}{hint} known: {', '.join(names)}")
 
 
+def model_kind(name: str) -> str:
+    """``"causal"`` (decoder LM) or ``"encoder"``: from the table for named models, else from the
+    checkpoint's ``config.json`` (architectures ending in ``ForCausalLM`` are decoders)."""
+    if name in MODEL_KIND:
+        return MODEL_KIND[name]
+    if Path(name).is_dir() or "/" in name:
+        config = AutoConfig.from_pretrained(name)
+        causal = any(a.endswith("ForCausalLM") for a in config.architectures or []) or config.is_decoder
+        return "causal" if causal else "encoder"
+    raise _unknown(name)
+
+
 def _default_task(name: str, task: str | None) -> str:
     """Resolve task None to the natural head of the model and validate it."""
     if task is None:
-        task = "seq_cls" if MODEL_KIND.get(name) == "encoder" else "causal"
+        task = "seq_cls" if model_kind(name) == "encoder" else "causal"
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     return task
@@ -250,8 +262,8 @@ def smollm2_path() -> Path:
 def _from_folder(folder, task: str, num_labels: int, dtype: torch.dtype):
     """Load model + tokenizer with the Auto class chosen by `task`."""
     kwargs = {"dtype": dtype}
-    if task == "seq_cls":
-        kwargs["num_labels"] = num_labels
+    if task == "seq_cls":  # a head of another width in the checkpoint is replaced by a fresh one
+        kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
     model = TASKS[task].from_pretrained(folder, **kwargs)
     tokenizer = _ensure_pad(AutoTokenizer.from_pretrained(folder))
     if model.config.pad_token_id is None:  # seq_cls on decoders finds the last token by pad id

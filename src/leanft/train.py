@@ -1,0 +1,572 @@
+"""One training loop for every method: from task examples to a loss, an optimiser step, evaluation.
+
+A batch travels like this: task examples (dicts) -> ``encode_candidates`` (decoders: the prompt followed
+by each answer candidate, with the positions of the candidate tokens) or ``encode_pairs`` (encoders)
+-> ``CandidateLogProbs`` / the classifier -> ``batch_loss``. Decoders compute vocabulary logits only at
+the candidate tokens, never over every position. Classification tasks train with cross-entropy over
+the candidates' mean log-likelihoods (MeZO's ``train_as_classification``); multiple-choice and
+generation tasks train on the log-likelihood of the gold continuation.
+
+The loop (``train``) runs single-process or data-parallel under ``torchrun`` / ``accelerate launch``
+through accelerate, writes ``metrics.jsonl`` as it goes, keeps the best adapter by dev metric, stops
+early, and checkpoints atomically so that ``resume=True`` continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from peft import PeftModel
+from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from . import methods, models, tasks
+
+# Default learning rate per method: tuned for the short CPU budgets leanft runs by default.
+DEFAULT_LR = {"full": 1e-5, "lora": 5e-4, "loretta-rep": 1e-3, "loretta-adp": 1e-3}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; ``leanft train`` flags and ``--config run.yaml`` keys map onto it."""
+
+    model: str = "smollm2-135m"
+    method: str = "loretta-rep"
+    task: str = "sst2"  # comma-separated: one adapter on the mixture (or in stages with sequential)
+    sequential: bool = False
+    num_train: int = 1000
+    num_dev: int = 500  # the protocol: 100 for CB and COPA, fewer where a split is smaller
+    num_eval: int = 1000
+    epochs: float = 1.0
+    max_steps: int = 0  # > 0 overrides epochs
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 0.0  # 0 = DEFAULT_LR of the method
+    weight_decay: float = 0.0
+    scheduler: str = "linear"
+    warmup_ratio: float = 0.0
+    eval_every: int = 50
+    patience: int = 0  # evaluations without dev improvement before stopping; 0 = never stop early
+    eval_before: bool = True
+    max_length: int = 256
+    max_new_tokens: int = 64
+    eval_batch_size: int = 16
+    seed: int = 0
+    output_dir: str = "runs/latest"
+    resume: bool = False
+    dtype: str = "float32"
+    method_options: dict[str, Any] = field(default_factory=dict)  # rank, tt_rank, bottleneck, ...
+    # users' own data instead of built-in tasks
+    train_file: str | None = None
+    eval_file: str | None = None
+    text_columns: list[str] | None = None
+    label_column: str | None = None
+    template: str | None = None
+    label_words: list[str] | None = None
+    dataset: str | None = None  # a hub dataset name (needs network and the datasets package)
+    dataset_config: str | None = None
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown configuration key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+
+# ----------------------------------------------------------------------------------------------------
+# From examples to tensors
+
+
+def encode_candidates(
+    task: tasks.Task, examples: list[dict], tokenizer, max_length: int, gold_only: bool = False
+) -> dict[str, Any]:
+    """Token ids of the prompts and candidates, padded on the right, with every candidate token located.
+
+    Each candidate is a *slot*; each of its tokens is a ``(row, col, target, slot)`` entry: the model's
+    prediction at ``col - 1`` of sequence ``row`` is scored against ``target``. When all candidates of
+    an example are single tokens (most classification verbalisers), they share one sequence, the
+    prompt alone, scored at its last position: the same numbers at a fraction of the compute.
+    Otherwise each candidate gets its own ``prompt + candidate`` sequence. Prompts are cut from the
+    left so that candidates always fit; generation targets end with EOS so the model learns to stop.
+    """
+    seqs, rows, cols, targets, slots, first, golds = [], [], [], [], [], [], []
+    n_slots = 0
+    for ex in examples:
+        prompt = tokenizer(task.prompt(ex)).input_ids
+        candidates, gold = task.candidates(ex), task.label(ex)
+        chosen = [gold] if gold_only else list(range(len(candidates)))
+        cand_ids = [tokenizer(candidates[i], add_special_tokens=False).input_ids for i in chosen]
+        if task.kind == "generation" and tokenizer.eos_token_id is not None:
+            cand_ids = [c + [tokenizer.eos_token_id] for c in cand_ids]
+        first.append(n_slots)
+        if all(len(c) == 1 for c in cand_ids):
+            ids = prompt[-(max_length - 1):]
+            for j, c in enumerate(cand_ids):
+                rows.append(len(seqs)), cols.append(len(ids)), targets.append(c[0]), slots.append(n_slots + j)
+            seqs.append(ids)
+        else:
+            for j, c in enumerate(cand_ids):
+                ids = (prompt + c)[-max_length:]
+                n = min(len(c), len(ids) - 1)
+                for k in range(len(ids) - n, len(ids)):
+                    rows.append(len(seqs)), cols.append(k), targets.append(ids[k]), slots.append(n_slots + j)
+                seqs.append(ids)
+        n_slots += len(cand_ids)
+        golds.append(0 if gold_only else gold)
+    first.append(n_slots)
+    width = max(map(len, seqs))
+    pad = tokenizer.pad_token_id
+    return {
+        "input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in seqs]),
+        "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs]),
+        "rows": torch.tensor(rows), "cols": torch.tensor(cols), "targets": torch.tensor(targets),
+        "slots": torch.tensor(slots), "first": torch.tensor(first), "gold": torch.tensor(golds), "kind": task.kind,
+    }
+
+
+def encode_pairs(task: tasks.Task, examples: list[dict], tokenizer, max_length: int) -> dict[str, Any]:
+    """Encoder classifier inputs: ``(text_a, text_b)`` pairs, labels, and the task's label count."""
+    texts = [task.encoder_text(ex) for ex in examples]
+    a = [t[0] for t in texts]
+    b = [t[1] for t in texts] if texts[0][1] is not None else None
+    enc = tokenizer(a, b, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    return {**enc, "labels": torch.tensor([task.label(ex) for ex in examples]), "num_labels": task.num_labels}
+
+
+class CandidateLogProbs(nn.Module):
+    """Log-probabilities of the candidate tokens only: the LM head runs on those positions alone.
+
+    A module of its own so that data-parallel wrappers (DDP) see the forward that produces the loss.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, rows, cols, targets) -> torch.Tensor:
+        base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        logits = base.get_output_embeddings()(hidden[rows, cols - 1]).float()
+        return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def candidate_scores(token_logp: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Mean log-likelihood of each candidate over its tokens (its score)."""
+    n = int(batch["first"][-1])
+    total = torch.zeros(n, device=token_logp.device).index_add(0, batch["slots"], token_logp)
+    count = torch.zeros(n, device=token_logp.device).index_add(0, batch["slots"], torch.ones_like(token_logp))
+    return total / count
+
+
+def forward_loss(net: nn.Module, batch: dict, decoder: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Loss of one encoded batch, and per example the candidate scores (or class logits)."""
+    if decoder:
+        token_logp = net(batch["input_ids"], batch["attention_mask"], batch["rows"], batch["cols"], batch["targets"])
+        scores = candidate_scores(token_logp, batch)
+        per_example = [scores[a:b] for a, b in zip(batch["first"][:-1], batch["first"][1:])]
+        if batch["kind"] == "classification":
+            losses = [nn.functional.cross_entropy(s[None], g[None]) for s, g in zip(per_example, batch["gold"])]
+        else:
+            losses = [-s[g] for s, g in zip(per_example, batch["gold"])]
+        return torch.stack(losses).mean(), per_example
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_labels")}
+    logits = net(**inputs).logits[:, : batch["num_labels"]]
+    return nn.functional.cross_entropy(logits.float(), batch["labels"]), list(logits)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(net: nn.Module, model: nn.Module, task: tasks.Task, examples: list[dict], tokenizer,
+             cfg: TrainConfig, accelerator: Accelerator, decoder: bool) -> dict[str, float]:
+    """Task metrics on ``examples`` (sharded over processes, gathered on every rank)."""
+    was_training = net.training
+    net.eval()
+    shard = examples[accelerator.process_index :: accelerator.num_processes]
+    preds: list[tuple[int, Any]] = []
+    for start in range(0, len(shard), cfg.eval_batch_size):
+        chunk = shard[start : start + cfg.eval_batch_size]
+        idx = range(accelerator.process_index + start * accelerator.num_processes, len(examples), accelerator.num_processes)
+        if task.kind == "generation":
+            out = generate(model, task, chunk, tokenizer, cfg, accelerator.device)
+        else:
+            batch = (encode_candidates(task, chunk, tokenizer, cfg.max_length) if decoder
+                     else encode_pairs(task, chunk, tokenizer, cfg.max_length))
+            _, scores = forward_loss(net, to_device(batch, accelerator.device), decoder)
+            out = [int(s.argmax()) for s in scores]
+        preds += list(zip(idx, out))
+    preds = sorted(gather_object(preds)) if accelerator.num_processes > 1 else preds
+    net.train(was_training)
+    values = [p for _, p in preds]
+    if task.kind == "generation":
+        return tasks.score_generation(values, [task.references(ex) for ex in examples])
+    return tasks.classification_metrics(values, [task.label(ex) for ex in examples], task.num_labels)
+
+
+def generate(model: nn.Module, task: tasks.Task, examples: list[dict], tokenizer, cfg: TrainConfig,
+             device: torch.device) -> list[str]:
+    """Greedy generation from the prompts (left-padded), cut at the first newline."""
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    enc = tokenizer([task.prompt(ex) for ex in examples], return_tensors="pt", padding=True).to(device)
+    tokenizer.padding_side = side
+    out = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [t.strip().split("\n")[0] for t in texts]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: written to a temporary folder, then renamed into place, so a crash never leaves a half
+# checkpoint; a `latest` pointer file is replaced atomically after the folder exists.
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What training changes or a resume needs: trainable parameters and the adapter's own buffers
+    (e.g. the frozen initial factors of a noise-free start)."""
+    state = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if isinstance(model, PeftModel):
+        prefix = PEFT_TYPE_TO_PREFIX_MAPPING[model.peft_config[model.active_adapter].peft_type]
+        state.update({n: b for n, b in model.named_buffers() if prefix in n})
+    return {n: t.detach().cpu().contiguous() for n, t in state.items()}
+
+
+def atomic_dir(target: Path, write) -> None:
+    """Run ``write(tmp_dir)`` and move the result to ``target``, replacing an older one only after."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(out: Path, model: nn.Module, optimizer, scheduler, state: dict) -> None:
+    def write(d: Path) -> None:
+        save_file(trainable_state(model), str(d / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                            "numpy": np.random.get_state()}}, d / "optimizer.pt")
+        (d / "trainer_state.json").write_text(json.dumps(state, indent=1))
+
+    atomic_dir(out / "checkpoint", write)
+
+
+def load_checkpoint(out: Path, model: nn.Module, optimizer, scheduler) -> dict:
+    ckpt = out / "checkpoint"
+    if not (ckpt / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"cannot resume: no checkpoint in {ckpt} (was the run started with this output_dir?)")
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for name, tensor in load_file(str(ckpt / "trainable.safetensors")).items():
+        tensors[name].data.copy_(tensor)
+    extra = torch.load(ckpt / "optimizer.pt", weights_only=False)
+    optimizer.load_state_dict(extra["optimizer"])
+    scheduler.load_state_dict(extra["scheduler"])
+    torch.set_rng_state(extra["rng"]["torch"])
+    random.setstate(extra["rng"]["python"])
+    np.random.set_state(extra["rng"]["numpy"])
+    return json.loads((ckpt / "trainer_state.json").read_text())
+
+
+def save_best(out: Path, model: nn.Module, tokenizer, run_info: dict) -> None:
+    def write(d: Path) -> None:
+        model.save_pretrained(d)
+        if not isinstance(model, PeftModel):
+            tokenizer.save_pretrained(d)
+        (d / "leanft_run.json").write_text(json.dumps(run_info, indent=1))
+
+    atomic_dir(out / "best", write)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+
+
+def load_tasks(cfg: TrainConfig) -> list[tuple[tasks.Task, tasks.Splits]]:
+    if cfg.train_file or cfg.dataset:
+        if not cfg.text_columns or not cfg.label_column:
+            raise ValueError("users' data needs text_columns and label_column (--text-columns, --label-column)")
+        kw = dict(text_columns=cfg.text_columns, label_column=cfg.label_column, template=cfg.template,
+                  label_words=cfg.label_words)
+        if cfg.dataset:
+            return [tasks.hub_task(cfg.dataset, config=cfg.dataset_config, **kw)]
+        return [tasks.user_task(cfg.train_file, cfg.eval_file, num_dev=cfg.num_dev, seed=cfg.seed, **kw)]
+    return [(tasks.get_task(name), tasks.load_splits(name, cfg.num_train, cfg.num_dev, cfg.num_eval, cfg.seed))
+            for name in cfg.task.split(",")]
+
+
+def build_model(cfg: TrainConfig, task_list: list[tasks.Task]):
+    """Base model with the method applied; encoders get a head as wide as the widest task."""
+    decoder = models.model_kind(cfg.model) == "causal"
+    if not decoder and any(t.kind != "classification" for t in task_list):
+        bad = [t.name for t in task_list if t.kind != "classification"]
+        raise ValueError(f"task(s) {bad} need a decoder LM; {cfg.model} is an encoder")
+    dtype = getattr(torch, cfg.dtype)
+    num_labels = max(t.num_labels for t in task_list)
+    model, tokenizer = models.load_model(cfg.model, num_labels=num_labels, dtype=dtype)
+    task_type = "CAUSAL_LM" if decoder else "SEQ_CLS"
+    model = methods.apply_method(model, cfg.method, task_type, **cfg.method_options)
+    return model, tokenizer, decoder
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Fine-tune, evaluate, and return (and write) the final metrics."""
+    cfg.method = methods.resolve_method(cfg.method)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # on CPU: gloo under torchrun
+    main = accelerator.is_main_process
+    out = Path(cfg.output_dir)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+    task_data = load_tasks(cfg)
+    task_list = [t for t, _ in task_data]
+    model, tokenizer, decoder = build_model(cfg, task_list)
+    counts = methods.count_parameters(model)
+    net = CandidateLogProbs(model) if decoder else model
+    stages = [[i] for i in range(len(task_data))] if cfg.sequential else [list(range(len(task_data)))]
+    lr = cfg.lr or DEFAULT_LR[cfg.method]
+
+    def eval_all(which: str, upto: int | None = None) -> dict[str, dict[str, float]]:
+        names = range(len(task_data)) if upto is None else range(upto + 1)
+        return {task_data[i][0].name: evaluate(net, model, task_data[i][0], getattr(task_data[i][1], which),
+                                               tokenizer, cfg, accelerator, decoder) for i in names}
+
+    before = eval_all("eval") if cfg.eval_before else None
+    if main and before:
+        print(f"before training: {json.dumps(before)}")
+    history, stage_results, log = [], [], (out / "metrics.jsonl")
+    seen, steps_done, train_time = 0, 0, 0.0
+    for stage_no, stage in enumerate(stages):
+        train_set = [(i, ex) for i in stage for ex in task_data[i][1].train]
+        dev_tasks = [i for i in stage if task_data[i][1].dev]
+        result = run_stage(cfg, accelerator, model, net, tokenizer, decoder, task_data, train_set, dev_tasks,
+                           lr, out / (f"stage{stage_no}" if cfg.sequential else ""), log, history)
+        seen += result["examples"]
+        steps_done += result["steps"]
+        train_time += result["train_time_s"]
+        if cfg.sequential:
+            stage_results.append({"stage": stage_no, "task": task_data[stage[0]][0].name,
+                                  "eval": eval_all("eval", upto=stage[0])})
+            if main:
+                print(f"after stage {stage_no} ({task_data[stage[0]][0].name}): {json.dumps(stage_results[-1]['eval'])}")
+    after = stage_results[-1]["eval"] if cfg.sequential else eval_all("eval")
+    mem, mem_kind = peak_memory_mb(accelerator.device)
+    metrics = {
+        "model": cfg.model, "method": cfg.method, "tasks": [t.name for t in task_list], "eval": after,
+        "eval_before": before, **counts, "steps": steps_done, "examples_seen": seen,
+        "peak_memory_mb": round(mem, 1), "peak_memory_kind": mem_kind, "train_time_s": round(train_time, 2),
+        "time_per_step_s": round(train_time / max(steps_done, 1), 3),
+        "examples_per_s": round(seen / max(train_time, 1e-9), 2),
+        "wall_time_s": round(time.perf_counter() - t_start, 2), "device": str(accelerator.device),
+        "num_processes": accelerator.num_processes, "lr": lr, "config": asdict(cfg),
+    }
+    if cfg.sequential:
+        metrics["stages"] = stage_results
+        metrics["forgetting"] = forgetting(stage_results)
+    if main:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        plot_curves(history, out / "curves.png")
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def forgetting(stage_results: list[dict]) -> dict[str, float]:
+    """Per task: best main metric seen after any stage minus the metric after the last stage."""
+    final = stage_results[-1]["eval"]
+    out = {}
+    for name, final_metrics in final.items():
+        key = next(iter(final_metrics))
+        best = max(s["eval"][name][key] for s in stage_results if name in s["eval"])
+        out[name] = round(best - final_metrics[key], 2)
+    return out
+
+
+def run_stage(cfg, accelerator, model, net, tokenizer, decoder, task_data, train_set, dev_tasks, lr, out, log,
+              history) -> dict:
+    """Train on ``train_set`` (pairs of task index and example); returns what was done."""
+    main = accelerator.is_main_process
+    world, rank = accelerator.num_processes, accelerator.process_index
+    micro = cfg.batch_size * world  # examples per micro-step over all processes
+    per_epoch = max(1, math.ceil(len(train_set) / micro))
+    total_steps = cfg.max_steps or max(1, math.ceil(per_epoch * cfg.epochs / cfg.grad_accum))
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and not _no_decay(n)]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and _no_decay(n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    scheduler = get_scheduler(cfg.scheduler, optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    net_p, optimizer = accelerator.prepare(net, optimizer)
+    state = {"step": 0, "best": None, "bad_evals": 0, "examples": 0, "train_time_s": 0.0, "stopped": False}
+    if cfg.resume and (out / "checkpoint").exists():
+        state = load_checkpoint(out, model, optimizer, scheduler)
+        if main:
+            print(f"resumed from {out / 'checkpoint'} at step {state['step']}")
+    out.mkdir(parents=True, exist_ok=True)
+    dev_names = [task_data[i][0].name for i in dev_tasks]
+    bar = tqdm(total=total_steps, initial=state["step"], disable=not main, desc="train", dynamic_ncols=True)
+    net_p.train()
+    orders: dict[int, list[int]] = {}
+    while state["step"] < total_steps and not state["stopped"]:
+        t0 = time.perf_counter()
+        loss_sum, n_examples = 0.0, 0
+        for m in range(cfg.grad_accum):
+            k = state["step"] * cfg.grad_accum + m  # global micro-batch index
+            epoch, pos = divmod(k, per_epoch)
+            if epoch not in orders:  # a seeded order per epoch, cycled to whole global batches
+                perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+                orders = {epoch: (perm.tolist() * 2)[: per_epoch * micro]}
+            idx = orders[epoch][pos * micro : (pos + 1) * micro][rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
+            items = [train_set[i] for i in idx]
+            loss = 0.0
+            for ti in sorted({ti for ti, _ in items}):  # a mixed batch is encoded per task
+                exs = [ex for t, ex in items if t == ti]
+                task = task_data[ti][0]
+                batch = (encode_candidates(task, exs, tokenizer, cfg.max_length, gold_only=task.kind != "classification")
+                         if decoder else encode_pairs(task, exs, tokenizer, cfg.max_length))
+                task_loss, _ = forward_loss(net_p, to_device(batch, accelerator.device), decoder)
+                loss = loss + task_loss * len(exs) / max(len(items), 1)
+            if not torch.isfinite(loss.detach()):
+                raise FloatingPointError(
+                    f"the training loss became {float(loss)} at step {state['step']} (lr {scheduler.get_last_lr()[0]:.2e}); "
+                    f"the last good checkpoint is in {out / 'checkpoint'}: lower the learning rate and resume")
+            accelerator.backward(loss / cfg.grad_accum)
+            loss_sum += float(loss.detach()) * len(items)
+            n_examples += len(items)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        dt = time.perf_counter() - t0
+        n_all = n_examples * world
+        state["examples"] += n_all
+        state["train_time_s"] += dt
+        row = {"step": state["step"], "loss": loss_sum / max(n_examples, 1), "lr": scheduler.get_last_lr()[0],
+               "examples_per_s": n_all / dt}
+        history.append(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.1e}", ex_s=f"{row['examples_per_s']:.1f}")
+        evaluate_now = dev_tasks and (state["step"] % cfg.eval_every == 0 or state["step"] == total_steps)
+        if evaluate_now:
+            dev = {task_data[i][0].name: evaluate(net_p, model, task_data[i][0], task_data[i][1].dev, tokenizer, cfg,
+                                                  accelerator, decoder) for i in dev_tasks}
+            score = sum(next(iter(m.values())) for m in dev.values()) / len(dev)
+            row["dev"] = dev
+            if state["best"] is None or score > state["best"]:
+                state["best"], state["bad_evals"] = score, 0
+                if main:
+                    save_best(out, model, tokenizer, {"model": cfg.model, "method": cfg.method, "tasks": dev_names,
+                                                      "step": state["step"], "dev": dev})
+            else:
+                state["bad_evals"] += 1
+                state["stopped"] = bool(cfg.patience) and state["bad_evals"] >= cfg.patience
+            if main:
+                bar.write(f"step {state['step']}: dev {json.dumps(dev)}" + (" (early stop)" if state["stopped"] else ""))
+        if main:
+            with open(log, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if state["step"] % cfg.eval_every == 0 or state["step"] == total_steps:
+                save_checkpoint(out, model, optimizer, scheduler, state)
+        accelerator.wait_for_everyone()
+    bar.close()
+    if state["best"] is not None:  # evaluate the best adapter, not the last one
+        load_best_weights(out / "best", model)
+    return {"steps": state["step"], "examples": state["examples"], "train_time_s": state["train_time_s"]}
+
+
+def evaluate_saved(adapter_dir: str | Path, cfg: TrainConfig) -> dict[str, dict[str, float]]:
+    """Evaluate a saved ``best/`` folder (a PEFT adapter, or a fully fine-tuned model) on cfg's tasks."""
+    adapter_dir = Path(adapter_dir)
+    info_file = adapter_dir / "leanft_run.json"
+    if not info_file.is_file():
+        raise FileNotFoundError(f"{adapter_dir} is not a leanft run output (no leanft_run.json)")
+    info = json.loads(info_file.read_text())
+    cfg.model, cfg.method = info["model"], info["method"]
+    if not (cfg.train_file or cfg.dataset or cfg.task):
+        cfg.task = ",".join(info["tasks"])
+    task_data = load_tasks(cfg)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # on CPU: gloo under torchrun
+    decoder = models.model_kind(cfg.model) == "causal"
+    num_labels = max(t.num_labels for t, _ in task_data)
+    if (adapter_dir / "adapter_config.json").is_file():
+        base, tokenizer = models.load_model(cfg.model, num_labels=num_labels, dtype=getattr(torch, cfg.dtype))
+        model = PeftModel.from_pretrained(base, adapter_dir)
+    else:
+        model, tokenizer = models.load_model(str(adapter_dir), num_labels=num_labels, dtype=getattr(torch, cfg.dtype),
+                                             task="causal" if decoder else "seq_cls")
+    model = model.to(accelerator.device).eval()
+    net = CandidateLogProbs(model) if decoder else model
+    return {t.name: evaluate(net, model, t, splits.eval, tokenizer, cfg, accelerator, decoder) for t, splits in task_data}
+
+
+def load_best_weights(best: Path, model: nn.Module) -> None:
+    """Put the kept best trainable weights back into ``model``."""
+    if isinstance(model, PeftModel):
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        set_peft_model_state_dict(model, load_peft_weights(str(best)))
+    else:
+        files = sorted(best.glob("*.safetensors"))
+        model.load_state_dict({k: v for f in files for k, v in load_file(str(f)).items()}, strict=False)
+
+
+def _no_decay(name: str) -> bool:
+    lowered = name.lower()
+    return "bias" in lowered or "norm" in lowered
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    """Training loss and dev metric against steps, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax[0].plot([h["step"] for h in history], [h["loss"] for h in history], lw=1)
+    ax[0].set(xlabel="step", ylabel="training loss", title="loss")
+    dev = [h for h in history if "dev" in h]
+    for name in dict.fromkeys(n for h in dev for n in h["dev"]):  # every task that had a dev set, in order
+        rows = [h for h in dev if name in h["dev"]]
+        key = next(iter(rows[0]["dev"][name]))
+        ax[1].plot([h["step"] for h in rows], [h["dev"][name][key] for h in rows], marker="o", label=f"{name} {key}")
+    ax[1].set(xlabel="step", ylabel="dev metric", title="dev")
+    if dev:
+        ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,161 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from leanft import cli, models, tasks, train
+from leanft.train import CandidateLogProbs, TrainConfig, candidate_scores, encode_candidates
+
+
+def tiny_cfg(model_dir: str, out: Path, **kw) -> TrainConfig:
+    base = dict(model=model_dir, method="loretta-rep", task="sst2", num_train=24, num_dev=8, num_eval=8,
+                max_steps=4, batch_size=4, eval_every=2, eval_before=False, output_dir=str(out), lr=1e-2,
+                max_length=64, method_options={"rank": 4, "tt_rank": 2})
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("name,shared", [("sst2", True), ("rte", True), ("cb", False), ("copa", False), ("e2e", False)])
+def test_candidate_scoring_matches_full_logits(tiny_llama_dir, name, shared):
+    """Each candidate's score is the mean log-probability of its tokens after the prompt, computed from
+    the model's full logits on ``prompt + candidate`` (single-token candidates share one sequence)."""
+    model, tokenizer = models.load_model(tiny_llama_dir)
+    task = tasks.get_task(name)
+    examples = tasks.load_splits(name, 3, 0, 0).train
+    batch = encode_candidates(task, examples, tokenizer, max_length=1024)
+    n_cands = sum(len(task.candidates(ex)) for ex in examples)
+    single = all(len(tokenizer(c, add_special_tokens=False).input_ids) == 1 for c in task.candidates(examples[0]))
+    assert single == shared  # the tiny tokenizer knows the verbalisers as single tokens
+    assert batch["input_ids"].shape[0] == (3 if shared else n_cands)
+    with torch.no_grad():
+        net = CandidateLogProbs(model)
+        scores = candidate_scores(net(*(batch[k] for k in ("input_ids", "attention_mask", "rows", "cols", "targets"))),
+                                  batch)
+    slot = 0
+    for ex in examples:
+        prompt = tokenizer(task.prompt(ex)).input_ids
+        for cand in task.candidates(ex):
+            ids = tokenizer(cand, add_special_tokens=False).input_ids
+            if name == "e2e":
+                ids = ids + [tokenizer.eos_token_id]
+            full = torch.tensor([prompt + ids])
+            with torch.no_grad():
+                logp = model(input_ids=full).logits.log_softmax(-1)[0]
+            expected = logp[len(prompt) - 1 : -1].gather(-1, full[0, len(prompt):, None]).mean()
+            torch.testing.assert_close(scores[slot], expected, rtol=1e-4, atol=1e-4)
+            slot += 1
+    assert slot == n_cands
+
+
+def test_long_prompts_are_cut_from_the_left_keeping_the_answer(tiny_llama_dir):
+    _, tokenizer = models.load_model(tiny_llama_dir)
+    task = tasks.get_task("copa")
+    ex = tasks.load_splits("copa", 1, 0, 0).train[0]
+    n_answer = len(tokenizer(task.candidates(ex)[0], add_special_tokens=False).input_ids)
+    batch = encode_candidates(task, [ex], tokenizer, max_length=n_answer + 3)
+    assert batch["input_ids"].shape[1] == n_answer + 3 < len(tokenizer(task.prompt(ex)).input_ids)
+    targets = batch["targets"][batch["slots"] == 0]
+    assert tokenizer.decode(targets) == task.candidates(ex)[0]
+
+
+def test_end_to_end_train_writes_metrics_curves_and_a_loadable_adapter(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    cli.main(["train", "--model", tiny_llama_dir, "--task", "sst2", "--num-train", "24", "--num-dev", "8",
+              "--num-eval", "8", "--max-steps", "4", "--batch-size", "4", "--eval-every", "2", "--lr", "1e-2",
+              "--output-dir", str(out), "--rank", "4", "--tt-rank", "2"])
+    text = capsys.readouterr().out
+    assert "before:" in text and "after:" in text and "trainable parameters" in text
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["eval"]["sst2"]) >= {"accuracy"} and metrics["steps"] == 4
+    assert 0 < metrics["trainable"] < metrics["total"] and metrics["peak_memory_mb"] > 0
+    assert metrics["examples_per_s"] > 0 and metrics["time_per_step_s"] > 0
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2, 3, 4] and "dev" in lines[1]
+    assert (out / "curves.png").stat().st_size > 1000
+    assert (out / "best" / "adapter_config.json").is_file()
+    cli.main(["eval", "--adapter", str(out / "best"), "--num-eval", "8"])
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["sst2"]["accuracy"] == pytest.approx(metrics["eval"]["sst2"]["accuracy"])
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_llama_dir, tmp_path, monkeypatch):
+    kw = dict(max_steps=6, eval_every=3, scheduler="linear", method_options={"rank": 4, "tt_rank": 2, "dropout": 0.1})
+    train.train(tiny_cfg(tiny_llama_dir, tmp_path / "full", **kw))
+    full = load_file(str(tmp_path / "full" / "checkpoint" / "trainable.safetensors"))
+
+    real_save = train.save_checkpoint
+
+    def crash_after_first_save(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(train, "save_checkpoint", crash_after_first_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(tiny_cfg(tiny_llama_dir, tmp_path / "cut", **kw))
+    assert json.loads((tmp_path / "cut" / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    train.train(tiny_cfg(tiny_llama_dir, tmp_path / "cut", resume=True, **kw))
+    resumed = load_file(str(tmp_path / "cut" / "checkpoint" / "trainable.safetensors"))
+    assert full.keys() == resumed.keys()
+    for name in full:
+        assert torch.equal(full[name], resumed[name]), name
+
+
+def test_nan_loss_is_a_clear_error_and_keeps_the_checkpoint(tiny_llama_dir, tmp_path, monkeypatch):
+    real = train.forward_loss
+    calls = {"n": 0}
+
+    def nan_on_third(net, batch, decoder):
+        loss, scores = real(net, batch, decoder)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] >= 3 and net.training else loss), scores
+
+    monkeypatch.setattr(train, "forward_loss", nan_on_third)
+    with pytest.raises(FloatingPointError, match="loss became nan at step 2.*lower the learning rate"):
+        train.train(tiny_cfg(tiny_llama_dir, tmp_path, eval_every=1, num_dev=0))
+    assert (tmp_path / "checkpoint" / "trainable.safetensors").is_file()
+
+
+def test_encoder_classification_mixture_and_sequential_forgetting(tiny_bert_dir, tmp_path):
+    mixed = train.train(tiny_cfg(tiny_bert_dir, tmp_path / "mix", method="loretta-adp", task="sst2,cb",
+                                 method_options={"bottleneck": 8, "tt_rank": 2}))
+    assert set(mixed["eval"]) == {"sst2", "cb"} and mixed["examples_seen"] == 16
+    seq = train.train(tiny_cfg(tiny_bert_dir, tmp_path / "seq", method="lora", task="sst2,rte", sequential=True,
+                               max_steps=2, method_options={"rank": 2}))
+    assert [s["task"] for s in seq["stages"]] == ["sst2", "rte"]
+    assert set(seq["stages"][0]["eval"]) == {"sst2"} and set(seq["stages"][1]["eval"]) == {"sst2", "rte"}
+    assert set(seq["forgetting"]) == {"sst2", "rte"} and seq["forgetting"]["rte"] == 0
+
+
+def test_decoder_only_tasks_on_an_encoder_are_a_clear_error(tiny_bert_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"\['copa'\] need a decoder LM"):
+        train.train(tiny_cfg(tiny_bert_dir, tmp_path, task="copa"))
+
+
+def test_yaml_config_with_flags_overriding(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("method: lora\nlr: 0.001\nmethod_options: {rank: 4}\ntask: rte\n")
+    args = cli.build_parser().parse_args(["train", "--config", str(config), "--lr", "0.01", "--tt-rank", "3"])
+    cfg = cli.train_config(args)
+    assert (cfg.method, cfg.lr, cfg.task, cfg.method_options) == ("lora", 0.01, "rte", {"rank": 4, "tt_rank": 3})
+    config.write_text("methd: lora\n")
+    with pytest.raises(ValueError, match=r"unknown configuration key\(s\) \['methd'\]"):
+        cli.train_config(cli.build_parser().parse_args(["train", "--config", str(config)]))
+
+
+def test_two_process_data_parallel_run(tiny_llama_dir, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "leanft.cli", "train", "--model", tiny_llama_dir, "--num-train", "16", "--num-dev", "8",
+           "--num-eval", "8", "--max-steps", "2", "--batch-size", "2", "--eval-every", "2", "--lr", "1e-2",
+           "--no-eval-before", "--output-dir", str(out), "--rank", "4", "--tt-rank", "2"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2 and metrics["examples_seen"] == 2 * 2 * 2
+    assert (out / "best" / "adapter_model.safetensors").is_file()
