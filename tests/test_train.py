@@ -103,6 +103,9 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_llama_dir, tmp_
     assert full.keys() == resumed.keys()
     for name in full:
         assert torch.equal(full[name], resumed[name]), name
+    logged = [[(r["step"], r["loss"]) for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())]
+              for d in ("full", "cut")]
+    assert logged[0] == logged[1] and len(logged[0]) == 6
 
 
 def test_nan_loss_is_a_clear_error_and_keeps_the_checkpoint(tiny_llama_dir, tmp_path, monkeypatch):
@@ -159,3 +162,31 @@ def test_two_process_data_parallel_run(tiny_llama_dir, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["examples_seen"] == 2 * 2 * 2
     assert (out / "best" / "adapter_model.safetensors").is_file()
+
+
+def test_generation_task_trains_and_is_scored_with_bleu_and_rouge(tiny_llama_dir, tmp_path):
+    metrics = train.train(tiny_cfg(tiny_llama_dir, tmp_path, task="e2e", max_steps=2, num_train=8, num_dev=2,
+                                   num_eval=3, max_new_tokens=8, max_length=256))
+    assert set(metrics["eval"]["e2e"]) == {"bleu", "rouge_l"}
+    assert all(0 <= v <= 100 for v in metrics["eval"]["e2e"].values())
+
+
+def test_early_stopping_when_dev_stops_improving(tiny_llama_dir, tmp_path):
+    metrics = train.train(tiny_cfg(tiny_llama_dir, tmp_path, lr=1e-12, max_steps=8, eval_every=1, patience=2))
+    assert metrics["steps"] == 3  # best at step 1, no improvement at steps 2 and 3
+
+
+def test_users_csv_file_through_the_cli(tiny_llama_dir, tmp_path, capsys):
+    rows = ["review,stars"] + [f"{'great fun' if i % 2 else 'dull and slow'} film {i},{'pos' if i % 2 else 'neg'}"
+                               for i in range(30)]
+    (tmp_path / "reviews.csv").write_text("\n".join(rows) + "\n")
+    cli.main(["train", "--model", tiny_llama_dir, "--train-file", str(tmp_path / "reviews.csv"), "--text-columns",
+              "review", "--label-column", "stars", "--label-words", " bad, good", "--template", "{review} It was",
+              "--max-steps", "2", "--batch-size", "4", "--num-dev", "4", "--output-dir", str(tmp_path / "run"),
+              "--rank", "2", "--tt-rank", "2"])
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["tasks"] == ["reviews"] and "accuracy" in metrics["eval"]["reviews"]
+    (tmp_path / "bad.csv").write_text("review,score\nnice,1\n")
+    with pytest.raises(SystemExit, match="bad.csv.*no column 'stars'"):
+        cli.main(["train", "--model", tiny_llama_dir, "--train-file", str(tmp_path / "bad.csv"), "--text-columns",
+                  "review", "--label-column", "stars", "--output-dir", str(tmp_path / "bad")])

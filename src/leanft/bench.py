@@ -69,3 +69,30 @@ def forward_times(
 def save(result: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def report(metric_files: list[Path]) -> str:
+    """A Markdown table of finished runs (their ``metrics.json``), one row per run, plus zero-shot.
+
+    Zero-shot comes from the runs' evaluation before training (an adapter at its noise-free start
+    is the base model), so it costs no extra run.
+    """
+    runs = [json.loads(Path(f).read_text()) for f in metric_files]
+    lora = next((r["trainable"] for r in runs if r["method"] == "lora"), None)
+    lines = []
+    for name in dict.fromkeys(t for r in runs for t in r["tasks"]):
+        task_runs = [r for r in runs if name in r["eval"]]
+        key = next(iter(task_runs[0]["eval"][name]))
+        lines += [f"**{task_runs[0]['model']} on {name}** ({key}; "
+                  f"{task_runs[0]['config']['num_train']} train, eval on {task_runs[0]['config']['num_eval']} max)", "",
+                  f"| method | {key} | trainable | vs LoRA | peak memory (MB) | s/step | steps | wall (s) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        zero = next((r["eval_before"][name][key] for r in task_runs if r.get("eval_before")), None)
+        if zero is not None:
+            lines.append(f"| zero-shot | {zero:.1f} | 0 | | | | | |")
+        for r in task_runs:
+            ratio = f"{r['trainable'] / lora:.3f}x" if lora else ""
+            lines.append(f"| {r['method']} | {r['eval'][name][key]:.1f} | {r['trainable']:,} | {ratio} | "
+                         f"{r['peak_memory_mb']:.0f} | {r['time_per_step_s']:.2f} | {r['steps']} | {r['wall_time_s']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)

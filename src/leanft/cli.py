@@ -212,6 +212,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(evaluate_saved(args.adapter, cfg), indent=1))
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    print(bench.report([Path(p) for p in args.metrics]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="leanft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -257,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--output", help="write the result as JSON here")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", help="Markdown table comparing finished runs (their metrics.json files)")
+    p.add_argument("metrics", nargs="+", help="metrics.json files written by leanft train")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -321,7 +321,8 @@ def load_tasks(cfg: TrainConfig) -> list[tuple[tasks.Task, tasks.Splits]]:
         kw = dict(text_columns=cfg.text_columns, label_column=cfg.label_column, template=cfg.template,
                   label_words=cfg.label_words)
         if cfg.dataset:
-            return [tasks.hub_task(cfg.dataset, config=cfg.dataset_config, **kw)]
+            return [tasks.hub_task(cfg.dataset, config=cfg.dataset_config, num_train=cfg.num_train, num_dev=cfg.num_dev,
+                                   num_eval=cfg.num_eval, seed=cfg.seed, **kw)]
         return [tasks.user_task(cfg.train_file, cfg.eval_file, num_dev=cfg.num_dev, seed=cfg.seed, **kw)]
     return [(tasks.get_task(name), tasks.load_splits(name, cfg.num_train, cfg.num_dev, cfg.num_eval, cfg.seed))
             for name in cfg.task.split(",")]
@@ -354,6 +355,7 @@ def train(cfg: TrainConfig) -> dict:
     task_data = load_tasks(cfg)
     task_list = [t for t, _ in task_data]
     model, tokenizer, decoder = build_model(cfg, task_list)
+    model.to(accelerator.device)
     counts = methods.count_parameters(model)
     net = CandidateLogProbs(model) if decoder else model
     stages = [[i] for i in range(len(task_data))] if cfg.sequential else [list(range(len(task_data)))]
@@ -364,16 +366,24 @@ def train(cfg: TrainConfig) -> dict:
         return {task_data[i][0].name: evaluate(net, model, task_data[i][0], getattr(task_data[i][1], which),
                                                tokenizer, cfg, accelerator, decoder) for i in names}
 
-    before = eval_all("eval") if cfg.eval_before else None
+    before_file, log = out / "eval_before.json", out / "metrics.jsonl"
+    if cfg.resume and before_file.is_file():
+        before = json.loads(before_file.read_text())
+    else:
+        before = eval_all("eval") if cfg.eval_before else None
+        if main:
+            before_file.write_text(json.dumps(before))
+            log.unlink(missing_ok=True)
     if main and before:
         print(f"before training: {json.dumps(before)}")
-    history, stage_results, log = [], [], (out / "metrics.jsonl")
+    history = [json.loads(line) for line in log.read_text().splitlines()] if cfg.resume and log.is_file() else []
+    stage_results = []
     seen, steps_done, train_time = 0, 0, 0.0
     for stage_no, stage in enumerate(stages):
         train_set = [(i, ex) for i in stage for ex in task_data[i][1].train]
         dev_tasks = [i for i in stage if task_data[i][1].dev]
         result = run_stage(cfg, accelerator, model, net, tokenizer, decoder, task_data, train_set, dev_tasks,
-                           lr, out / (f"stage{stage_no}" if cfg.sequential else ""), log, history)
+                           lr, out / (f"stage{stage_no}" if cfg.sequential else ""), log, history, stage_no)
         seen += result["examples"]
         steps_done += result["steps"]
         train_time += result["train_time_s"]
@@ -415,8 +425,12 @@ def forgetting(stage_results: list[dict]) -> dict[str, float]:
 
 
 def run_stage(cfg, accelerator, model, net, tokenizer, decoder, task_data, train_set, dev_tasks, lr, out, log,
-              history) -> dict:
-    """Train on ``train_set`` (pairs of task index and example); returns what was done."""
+              history, stage_no) -> dict:
+    """Train on ``train_set`` (pairs of task index and example); returns what was done.
+
+    ``history`` holds the logged rows of earlier stages and, on resume, of this stage up to its
+    checkpoint; rows logged after the checkpoint (lost work) are dropped from it and from the log.
+    """
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
     micro = cfg.batch_size * world  # examples per micro-step over all processes
@@ -431,8 +445,10 @@ def run_stage(cfg, accelerator, model, net, tokenizer, decoder, task_data, train
     state = {"step": 0, "best": None, "bad_evals": 0, "examples": 0, "train_time_s": 0.0, "stopped": False}
     if cfg.resume and (out / "checkpoint").exists():
         state = load_checkpoint(out, model, optimizer, scheduler)
+        history[:] = [h for h in history if h["stage"] < stage_no or (h["stage"] == stage_no and h["step"] <= state["step"])]
         if main:
             print(f"resumed from {out / 'checkpoint'} at step {state['step']}")
+            log.write_text("".join(json.dumps(h) + "\n" for h in history))
     out.mkdir(parents=True, exist_ok=True)
     dev_names = [task_data[i][0].name for i in dev_tasks]
     bar = tqdm(total=total_steps, initial=state["step"], disable=not main, desc="train", dynamic_ncols=True)
@@ -472,7 +488,7 @@ def run_stage(cfg, accelerator, model, net, tokenizer, decoder, task_data, train
         n_all = n_examples * world
         state["examples"] += n_all
         state["train_time_s"] += dt
-        row = {"step": state["step"], "loss": loss_sum / max(n_examples, 1), "lr": scheduler.get_last_lr()[0],
+        row = {"stage": stage_no, "step": state["step"], "loss": loss_sum / max(n_examples, 1), "lr": scheduler.get_last_lr()[0],
                "examples_per_s": n_all / dt}
         history.append(row)
         bar.update(1)
@@ -557,7 +573,12 @@ def plot_curves(history: list[dict], path: Path) -> None:
     if not history:
         return
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax[0].plot([h["step"] for h in history], [h["loss"] for h in history], lw=1)
+    steps, losses = [h["step"] for h in history], [h["loss"] for h in history]
+    ax[0].plot(steps, losses, lw=0.6, alpha=0.4, label="per step")
+    window = max(1, len(losses) // 20)
+    smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+    ax[0].plot(steps[window - 1 :], smooth, lw=1.5, label=f"mean of {window}")
+    ax[0].legend()
     ax[0].set(xlabel="step", ylabel="training loss", title="loss")
     dev = [h for h in history if "dev" in h]
     for name in dict.fromkeys(n for h in dev for n in h["dev"]):  # every task that had a dev set, in order
