@@ -154,6 +154,11 @@ TRAIN_HELP = {
     "text_columns": "comma-separated text column(s) of your files", "label_column": "label column of your files",
     "template": "prompt template over your columns, e.g. '{review} It was'",
     "label_words": "comma-separated answer words, one per label (sorted label order)",
+    "optimizer": "adamw, or zo for zeroth-order SPSA (implied by mezo, mezo-lora, adazeta)",
+    "zo_eps": "ZO perturbation size", "zo_queries": "ZO queries per step (fixed schedule)",
+    "zo_schedule": "fixed, adazeta (Q = min(max(floor(alpha e^beta), 1), q_max) per epoch e), or auto",
+    "zo_alpha": "AdaZeta schedule alpha", "zo_beta": "AdaZeta schedule beta", "zo_q_max": "AdaZeta query cap",
+    "zo_blowup": "ZO: roll back when the loss exceeds this multiple of its running mean",
     "dataset": "a hub dataset name (needs network and `pip install datasets`)", "dataset_config": "its config name",
 }
 METHOD_FLAGS = {"rank": int, "tt_rank": int, "bottleneck": int, "alpha": float, "dropout": float, "init_mode": str}

@@ -16,7 +16,10 @@ from torch import nn
 
 from .tuners import LorettaAdpConfig, LorettaRepConfig
 
-METHODS = ("full", "lora", "loretta-adp", "loretta-rep")
+METHODS = ("full", "lora", "loretta-adp", "loretta-rep", "mezo", "mezo-lora", "adazeta")
+# Zeroth-order methods: the trainable set of another method, trained by SPSA (leanft.zo).
+# AdaZeta is LoRETTA_adp with norms frozen (ZO noise on scale parameters hurts) and its query schedule.
+ZO_METHODS = {"mezo": "full", "mezo-lora": "lora", "adazeta": "loretta-adp"}
 
 # Common option -> config field of each method (options a method does not know are an error).
 OPTION_FIELDS: dict[str, dict[str, str]] = {
@@ -31,6 +34,7 @@ OPTION_FIELDS: dict[str, dict[str, str]] = {
     },
     "full": {},
 }
+OPTION_FIELDS.update({zo: OPTION_FIELDS[base] for zo, base in ZO_METHODS.items()})
 
 
 def resolve_method(name: str) -> str:
@@ -51,6 +55,9 @@ def make_config(method: str, task_type: str, **options: Any) -> PeftConfig | Non
     if unknown:
         raise ValueError(f"method {method!r} does not take option(s) {unknown}; it takes {sorted(fields)}")
     kwargs = {fields[k]: v for k, v in options.items() if v is not None}
+    if method == "adazeta":
+        kwargs = {"train_norms": False, **kwargs}
+    method = ZO_METHODS.get(method, method)
     if method == "full":
         return None
     if method == "lora":

@@ -37,9 +37,11 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from . import methods, models, tasks
+from .zo import ZOEngine, ZOStep, query_schedule
 
 # Default learning rate per method: tuned for the short CPU budgets leanft runs by default.
-DEFAULT_LR = {"full": 1e-5, "lora": 5e-4, "loretta-rep": 1e-3, "loretta-adp": 1e-3}
+DEFAULT_LR = {"full": 1e-5, "lora": 5e-4, "loretta-rep": 1e-3, "loretta-adp": 1e-3,
+              "mezo": 1e-6, "mezo-lora": 1e-4, "adazeta": 1e-4}
 
 
 @dataclass
@@ -71,6 +73,14 @@ class TrainConfig:
     output_dir: str = "runs/latest"
     resume: bool = False
     dtype: str = "float32"
+    optimizer: str = "adamw"  # "adamw" or "zo" (implied by the methods mezo, mezo-lora, adazeta)
+    zo_eps: float = 1e-3
+    zo_queries: int = 1  # queries per step with a fixed schedule
+    zo_schedule: str = "auto"  # "fixed", "adazeta", or "auto" (adazeta for the adazeta method)
+    zo_alpha: float = 0.85
+    zo_beta: float = 0.45
+    zo_q_max: int = 20
+    zo_blowup: float = 10.0  # roll back when the loss exceeds this multiple of its running mean
     method_options: dict[str, Any] = field(default_factory=dict)  # rank, tt_rank, bottleneck, ...
     # users' own data instead of built-in tasks
     train_file: str | None = None
@@ -424,6 +434,128 @@ def forgetting(stage_results: list[dict]) -> dict[str, float]:
     return out
 
 
+def task_batches(items: list[tuple[int, dict]], task_data, tokenizer, cfg: TrainConfig, decoder: bool,
+                 device: torch.device) -> list[tuple[int, dict]]:
+    """A (possibly mixed-task) list of examples as encoded batches, one per task: ``(n_examples, batch)``."""
+    out = []
+    for ti in sorted({ti for ti, _ in items}):
+        exs = [ex for t, ex in items if t == ti]
+        task = task_data[ti][0]
+        batch = (encode_candidates(task, exs, tokenizer, cfg.max_length, gold_only=task.kind != "classification")
+                 if decoder else encode_pairs(task, exs, tokenizer, cfg.max_length))
+        out.append((len(exs), to_device(batch, device)))
+    return out
+
+
+def mean_loss(net: nn.Module, batches: list[tuple[int, dict]], decoder: bool) -> torch.Tensor:
+    """Example-weighted mean loss over the per-task batches of one micro-batch."""
+    total = sum(n for n, _ in batches)
+    return sum(forward_loss(net, b, decoder)[0] * n / total for n, b in batches)
+
+
+class FirstOrder:
+    """AdamW (decoupled weight decay, none on biases and norms) with a schedule; DDP through accelerate."""
+
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, model: nn.Module, net: nn.Module, lr: float,
+                 total_steps: int, decoder: bool) -> None:
+        groups = [{"params": [p for n, p in model.named_parameters() if p.requires_grad and _no_decay(n) == nd],
+                   "weight_decay": 0.0 if nd else cfg.weight_decay} for nd in (False, True)]
+        optimizer = torch.optim.AdamW(groups, lr=lr)
+        self.scheduler = get_scheduler(cfg.scheduler, optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+        self.net, self.optimizer = accelerator.prepare(net, optimizer)
+        self.cfg, self.accelerator, self.model, self.decoder = cfg, accelerator, model, decoder
+        self.shard = True  # each process trains on its slice of the global batch
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def step(self, step: int, epoch: int, micro_batches: list[list[tuple[int, dict]]]) -> dict:
+        self.net.train()
+        loss_sum, n_sum = 0.0, 0
+        for batches in micro_batches:
+            loss = mean_loss(self.net, batches, self.decoder)
+            if not torch.isfinite(loss.detach()):
+                return {"loss": float(loss)}
+            self.accelerator.backward(loss / len(micro_batches))
+            n = sum(n for n, _ in batches)
+            loss_sum, n_sum = loss_sum + float(loss.detach()) * n, n_sum + n
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss_sum / max(n_sum, 1)}
+
+    def save(self, out: Path, state: dict) -> None:
+        save_checkpoint(out, self.model, self.optimizer, self.scheduler, state)
+
+    def resume(self, out: Path) -> dict:
+        return load_checkpoint(out, self.model, self.optimizer, self.scheduler)
+
+
+class ZerothOrder:
+    """SPSA through ``zo.ZOEngine``: forward passes only, every process on the same batch, queries split.
+
+    Its checkpoint is the trainable start state plus one line per step (seeds, projected gradients,
+    lr) in ``zo_log.jsonl``; resuming replays the log to the exact parameters.
+    """
+
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, model: nn.Module, net: nn.Module, lr: float,
+                 total_steps: int, decoder: bool, out: Path) -> None:
+        if cfg.grad_accum != 1:
+            raise ValueError("zeroth-order training takes one batch per step: use --batch-size, not --grad-accum")
+        self.engine = ZOEngine(model, eps=cfg.zo_eps, weight_decay=cfg.weight_decay, seed=cfg.seed,
+                               blowup=cfg.zo_blowup)
+        self.dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)  # carries the lr schedule
+        self.scheduler = get_scheduler(cfg.scheduler, self.dummy, int(cfg.warmup_ratio * total_steps), total_steps)
+        self.cfg, self.model, self.net, self.main, self.decoder = cfg, model, net, accelerator.is_main_process, decoder
+        self.log, self.start = out / "zo_log.jsonl", out / "zo_start.safetensors"
+        self.shard = False
+        if self.main and not (cfg.resume and self.start.is_file()):
+            out.mkdir(parents=True, exist_ok=True)
+            save_file(trainable_state(model), str(self.start))
+            self.log.write_text("")
+        accelerator.wait_for_everyone()
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def queries(self, epoch: int) -> int:
+        c = self.cfg
+        schedule = c.zo_schedule if c.zo_schedule != "auto" else ("adazeta" if c.method == "adazeta" else "fixed")
+        return query_schedule(epoch, c.zo_alpha, c.zo_beta, c.zo_q_max) if schedule == "adazeta" else c.zo_queries
+
+    def step(self, step: int, epoch: int, micro_batches: list[list[tuple[int, dict]]]) -> dict:
+        self.net.eval()  # dropout off during the perturbed forwards
+        loss_fn = lambda: float(mean_loss(self.net, micro_batches[0], self.decoder))  # noqa: E731
+        record = self.engine.step(step, loss_fn, self.queries(epoch), self.lr())
+        self.dummy.step()
+        self.scheduler.step()
+        if self.main:
+            with open(self.log, "a") as f:
+                f.write(json.dumps(asdict(record)) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        return {"loss": record.loss, "queries": len(record.seeds), "projected_grad": float(np.mean(record.grads)),
+                **({"rolled_back": True} if record.rolled_back else {})}
+
+    def save(self, out: Path, state: dict) -> None:
+        atomic_dir(out / "checkpoint", lambda d: (d / "trainer_state.json").write_text(json.dumps(state, indent=1)))
+
+    def resume(self, out: Path) -> dict:
+        state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+        tensors = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+        for name, tensor in load_file(str(self.start)).items():
+            tensors[name].data.copy_(tensor)
+        lines = [line for line in self.log.read_text().splitlines() if line.strip()][: state["step"]]
+        records = [ZOStep(**json.loads(line)) for line in lines]
+        self.engine.replay(records)
+        for _ in records:
+            self.dummy.step()
+            self.scheduler.step()
+        if self.main:  # steps after the checkpoint are redone, identically
+            self.log.write_text("".join(line + "\n" for line in lines))
+        return state
+
+
 def run_stage(cfg, accelerator, model, net, tokenizer, decoder, task_data, train_set, dev_tasks, lr, out, log,
               history, stage_no) -> dict:
     """Train on ``train_set`` (pairs of task index and example); returns what was done.
@@ -433,70 +565,60 @@ def run_stage(cfg, accelerator, model, net, tokenizer, decoder, task_data, train
     """
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
-    micro = cfg.batch_size * world  # examples per micro-step over all processes
+    zo = cfg.optimizer == "zo" or cfg.method in methods.ZO_METHODS
+    micro = cfg.batch_size * (1 if zo else world)  # examples per micro-step over all processes
     per_epoch = max(1, math.ceil(len(train_set) / micro))
     total_steps = cfg.max_steps or max(1, math.ceil(per_epoch * cfg.epochs / cfg.grad_accum))
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and not _no_decay(n)]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and _no_decay(n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    scheduler = get_scheduler(cfg.scheduler, optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
-    net_p, optimizer = accelerator.prepare(net, optimizer)
+    out.mkdir(parents=True, exist_ok=True)
+    updater = (ZerothOrder(cfg, accelerator, model, net, lr, total_steps, decoder, out) if zo
+               else FirstOrder(cfg, accelerator, model, net, lr, total_steps, decoder))
     state = {"step": 0, "best": None, "bad_evals": 0, "examples": 0, "train_time_s": 0.0, "stopped": False}
-    if cfg.resume and (out / "checkpoint").exists():
-        state = load_checkpoint(out, model, optimizer, scheduler)
+    if cfg.resume and (out / "checkpoint" / "trainer_state.json").is_file():
+        state = updater.resume(out)
         history[:] = [h for h in history if h["stage"] < stage_no or (h["stage"] == stage_no and h["step"] <= state["step"])]
         if main:
             print(f"resumed from {out / 'checkpoint'} at step {state['step']}")
             log.write_text("".join(json.dumps(h) + "\n" for h in history))
-    out.mkdir(parents=True, exist_ok=True)
     dev_names = [task_data[i][0].name for i in dev_tasks]
     bar = tqdm(total=total_steps, initial=state["step"], disable=not main, desc="train", dynamic_ncols=True)
-    net_p.train()
     orders: dict[int, list[int]] = {}
     while state["step"] < total_steps and not state["stopped"]:
         t0 = time.perf_counter()
-        loss_sum, n_examples = 0.0, 0
+        micro_batches, epoch = [], 0
         for m in range(cfg.grad_accum):
             k = state["step"] * cfg.grad_accum + m  # global micro-batch index
             epoch, pos = divmod(k, per_epoch)
             if epoch not in orders:  # a seeded order per epoch, cycled to whole global batches
                 perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
                 orders = {epoch: (perm.tolist() * 2)[: per_epoch * micro]}
-            idx = orders[epoch][pos * micro : (pos + 1) * micro][rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
-            items = [train_set[i] for i in idx]
-            loss = 0.0
-            for ti in sorted({ti for ti, _ in items}):  # a mixed batch is encoded per task
-                exs = [ex for t, ex in items if t == ti]
-                task = task_data[ti][0]
-                batch = (encode_candidates(task, exs, tokenizer, cfg.max_length, gold_only=task.kind != "classification")
-                         if decoder else encode_pairs(task, exs, tokenizer, cfg.max_length))
-                task_loss, _ = forward_loss(net_p, to_device(batch, accelerator.device), decoder)
-                loss = loss + task_loss * len(exs) / max(len(items), 1)
-            if not torch.isfinite(loss.detach()):
-                raise FloatingPointError(
-                    f"the training loss became {float(loss)} at step {state['step']} (lr {scheduler.get_last_lr()[0]:.2e}); "
-                    f"the last good checkpoint is in {out / 'checkpoint'}: lower the learning rate and resume")
-            accelerator.backward(loss / cfg.grad_accum)
-            loss_sum += float(loss.detach()) * len(items)
-            n_examples += len(items)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+            idx = orders[epoch][pos * micro : (pos + 1) * micro]
+            if updater.shard:
+                idx = idx[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
+            micro_batches.append(task_batches([train_set[i] for i in idx], task_data, tokenizer, cfg, decoder,
+                                              accelerator.device))
+        lr_now = updater.lr()
+        row = {"stage": stage_no, "step": state["step"] + 1, "lr": lr_now,
+               **updater.step(state["step"], epoch, micro_batches)}
+        if not math.isfinite(row["loss"]) and not zo:
+            raise FloatingPointError(
+                f"the training loss became {row['loss']} at step {state['step']} (lr {lr_now:.2e}); "
+                f"the last good checkpoint is in {out / 'checkpoint'}: lower the learning rate and resume")
         state["step"] += 1
         dt = time.perf_counter() - t0
-        n_all = n_examples * world
+        n_all = sum(n for batches in micro_batches for n, _ in batches) * (1 if zo else world)
         state["examples"] += n_all
         state["train_time_s"] += dt
-        row = {"stage": stage_no, "step": state["step"], "loss": loss_sum / max(n_examples, 1), "lr": scheduler.get_last_lr()[0],
-               "examples_per_s": n_all / dt}
+        row["examples_per_s"] = n_all / dt
         history.append(row)
         bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.1e}", ex_s=f"{row['examples_per_s']:.1f}")
+        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr_now:.1e}", ex_s=f"{row['examples_per_s']:.1f}",
+                        **({"q": row["queries"]} if zo else {}))
+        if row.get("rolled_back") and main:
+            bar.write(f"step {state['step']}: loss {row['loss']} diverged; rolled back and halved the learning rate")
         evaluate_now = dev_tasks and (state["step"] % cfg.eval_every == 0 or state["step"] == total_steps)
         if evaluate_now:
-            dev = {task_data[i][0].name: evaluate(net_p, model, task_data[i][0], task_data[i][1].dev, tokenizer, cfg,
-                                                  accelerator, decoder) for i in dev_tasks}
+            dev = {task_data[i][0].name: evaluate(updater.net, model, task_data[i][0], task_data[i][1].dev, tokenizer,
+                                                  cfg, accelerator, decoder) for i in dev_tasks}
             score = sum(next(iter(m.values())) for m in dev.values()) / len(dev)
             row["dev"] = dev
             if state["best"] is None or score > state["best"]:
@@ -513,7 +635,7 @@ def run_stage(cfg, accelerator, model, net, tokenizer, decoder, task_data, train
             with open(log, "a") as f:
                 f.write(json.dumps(row) + "\n")
             if state["step"] % cfg.eval_every == 0 or state["step"] == total_steps:
-                save_checkpoint(out, model, optimizer, scheduler, state)
+                updater.save(out, state)
         accelerator.wait_for_everyone()
     bar.close()
     if state["best"] is not None:  # evaluate the best adapter, not the last one

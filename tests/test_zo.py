@@ -1,0 +1,198 @@
+import math
+
+from safetensors.torch import load_file
+
+import pytest
+import torch
+from conftest import tiny_llama
+from peft import LoraConfig, get_peft_model
+
+from leanft import LorettaAdpConfig
+from leanft.zo import ZOEngine, no_decay, query_schedule, query_seed
+
+
+def lora_model(dtype=torch.float32):
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    return model.to(dtype)
+
+
+def loss_of(model, tokens):
+    def fn() -> float:
+        with torch.no_grad():
+            return float(model(input_ids=tokens, labels=tokens).loss)
+    return fn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_parameters_are_restored_bit_for_bit(dtype, tokens):
+    model = lora_model(dtype)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = ZOEngine(model, eps=1e-2)
+    g, plus = engine.projected_gradient(1234, loss_of(model, tokens))
+    assert math.isfinite(g) and g != 0
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_in_place_mode_for_large_sets_also_restores_closely(tokens):
+    model = lora_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    engine = ZOEngine(model, eps=1e-3, copy_limit=0)
+    assert not engine.exact
+    engine.projected_gradient(7, loss_of(model, tokens))
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p, before[n], rtol=0, atol=1e-6)
+
+
+def test_spsa_estimate_points_along_the_true_gradient():
+    torch.manual_seed(0)
+    A, b = torch.randn(30, 20), torch.randn(30)
+    theta = torch.nn.Parameter(torch.randn(20))
+    module = torch.nn.Module()
+    module.theta = theta
+    loss_fn = lambda: float(0.5 * (A @ theta - b).pow(2).sum())  # noqa: E731
+    true = A.T @ (A @ theta.detach() - b)
+    engine = ZOEngine(module, eps=1e-3)
+    estimate = torch.zeros(20)
+    for seed in range(2000):
+        g, _ = engine.projected_gradient(seed, loss_fn)
+        estimate += g * next(engine._directions(seed))
+    assert torch.nn.functional.cosine_similarity(estimate, true, dim=0) > 0.9
+
+
+def test_update_follows_the_formula_and_skips_decay_on_biases_and_norms(tokens):
+    model = get_peft_model(tiny_llama(), LorettaAdpConfig(bottleneck_size=16))  # TT cores, biases, norms
+    engine = ZOEngine(model, weight_decay=0.1)
+    assert {no_decay(n) for n, _ in engine.named} == {True, False}
+    before = [p.detach().clone() for p in engine.params]
+    engine.apply([11, 22], [0.5, -1.5], lr=0.01)
+    z = [list(engine._directions(s)) for s in (11, 22)]
+    for i, (name, p) in enumerate(engine.named):
+        wd = 0.0 if ("bias" in name or "norm" in name) else 0.1
+        expected = before[i] * (1 - 0.01 * wd) - 0.01 * (0.5 * z[0][i] + -1.5 * z[1][i]) / 2
+        torch.testing.assert_close(p, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_query_schedule_values():
+    assert [query_schedule(e) for e in (0, 1, 8, 9, 100, 10_000)] == [1, 1, 2, 2, 6, 20]
+    assert [query_schedule(e, beta=0.4, q_max=15) for e in (8, 9, 100, 159)] == [1, 2, 5, 6]  # METHODS.md 5.4
+    assert query_schedule(50, q_min=3) == 4 and query_schedule(0, q_min=3) == 3
+    assert query_seed(0, 5, 1) != query_seed(0, 5, 2) and query_seed(0, 5, 1) == query_seed(0, 5, 1)
+
+
+def test_divergence_rolls_back_and_halves_the_learning_rate(tokens):
+    model = lora_model()
+    engine = ZOEngine(model, eps=1e-3)
+    fn = loss_of(model, tokens)
+    engine.step(0, fn, queries=2, lr=1e-3)
+    before_last = [p.detach().clone() for p in engine.params]
+    engine.step(1, fn, queries=2, lr=1e-3)
+    record = engine.step(2, lambda: float("nan"), queries=2, lr=1e-3)
+    assert record.rolled_back and engine.lr_scale == 0.5
+    for p, b in zip(engine.params, before_last):
+        assert torch.equal(p, b)
+    assert engine.step(3, fn, queries=1, lr=1e-3).lr == pytest.approx(5e-4)
+
+
+def test_replay_rebuilds_the_exact_state(tokens):
+    model = lora_model()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = ZOEngine(model, eps=1e-2)
+    fn = loss_of(model, tokens)
+    records = [engine.step(t, fn if t != 3 else (lambda: float("inf")), queries=1 + t % 3, lr=1e-2) for t in range(6)]
+    final = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fresh = lora_model()
+    fresh.load_state_dict(start)
+    ZOEngine(fresh, eps=1e-2).replay(records)
+    for n, p in fresh.named_parameters():
+        assert torch.equal(p, final[n]), n
+
+
+# ---- through the trainer -------------------------------------------------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from leanft import train  # noqa: E402
+from leanft.train import TrainConfig  # noqa: E402
+
+
+def zo_cfg(model_dir, out, **kw) -> TrainConfig:
+    base = dict(model=model_dir, method="mezo-lora", task="sst2", num_train=8, num_dev=4, num_eval=4, max_steps=6,
+                batch_size=4, eval_every=3, eval_before=False, output_dir=str(out), lr=1e-3, zo_eps=1e-2,
+                method_options={"rank": 2}, zo_queries=2)
+    return TrainConfig(**{**base, **kw})
+
+
+def zo_log(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "zo_log.jsonl").read_text().splitlines()]
+
+
+def test_adazeta_trains_with_the_query_schedule_and_frozen_norms(tiny_llama_dir, tmp_path):
+    metrics = train.train(zo_cfg(tiny_llama_dir, tmp_path, method="adazeta", zo_alpha=2.0, zo_beta=1.0, zo_q_max=3,
+                                 method_options={"bottleneck": 8, "tt_rank": 2}))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # 8 examples / batch 4 = 2 steps per epoch: epochs 0,0,1,1,2,2 -> Q = min(max(floor(2 e), 1), 3)
+    assert [r["queries"] for r in rows] == [1, 1, 2, 2, 3, 3]
+    assert metrics["config"]["method"] == "adazeta" and metrics["steps"] == 6
+    model, _, _ = train.build_model(zo_cfg(tiny_llama_dir, tmp_path, method="adazeta",
+                                        method_options={"bottleneck": 8, "tt_rank": 2}), [train.tasks.get_task("sst2")])
+    assert not any("norm" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_zo_resume_replays_to_the_identical_run(tiny_llama_dir, tmp_path, monkeypatch):
+    train.train(zo_cfg(tiny_llama_dir, tmp_path / "full"))
+    real = train.ZerothOrder.save
+
+    def crash(self, out, state):
+        real(self, out, state)
+        raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(train.ZerothOrder, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(zo_cfg(tiny_llama_dir, tmp_path / "cut"))
+    assert len(zo_log(tmp_path / "cut")) == 3
+    monkeypatch.setattr(train.ZerothOrder, "save", real)
+    train.train(zo_cfg(tiny_llama_dir, tmp_path / "cut", resume=True))
+    assert zo_log(tmp_path / "cut") == zo_log(tmp_path / "full")  # same seeds, projected gradients, lrs
+    full = load_file(str(tmp_path / "full" / "best" / "adapter_model.safetensors"))
+    cut = load_file(str(tmp_path / "cut" / "best" / "adapter_model.safetensors"))
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+
+
+def test_zo_divergence_in_training_is_rolled_back_and_reported(tiny_llama_dir, tmp_path, monkeypatch):
+    real = train.mean_loss
+    calls = {"n": 0}
+
+    def nan_later(net, batches, decoder):
+        calls["n"] += 1
+        loss = real(net, batches, decoder)
+        return loss * float("nan") if 9 <= calls["n"] <= 12 else loss  # step 3's queries (2 x 2 forwards)
+
+    monkeypatch.setattr(train, "mean_loss", nan_later)
+    train.train(zo_cfg(tiny_llama_dir, tmp_path, num_dev=0, scheduler="constant"))
+    log = zo_log(tmp_path)
+    assert [r["rolled_back"] for r in log] == [False, False, True, False, False, False]
+    assert log[3]["lr"] == pytest.approx(log[1]["lr"] / 2)
+
+
+def test_two_process_zo_equals_a_single_process_run(tiny_llama_dir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["-m", "leanft.cli", "train", "--model", tiny_llama_dir, "--method", "mezo-lora", "--num-train", "8",
+            "--num-dev", "0", "--num-eval", "4", "--max-steps", "3", "--batch-size", "4", "--lr", "1e-3",
+            "--zo-eps", "1e-2", "--zo-queries", "4", "--rank", "2", "--no-eval-before"]
+    single = subprocess.run([sys.executable, *args, "--output-dir", str(tmp_path / "one")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                            "29534", *args, "--output-dir", str(tmp_path / "two")], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    one, two = zo_log(tmp_path / "one"), zo_log(tmp_path / "two")
+    assert [r["seeds"] for r in one] == [r["seeds"] for r in two] and len(set(one[0]["seeds"])) == 4
+    for a, b in zip(one, two):
+        assert a["grads"] == pytest.approx(b["grads"], rel=1e-4, abs=1e-6)
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["num_processes"] == 2
