@@ -196,3 +196,8 @@ def test_two_process_zo_equals_a_single_process_run(tiny_llama_dir, tmp_path):
     for a, b in zip(one, two):
         assert a["grads"] == pytest.approx(b["grads"], rel=1e-4, abs=1e-6)
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["num_processes"] == 2
+
+
+def test_forward_pass_budget_is_exact(tiny_llama_dir, tmp_path):
+    metrics = train.train(zo_cfg(tiny_llama_dir, tmp_path, max_steps=100, max_forwards=12, zo_queries=3, num_dev=0))
+    assert metrics["forward_passes"] == 12 and metrics["steps"] == 2  # 2 forwards per query, 3 queries a step

@@ -5,7 +5,7 @@ Importing leanft registers its methods with PEFT, so ``peft.get_peft_model``, ``
 """
 
 from . import methods, models
-from .tuners import LorettaAdpConfig, LorettaRepConfig
+from .tuners import LamdaConfig, LorettaAdpConfig, LorettaRepConfig
 
-__all__ = ["LorettaAdpConfig", "LorettaRepConfig", "methods", "models"]
+__all__ = ["LamdaConfig", "LorettaAdpConfig", "LorettaRepConfig", "methods", "models"]
 __version__ = "0.1.0"

@@ -96,3 +96,103 @@ def report(metric_files: list[Path]) -> str:
                          f"{r['peak_memory_mb']:.0f} | {r['time_per_step_s']:.2f} | {r['steps']} | {r['wall_time_s']:.0f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+MEMORY_RUNS = (("inference", "full", "inference"), ("mezo (full)", "mezo", "zo"), ("mezo-lora", "mezo-lora", "zo"),
+               ("adazeta", "adazeta", "zo"), ("lora (AdamW)", "lora", "first-order"),
+               ("loretta-rep (AdamW)", "loretta-rep", "first-order"), ("full (AdamW)", "full", "first-order"))
+
+
+def memory_child(model_name: str, method: str, mode: str, task_name: str, batch_size: int, steps: int) -> dict:
+    """Peak memory of ``steps`` steps of one kind on one fixed batch, in this (fresh) process.
+
+    ``baseline`` is measured after loading the model and applying the method, so ``peak - baseline`` is
+    the working memory of the step itself (activations, gradients, optimiser state, perturbation copies).
+    """
+    from . import tasks, train
+    from .zo import ZOEngine
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = models.load_model(model_name)
+    model = methods.apply_method(model, method, "CAUSAL_LM").to(device)
+    task = tasks.get_task(task_name)
+    batch = train.to_device(train.encode_candidates(task, tasks.load_splits(task_name, batch_size, 0, 0).train,
+                                                    tokenizer, 256), device)
+    net = train.CandidateLogProbs(model)
+
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated() / 2**20
+    else:
+        baseline = psutil_rss()
+        sampler = RssSampler()
+    t0 = time.perf_counter()
+    if mode == "inference":
+        net.eval()
+        with torch.no_grad():
+            for _ in range(steps):
+                train.forward_loss(net, batch, True)
+    elif mode == "zo":
+        net.eval()
+        engine = ZOEngine(model)
+        for step in range(steps):
+            engine.step(step, lambda: float(train.forward_loss(net, batch, True)[0]), 1, 1e-6)
+    else:
+        net.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        for _ in range(steps):
+            train.forward_loss(net, batch, True)[0].backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else sampler.stop()
+    return {"method": method, "mode": mode, "peak_mb": round(peak, 1), "baseline_mb": round(baseline, 1),
+            "step_s": round((time.perf_counter() - t0) / steps, 3), **methods.count_parameters(model)}
+
+
+def psutil_rss() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+class RssSampler:
+    """Highest resident memory of this process while it runs (polled every 2 ms in a thread): the
+    lifetime peak (``ru_maxrss``) would include model loading, which is not what a step costs."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak, self.running = psutil_rss(), True
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, psutil_rss())
+            time.sleep(0.002)
+
+    def stop(self) -> float:
+        self.running = False
+        self.thread.join()
+        return max(self.peak, psutil_rss())
+
+
+def memory_compare(model_name: str, task_name: str, batch_size: int, steps: int = 3) -> dict:
+    """``memory_child`` for each entry of ``MEMORY_RUNS``, each in its own process (peaks never mix)."""
+    import subprocess
+    import sys
+
+    rows = []
+    for label, method, mode in MEMORY_RUNS:
+        code = (f"import json, leanft.bench as b; print(json.dumps(b.memory_child({model_name!r}, {method!r}, "
+                f"{mode!r}, {task_name!r}, {batch_size}, {steps})))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        rows.append({"run": label, **json.loads(out.stdout.strip().splitlines()[-1])})
+    ref = next(r for r in rows if r["mode"] == "inference")
+    for r in rows:
+        r["peak_vs_inference"] = round(r["peak_mb"] / ref["peak_mb"], 3)
+    return {"model": model_name, "task": task_name, "batch_size": batch_size, "steps": steps,
+            "device": "cuda" if torch.cuda.is_available() else "cpu", "date": date.today().isoformat(), "rows": rows}

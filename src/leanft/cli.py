@@ -140,6 +140,7 @@ TRAIN_HELP = {
     "num_train": "training examples sampled per task", "num_dev": "dev examples (model selection)",
     "num_eval": "evaluation examples (from the labelled validation split)",
     "epochs": "passes over the training sample", "max_steps": "optimiser steps; overrides --epochs when > 0",
+    "max_forwards": "zeroth-order budget in forward passes (2 per query); stops the run when reached",
     "batch_size": "examples per process and micro-step", "grad_accum": "micro-steps per optimiser step",
     "lr": "peak learning rate (0 = the method's default)", "weight_decay": "AdamW weight decay (not on biases/norms)",
     "scheduler": "linear, cosine, constant, constant_with_warmup, ...", "warmup_ratio": "fraction of steps warming up",
@@ -217,6 +218,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(evaluate_saved(args.adapter, cfg), indent=1))
 
 
+def cmd_memory(args: argparse.Namespace) -> None:
+    result = bench.memory_compare(args.model, args.task, args.batch_size, args.steps)
+    columns = ["run", "peak_mb", "baseline_mb", "peak_vs_inference", "step_s", "trainable"]
+    print(f"{args.model} on one {args.task} batch of {args.batch_size}: peak memory ({result['device']})")
+    print(_table([{c: r[c] for c in columns} for r in result["rows"]], columns))
+    if args.output:
+        bench.save(result, Path(args.output))
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     print(bench.report([Path(p) for p in args.metrics]))
 
@@ -266,6 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--output", help="write the result as JSON here")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("memory", help="peak memory of inference, zeroth-order and first-order steps, side by side")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--task", default="sst2")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--output", help="write the result as JSON here")
+    p.set_defaults(func=cmd_memory)
 
     p = sub.add_parser("report", help="Markdown table comparing finished runs (their metrics.json files)")
     p.add_argument("metrics", nargs="+", help="metrics.json files written by leanft train")

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import random
-import resource
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -37,6 +36,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from . import methods, models, tasks
+from .bench import RssSampler
 from .zo import ZOEngine, ZOStep, query_schedule
 
 # Default learning rate per method: tuned for the short CPU budgets leanft runs by default.
@@ -57,6 +57,7 @@ class TrainConfig:
     num_eval: int = 1000
     epochs: float = 1.0
     max_steps: int = 0  # > 0 overrides epochs
+    max_forwards: int = 0  # zeroth-order budget: stop after this many forward passes (> 0)
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 0.0  # 0 = DEFAULT_LR of the method
@@ -318,10 +319,19 @@ def save_best(out: Path, model: nn.Module, tokenizer, run_info: dict) -> None:
 # The run
 
 
-def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+def trainable_numel(model: nn.Module) -> int:
+    """Parameters that currently train (LaMDA reports its partly frozen P_B itself)."""
+    tuner = getattr(model, "base_model", None)
+    if hasattr(tuner, "trainable_counts"):
+        return int(tuner.trainable_counts())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def peak_memory_mb(device: torch.device, sampler: RssSampler | None) -> tuple[float, str]:
+    """Peak since the model was loaded: CUDA max allocated, or the sampled peak RSS on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+    return sampler.stop(), "peak RSS after loading"
 
 
 def load_tasks(cfg: TrainConfig) -> list[tuple[tasks.Task, tasks.Splits]]:
@@ -366,6 +376,9 @@ def train(cfg: TrainConfig) -> dict:
     task_list = [t for t, _ in task_data]
     model, tokenizer, decoder = build_model(cfg, task_list)
     model.to(accelerator.device)
+    if accelerator.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
+    sampler = RssSampler() if accelerator.device.type == "cpu" else None
     counts = methods.count_parameters(model)
     net = CandidateLogProbs(model) if decoder else model
     stages = [[i] for i in range(len(task_data))] if cfg.sequential else [list(range(len(task_data)))]
@@ -388,7 +401,7 @@ def train(cfg: TrainConfig) -> dict:
         print(f"before training: {json.dumps(before)}")
     history = [json.loads(line) for line in log.read_text().splitlines()] if cfg.resume and log.is_file() else []
     stage_results = []
-    seen, steps_done, train_time = 0, 0, 0.0
+    seen, steps_done, train_time, forwards = 0, 0, 0.0, 0
     for stage_no, stage in enumerate(stages):
         train_set = [(i, ex) for i in stage for ex in task_data[i][1].train]
         dev_tasks = [i for i in stage if task_data[i][1].dev]
@@ -397,16 +410,18 @@ def train(cfg: TrainConfig) -> dict:
         seen += result["examples"]
         steps_done += result["steps"]
         train_time += result["train_time_s"]
+        forwards += result["forwards"]
         if cfg.sequential:
             stage_results.append({"stage": stage_no, "task": task_data[stage[0]][0].name,
                                   "eval": eval_all("eval", upto=stage[0])})
             if main:
                 print(f"after stage {stage_no} ({task_data[stage[0]][0].name}): {json.dumps(stage_results[-1]['eval'])}")
     after = stage_results[-1]["eval"] if cfg.sequential else eval_all("eval")
-    mem, mem_kind = peak_memory_mb(accelerator.device)
+    mem, mem_kind = peak_memory_mb(accelerator.device, sampler)
     metrics = {
         "model": cfg.model, "method": cfg.method, "tasks": [t.name for t in task_list], "eval": after,
-        "eval_before": before, **counts, "steps": steps_done, "examples_seen": seen,
+        "eval_before": before, **counts, "steps": steps_done, "examples_seen": seen, "forward_passes": forwards,
+        "parameter_updates": sum(h.get("updated_params", 0) for h in history),
         "peak_memory_mb": round(mem, 1), "peak_memory_kind": mem_kind, "train_time_s": round(train_time, 2),
         "time_per_step_s": round(train_time / max(steps_done, 1), 3),
         "examples_per_s": round(seen / max(train_time, 1e-9), 2),
@@ -464,7 +479,7 @@ class FirstOrder:
         self.scheduler = get_scheduler(cfg.scheduler, optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
         self.net, self.optimizer = accelerator.prepare(net, optimizer)
         self.cfg, self.accelerator, self.model, self.decoder = cfg, accelerator, model, decoder
-        self.shard = True  # each process trains on its slice of the global batch
+        self.total_steps, self.shard = total_steps, True  # each process trains on its slice of the global batch
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
@@ -482,7 +497,11 @@ class FirstOrder:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_sum / max(n_sum, 1)}
+        updated = trainable_numel(self.model)  # parameters this step changed
+        tuner = getattr(self.model, "base_model", None)
+        if hasattr(tuner, "update_freezing"):  # LaMDA: freeze P_B gradually by the schedule
+            tuner.update_freezing(step + 1, self.total_steps)
+        return {"loss": loss_sum / max(n_sum, 1), "updated_params": updated}
 
     def save(self, out: Path, state: dict) -> None:
         save_checkpoint(out, self.model, self.optimizer, self.scheduler, state)
@@ -535,6 +554,7 @@ class ZerothOrder:
                 f.flush()
                 os.fsync(f.fileno())
         return {"loss": record.loss, "queries": len(record.seeds), "projected_grad": float(np.mean(record.grads)),
+                "updated_params": 0 if record.rolled_back else self.engine.numel,
                 **({"rolled_back": True} if record.rolled_back else {})}
 
     def save(self, out: Path, state: dict) -> None:
@@ -572,7 +592,8 @@ def run_stage(cfg, accelerator, model, net, tokenizer, decoder, task_data, train
     out.mkdir(parents=True, exist_ok=True)
     updater = (ZerothOrder(cfg, accelerator, model, net, lr, total_steps, decoder, out) if zo
                else FirstOrder(cfg, accelerator, model, net, lr, total_steps, decoder))
-    state = {"step": 0, "best": None, "bad_evals": 0, "examples": 0, "train_time_s": 0.0, "stopped": False}
+    state = {"step": 0, "best": None, "bad_evals": 0, "examples": 0, "train_time_s": 0.0, "stopped": False,
+             "forwards": 0}
     if cfg.resume and (out / "checkpoint" / "trainer_state.json").is_file():
         state = updater.resume(out)
         history[:] = [h for h in history if h["stage"] < stage_no or (h["stage"] == stage_no and h["step"] <= state["step"])]
@@ -604,6 +625,10 @@ def run_stage(cfg, accelerator, model, net, tokenizer, decoder, task_data, train
                 f"the training loss became {row['loss']} at step {state['step']} (lr {lr_now:.2e}); "
                 f"the last good checkpoint is in {out / 'checkpoint'}: lower the learning rate and resume")
         state["step"] += 1
+        state["forwards"] = state.get("forwards", 0) + (2 * row["queries"] if zo else len(micro_batches))
+        row["forwards"] = state["forwards"]
+        if zo and cfg.max_forwards and state["forwards"] >= cfg.max_forwards:
+            total_steps = state["step"]  # budget spent: this is the last step (evaluate, save)
         dt = time.perf_counter() - t0
         n_all = sum(n for batches in micro_batches for n, _ in batches) * (1 if zo else world)
         state["examples"] += n_all
@@ -640,7 +665,8 @@ def run_stage(cfg, accelerator, model, net, tokenizer, decoder, task_data, train
     bar.close()
     if state["best"] is not None:  # evaluate the best adapter, not the last one
         load_best_weights(out / "best", model)
-    return {"steps": state["step"], "examples": state["examples"], "train_time_s": state["train_time_s"]}
+    return {"steps": state["step"], "examples": state["examples"], "train_time_s": state["train_time_s"],
+            "forwards": state["forwards"]}
 
 
 def evaluate_saved(adapter_dir: str | Path, cfg: TrainConfig) -> dict[str, dict[str, float]]:

@@ -20,6 +20,7 @@ from torch import nn
 class LeanftPeftType(str, enum.Enum):
     LORETTA_ADP = "LORETTA_ADP"
     LORETTA_REP = "LORETTA_REP"
+    LAMDA = "LAMDA"
 
     def __str__(self) -> str:
         return self.value
