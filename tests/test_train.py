@@ -82,8 +82,10 @@ def test_end_to_end_train_writes_metrics_curves_and_a_loadable_adapter(tiny_llam
     assert evaluated["sst2"]["accuracy"] == pytest.approx(metrics["eval"]["sst2"]["accuracy"])
 
 
-def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_llama_dir, tmp_path, monkeypatch):
-    kw = dict(max_steps=6, eval_every=3, scheduler="linear", method_options={"rank": 4, "tt_rank": 2, "dropout": 0.1})
+@pytest.mark.parametrize("method,options", [("loretta-rep", {"rank": 4, "tt_rank": 2, "dropout": 0.1}),
+                                            ("lamda", {"rank": 4, "dropout": 0.1})])
+def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_llama_dir, tmp_path, monkeypatch, method, options):
+    kw = dict(max_steps=6, eval_every=3, scheduler="linear", method=method, method_options=options)
     train.train(tiny_cfg(tiny_llama_dir, tmp_path / "full", **kw))
     full = load_file(str(tmp_path / "full" / "checkpoint" / "trainable.safetensors"))
 
@@ -190,3 +192,15 @@ def test_users_csv_file_through_the_cli(tiny_llama_dir, tmp_path, capsys):
     with pytest.raises(SystemExit, match="bad.csv.*no column 'stars'"):
         cli.main(["train", "--model", tiny_llama_dir, "--train-file", str(tmp_path / "bad.csv"), "--text-columns",
                   "review", "--label-column", "stars", "--output-dir", str(tmp_path / "bad")])
+
+
+def test_lamda_freezes_p_b_during_training_and_counts_fewer_updates(tiny_llama_dir, tmp_path):
+    lamda = train.train(tiny_cfg(tiny_llama_dir, tmp_path / "lamda", method="lamda", max_steps=10, num_dev=0,
+                                 method_options={"rank": 4}))
+    rows = [json.loads(l) for l in (tmp_path / "lamda" / "metrics.jsonl").read_text().splitlines()]
+    s_only = rows[-1]["updated_params"]
+    assert rows[0]["updated_params"] > rows[1]["updated_params"] > rows[3]["updated_params"] == s_only  # P_B frozen by 30 %
+    assert s_only == 2 * 2 * 4 * 4  # S (r x r) of q and v in 2 layers
+    lora = train.train(tiny_cfg(tiny_llama_dir, tmp_path / "lora", method="lora", max_steps=10, num_dev=0,
+                                method_options={"rank": 4}))
+    assert lamda["parameter_updates"] < lora["parameter_updates"] / 3

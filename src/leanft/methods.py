@@ -14,9 +14,9 @@ from peft import LoraConfig, PeftConfig, get_peft_model
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
-from .tuners import LorettaAdpConfig, LorettaRepConfig
+from .tuners import LamdaConfig, LorettaAdpConfig, LorettaRepConfig
 
-METHODS = ("full", "lora", "loretta-adp", "loretta-rep", "mezo", "mezo-lora", "adazeta")
+METHODS = ("full", "lora", "loretta-adp", "loretta-rep", "lamda", "lamda++", "mezo", "mezo-lora", "adazeta")
 # Zeroth-order methods: the trainable set of another method, trained by SPSA (leanft.zo).
 # AdaZeta is LoRETTA_adp with norms frozen (ZO noise on scale parameters hurts) and its query schedule.
 ZO_METHODS = {"mezo": "full", "mezo-lora": "lora", "adazeta": "loretta-adp"}
@@ -32,8 +32,13 @@ OPTION_FIELDS: dict[str, dict[str, str]] = {
         "bottleneck": "bottleneck_size", "dropout": "adapter_dropout", "tt_rank": "tt_rank",
         "target_modules": "target_modules", "train_norms": "train_norms", "init_mode": "init_mode",
     },
+    "lamda": {
+        "rank": "r", "alpha": "lamda_alpha", "dropout": "lamda_dropout", "target_modules": "target_modules",
+        "train_norms": "train_norms", "init_mode": "lamda_init",
+    },
     "full": {},
 }
+OPTION_FIELDS["lamda++"] = OPTION_FIELDS["lamda"]
 OPTION_FIELDS.update({zo: OPTION_FIELDS[base] for zo, base in ZO_METHODS.items()})
 
 
@@ -65,7 +70,9 @@ def make_config(method: str, task_type: str, **options: Any) -> PeftConfig | Non
         if kwargs["r"] <= 0:
             raise ValueError(f"LoRA rank must be a positive integer, got {kwargs['r']}")
         return LoraConfig(task_type=task_type, **kwargs)
-    config_cls = LorettaAdpConfig if method == "loretta-adp" else LorettaRepConfig
+    if method == "lamda++":  # LaMDA++: per-layer ranks from the weights' spectra, same total budget
+        return LamdaConfig(task_type=task_type, rank_allocation="spectrum", **kwargs)
+    config_cls = {"loretta-adp": LorettaAdpConfig, "loretta-rep": LorettaRepConfig, "lamda": LamdaConfig}[method]
     return config_cls(task_type=task_type, **kwargs)
 
 

@@ -40,7 +40,7 @@ from .bench import RssSampler
 from .zo import ZOEngine, ZOStep, query_schedule
 
 # Default learning rate per method: tuned for the short CPU budgets leanft runs by default.
-DEFAULT_LR = {"full": 1e-5, "lora": 5e-4, "loretta-rep": 1e-3, "loretta-adp": 1e-3,
+DEFAULT_LR = {"full": 1e-5, "lora": 5e-4, "loretta-rep": 1e-3, "loretta-adp": 1e-3, "lamda": 5e-4, "lamda++": 5e-4,
               "mezo": 1e-6, "mezo-lora": 1e-4, "adazeta": 1e-4}
 
 
@@ -259,9 +259,9 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """What training changes or a resume needs: trainable parameters and the adapter's own buffers
     (e.g. the frozen initial factors of a noise-free start)."""
     state = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if isinstance(model, PeftModel):
+    if isinstance(model, PeftModel):  # adapter tensors frozen during training (LaMDA's P_B) count too
         prefix = PEFT_TYPE_TO_PREFIX_MAPPING[model.peft_config[model.active_adapter].peft_type]
-        state.update({n: b for n, b in model.named_buffers() if prefix in n})
+        state.update({n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if prefix in n})
     return {n: t.detach().cpu().contiguous() for n, t in state.items()}
 
 
@@ -323,7 +323,7 @@ def trainable_numel(model: nn.Module) -> int:
     """Parameters that currently train (LaMDA reports its partly frozen P_B itself)."""
     tuner = getattr(model, "base_model", None)
     if hasattr(tuner, "trainable_counts"):
-        return int(tuner.trainable_counts())
+        return int(tuner.trainable_counts()["total"])
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -507,7 +507,11 @@ class FirstOrder:
         save_checkpoint(out, self.model, self.optimizer, self.scheduler, state)
 
     def resume(self, out: Path) -> dict:
-        return load_checkpoint(out, self.model, self.optimizer, self.scheduler)
+        state = load_checkpoint(out, self.model, self.optimizer, self.scheduler)
+        tuner = getattr(self.model, "base_model", None)
+        if hasattr(tuner, "update_freezing"):  # re-apply the freezing reached at the checkpoint
+            tuner.update_freezing(state["step"], self.total_steps)
+        return state
 
 
 class ZerothOrder:

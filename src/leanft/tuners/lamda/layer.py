@@ -15,15 +15,19 @@ from ..common import linear_features
 from .config import LamdaConfig
 
 
-def svd_start(weight: torch.Tensor, r: int, init: str, scale: float) -> tuple[torch.Tensor, ...]:
-    """``(P_A, P_B, S0)`` of ``init`` from the top-r SVD of ``weight`` (out x in), fp32, own storage."""
+def svd_start(weight: torch.Tensor, r: int, init: str, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(P_A, P_B, S0)`` of ``init`` from the top-r SVD of ``weight`` (out x in), fp32.
+
+    Each in its own row-major storage, as a loaded checkpoint is: LAPACK's column-major factors would
+    give matmuls that round differently from the same values loaded with ``low_cpu_mem_usage``.
+    """
     u, sigma, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
-    u, sigma, vh = u[:, :r], sigma[:r], vh[:r]
+    a, b, sigma = vh[:r], u[:, :r], sigma[:r]
     if init == "svd_identity":
-        root = sigma.sqrt()
-        return root[:, None] * vh, u * root, torch.eye(r, device=weight.device) / scale
-    s0 = torch.diag(sigma) / scale if init == "svd_residual" else torch.zeros(r, r, device=weight.device)
-    return vh.clone(), u.contiguous(), s0
+        a, b, s0 = sigma.sqrt()[:, None] * a, b * sigma.sqrt(), torch.eye(r, device=weight.device) / scale
+    else:
+        s0 = torch.diag(sigma) / scale if init == "svd_residual" else torch.zeros(r, r, device=weight.device)
+    return a.clone(memory_format=torch.contiguous_format), b.clone(memory_format=torch.contiguous_format), s0
 
 
 class LamdaLayer(BaseTunerLayer):
@@ -44,7 +48,8 @@ class LamdaLayer(BaseTunerLayer):
         self.scaling: dict[str, float] = {}
         self.lamda_frozen: dict[str, int] = {}  # number of frozen P_B columns
         self.freeze_order: dict[str, str] = {}
-        self.frozen_peft_weight_names = {}  # adapters whose P_B is fully frozen (kept so by set_adapter)
+        # adapters whose P_B is fully frozen: PEFT's set_adapter keeps them so (an instance dict, not the class's)
+        self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
 
@@ -54,7 +59,8 @@ class LamdaLayer(BaseTunerLayer):
         weight = self.get_base_layer().weight
         scale = config.lamda_alpha / r
         if weight.is_meta:  # counting on the meta device: shapes only, no SVD possible
-            a, b, s0 = (torch.empty(shape, device="meta") for shape in ((r, self.in_features), (self.out_features, r), (r, r)))
+            shapes = ((r, self.in_features), (self.out_features, r), (r, r))
+            a, b, s0 = (torch.empty(shape, device="meta") for shape in shapes)
         else:
             a, b, s0 = svd_start(weight, r, config.lamda_init, scale)
         self.lamda_A[adapter_name] = a
