@@ -48,3 +48,14 @@ def test_options_a_method_does_not_take_are_rejected():
         methods.make_config("lora", "CAUSAL_LM", bottleneck=16)
     with pytest.raises(ValueError, match="positive integer"):
         methods.make_config("lora", "CAUSAL_LM", rank=0)
+
+
+def test_lamda_counts_on_llama_2_7b_before_freezing(capsys):
+    cli.main(["params", "--model", "llama-2-7b", "--method", "lamda", "--json", "--rank", "64", "--target-modules",
+              "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"])
+    assert json.loads(capsys.readouterr().out)["trainable"] == 87_031_808 + 917_504  # P_B + S (METHODS.md 6.4)
+
+
+def test_lamda_plus_plus_needs_real_weights_for_its_ranks():
+    with pytest.raises(ValueError, match="spectra"):
+        cli.main(["params", "--model", "llama-2-7b", "--method", "lamda++"])

@@ -27,6 +27,7 @@ def _method_options(args: argparse.Namespace) -> dict:
         "tt_rank": args.tt_rank,
         "bottleneck": args.bottleneck,
         "train_norms": False if args.no_train_norms else None,
+        "target_modules": args.target_modules,
     }
 
 
@@ -60,8 +61,21 @@ def count_rows(build, task_type: str, method_names: list[str], options: dict) ->
     return rows
 
 
+def _builder(name: str, method_names: list[str]):
+    """Meta-device models, unless LaMDA++ needs the pretrained spectra: then the real weights."""
+    if "lamda++" not in method_names:
+        return lambda: models.meta_model(name)
+    if name not in models.PACKAGED_MODELS:
+        raise ValueError(f"lamda++ allocates ranks from the pretrained weights' spectra, and {name!r} has no "
+                         f"weights here (it has: {', '.join(models.PACKAGED_MODELS)}); use lamda for meta counts")
+    return lambda: models.load_model(name)[0]
+
+
 def cmd_params(args: argparse.Namespace) -> None:
-    rows = count_rows(lambda: models.meta_model(args.model), _task_type(args.model), _methods(args.method),
+    method_names = _methods(args.method)
+    if args.show_ranks:
+        return show_ranks(args, method_names)
+    rows = count_rows(_builder(args.model, method_names), _task_type(args.model), method_names,
                       _method_options(args))
     if args.json:
         data = [{"model": args.model, "method": r["method"], "trainable": r["trainable"], "total": r["total"]}
@@ -69,6 +83,25 @@ def cmd_params(args: argparse.Namespace) -> None:
         print(json.dumps(data[0] if len(data) == 1 else data, indent=2))
     else:
         print(f"{args.model} (built on the meta device, no weights)\n" + _table(rows, list(rows[0])))
+
+
+def show_ranks(args: argparse.Namespace, method_names: list[str]) -> None:
+    """Per-module ranks of LaMDA / LaMDA++ (the same allocation an adapter would store in its config)."""
+    from .tuners.lamda import lamda_ranks
+
+    bad = [m for m in method_names if m not in ("lamda", "lamda++")]
+    if bad:
+        raise ValueError(f"--show-ranks applies to lamda and lamda++, not {bad}")
+    result = {}
+    for method in method_names:
+        config = methods.make_config(method, _task_type(args.model), **_options_for(method, _method_options(args)))
+        result[method] = lamda_ranks(_builder(args.model, [method])(), config)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    for method, ranks in result.items():
+        print(f"{method}: {len(ranks)} modules, total rank {sum(ranks.values())}")
+        print(_table([{"module": k, "rank": v} for k, v in ranks.items()], ["module", "rank"]))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -240,11 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tt-rank", type=int, help="TT rank (defaults: LoRETTA_adp 5, LoRETTA_rep 8)")
         p.add_argument("--bottleneck", type=int, help="LoRETTA_adp bottleneck size (default 64)")
         p.add_argument("--no-train-norms", action="store_true", help="keep normalisation layers frozen")
+        p.add_argument("--target-modules", type=lambda v: v.split(","), help="comma-separated module names")
 
     p = sub.add_parser("params", help="trainable / total parameters per method, from a built-in config, no weights")
     p.add_argument("--model", required=True, help=f"one of: {', '.join(models.BUILTIN_CONFIGS)}")
     p.add_argument("--method", default="all", help=f"comma-separated, or 'all': {', '.join(methods.METHODS)}")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--show-ranks", action="store_true", help="per-module ranks of lamda / lamda++")
     method_flags(p)
     p.set_defaults(func=cmd_params)
 
