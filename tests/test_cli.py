@@ -57,5 +57,5 @@ def test_lamda_counts_on_llama_2_7b_before_freezing(capsys):
 
 
 def test_lamda_plus_plus_needs_real_weights_for_its_ranks():
-    with pytest.raises(ValueError, match="spectra"):
+    with pytest.raises(SystemExit, match="spectra"):
         cli.main(["params", "--model", "llama-2-7b", "--method", "lamda++"])

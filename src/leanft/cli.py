@@ -40,8 +40,11 @@ def _task_type(name: str) -> str:
     return TASK_TYPE[models.MODEL_KIND.get(name, "causal")]
 
 
-def _methods(spec: str) -> list[str]:
-    return list(methods.METHODS) if spec == "all" else [methods.resolve_method(m) for m in spec.split(",")]
+def _methods(spec: str, model: str | None = None) -> list[str]:
+    """Method names of a comma list; "all" leaves out lamda++ where no pretrained weights exist for its ranks."""
+    if spec != "all":
+        return [methods.resolve_method(m) for m in spec.split(",")]
+    return [m for m in methods.METHODS if m != "lamda++" or model in models.PACKAGED_MODELS]
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
@@ -72,7 +75,8 @@ def _builder(name: str, method_names: list[str]):
 
 
 def cmd_params(args: argparse.Namespace) -> None:
-    method_names = _methods(args.method)
+    models.build_config(args.model)  # an unknown name fails here, with the closest known one suggested
+    method_names = _methods(args.method, args.model)
     if args.show_ranks:
         return show_ranks(args, method_names)
     rows = count_rows(_builder(args.model, method_names), _task_type(args.model), method_names,
