@@ -522,7 +522,7 @@ class ZerothOrder:
     """
 
     def __init__(self, cfg: TrainConfig, accelerator: Accelerator, model: nn.Module, net: nn.Module, lr: float,
-                 total_steps: int, decoder: bool, out: Path) -> None:
+                 total_steps: int, decoder: bool, out: Path, resuming: bool) -> None:
         if cfg.grad_accum != 1:
             raise ValueError("zeroth-order training takes one batch per step: use --batch-size, not --grad-accum")
         self.engine = ZOEngine(model, eps=cfg.zo_eps, weight_decay=cfg.weight_decay, seed=cfg.seed,
@@ -532,8 +532,7 @@ class ZerothOrder:
         self.cfg, self.model, self.net, self.main, self.decoder = cfg, model, net, accelerator.is_main_process, decoder
         self.log, self.start = out / "zo_log.jsonl", out / "zo_start.safetensors"
         self.shard = False
-        if self.main and not (cfg.resume and self.start.is_file()):
-            out.mkdir(parents=True, exist_ok=True)
+        if self.main and not resuming:
             save_file(trainable_state(model), str(self.start))
             self.log.write_text("")
         accelerator.wait_for_everyone()
@@ -594,15 +593,18 @@ def run_stage(cfg, accelerator, model, net, tokenizer, decoder, task_data, train
     per_epoch = max(1, math.ceil(len(train_set) / micro))
     total_steps = cfg.max_steps or max(1, math.ceil(per_epoch * cfg.epochs / cfg.grad_accum))
     out.mkdir(parents=True, exist_ok=True)
-    updater = (ZerothOrder(cfg, accelerator, model, net, lr, total_steps, decoder, out) if zo
+    resuming = cfg.resume and (out / "checkpoint" / "trainer_state.json").is_file()
+    updater = (ZerothOrder(cfg, accelerator, model, net, lr, total_steps, decoder, out, resuming) if zo
                else FirstOrder(cfg, accelerator, model, net, lr, total_steps, decoder))
     state = {"step": 0, "best": None, "bad_evals": 0, "examples": 0, "train_time_s": 0.0, "stopped": False,
              "forwards": 0}
-    if cfg.resume and (out / "checkpoint" / "trainer_state.json").is_file():
+    if resuming:
         state = updater.resume(out)
-        history[:] = [h for h in history if h["stage"] < stage_no or (h["stage"] == stage_no and h["step"] <= state["step"])]
         if main:
             print(f"resumed from {out / 'checkpoint'} at step {state['step']}")
+    if cfg.resume:  # rows logged after the checkpoint (or without one) are work to redo
+        history[:] = [h for h in history if h["stage"] < stage_no or (h["stage"] == stage_no and h["step"] <= state["step"])]
+        if main:
             log.write_text("".join(json.dumps(h) + "\n" for h in history))
     dev_names = [task_data[i][0].name for i in dev_tasks]
     bar = tqdm(total=total_steps, initial=state["step"], disable=not main, desc="train", dynamic_ncols=True)
