@@ -151,7 +151,7 @@ def test_unknown_task_suggests_closest():
 
 @pytest.mark.parametrize("name, sizes", [
     ("sst2", (1000, 500, 872)), ("rte", (1000, 500, 277)), ("cb", (150, 100, 56)), ("boolq", (1000, 500, 1000)),
-    ("copa", (300, 100, 100)), ("wsc", (54, 500, 104)), ("multirc", (1000, 500, 1000)), ("e2e", (1000, 100, 630)),
+    ("copa", (300, 100, 100)), ("wsc", (454, 100, 104)), ("multirc", (1000, 500, 1000)), ("e2e", (1000, 100, 630)),
 ])
 def test_default_sizes_disjoint_and_reproducible(name, sizes):
     splits = load_splits(name)

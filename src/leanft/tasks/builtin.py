@@ -11,9 +11,10 @@ from .base import Splits, Task, check_sizes, data_file, sample_indices, split_tr
 
 TASK_NAMES: tuple[str, ...] = ("sst2", "rte", "cb", "boolq", "copa", "wsc", "multirc", "e2e")
 
-# Training pools too small for 1000 + 500 (CB 250, COPA 400 examples; E2E 547 MRs, and its dev
-# counts MRs): the default dev size drops to 100, as MeZO does for CB and COPA.
-_SMALL_DEV_TASKS = ("cb", "copa", "e2e")
+# Training pools too small for 1000 + 500 (CB 250, COPA 400, WSC 554 examples; E2E 547 MRs, and its
+# dev counts MRs): the default dev size drops to 100, as MeZO does for CB and COPA (for WSC a dev of
+# 500 would leave 54 examples to train on).
+_SMALL_DEV_TASKS = ("cb", "copa", "wsc", "e2e")
 _DEFAULT_DEV = 500
 _SMALL_DEV = 100
 
@@ -176,7 +177,7 @@ def load_splits(name: str, num_train: int = 1000, num_dev: int = _DEFAULT_DEV, n
 
     train and dev are disjoint random samples of the task's training split (dev first when it is
     too small for both); eval is a seeded sample of the labelled validation split. A size of 0
-    means none; a size beyond what exists takes everything. For cb, copa and e2e the default
+    means none; a size beyond what exists takes everything. For cb, copa, wsc and e2e the default
     ``num_dev`` of 500 means 100.
 
     Exceptions, because the public files lack a split:
