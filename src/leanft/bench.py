@@ -196,3 +196,48 @@ def memory_compare(model_name: str, task_name: str, batch_size: int, steps: int 
         r["peak_vs_inference"] = round(r["peak_mb"] / ref["peak_mb"], 3)
     return {"model": model_name, "task": task_name, "batch_size": batch_size, "steps": steps,
             "device": "cuda" if torch.cuda.is_available() else "cpu", "date": date.today().isoformat(), "rows": rows}
+
+
+def step_times(model_name: str, task_name: str, method_names: list[str], batch_size: int = 8, steps: int = 8,
+               queries: tuple[int, ...] = (1, 2, 4, 8)) -> dict:
+    """Seconds per training step of each method on the same batches (median after one warm-up step).
+
+    First-order methods take an AdamW step; zeroth-order ones (mezo, mezo-lora, adazeta) an SPSA step,
+    once per number of queries in ``queries``, to show how a step's cost grows with Q.
+    """
+    from . import tasks, train
+    from .zo import ZOEngine
+
+    task = tasks.get_task(task_name)
+    examples = tasks.load_splits(task_name, batch_size * (steps + 1), 0, 0).train
+    rows = []
+    for method in method_names:
+        model, tokenizer = models.load_model(model_name)
+        model = methods.apply_method(model, method, "CAUSAL_LM")
+        net = train.CandidateLogProbs(model)
+        batches = [train.encode_candidates(task, examples[i * batch_size:(i + 1) * batch_size], tokenizer, 256,
+                                           gold_only=task.kind != "classification") for i in range(steps + 1)]
+        zo = method in methods.ZO_METHODS
+        for q in queries if zo else (None,):
+            times = []
+            if zo:
+                net.eval()
+                engine = ZOEngine(model)
+                for i, b in enumerate(batches):
+                    t0 = time.perf_counter()
+                    engine.step(i, lambda: float(train.forward_loss(net, b, True)[0]), q, 1e-6)
+                    times.append(time.perf_counter() - t0)
+            else:
+                net.train()
+                opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+                for b in batches:
+                    t0 = time.perf_counter()
+                    train.forward_loss(net, b, True)[0].backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    times.append(time.perf_counter() - t0)
+            rows.append({"method": method, "queries": q, "step_s": round(statistics.median(times[1:]), 3),
+                         **methods.count_parameters(model)})
+    return {"model": model_name, "task": task_name, "batch_size": batch_size, "steps": steps,
+            "machine": f"{platform.machine()} {torch.get_num_threads()} threads", "date": date.today().isoformat(),
+            "rows": rows}

@@ -264,6 +264,14 @@ def cmd_memory(args: argparse.Namespace) -> None:
         bench.save(result, Path(args.output))
 
 
+def cmd_steps(args: argparse.Namespace) -> None:
+    result = bench.step_times(args.model, args.task, _methods(args.methods), args.batch_size, args.steps)
+    print(f"{args.model} on {args.task}, batch {args.batch_size}: seconds per training step ({result['machine']})")
+    print(_table(result["rows"], ["method", "queries", "step_s", "trainable"]))
+    if args.output:
+        bench.save(result, Path(args.output))
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     print(bench.report([Path(p) for p in args.metrics]))
 
@@ -323,6 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--output", help="write the result as JSON here")
     p.set_defaults(func=cmd_memory)
+
+    p = sub.add_parser("steps", help="seconds per training step of each method (ZO: per number of queries)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--task", default="sst2")
+    p.add_argument("--methods", default="full,lora,loretta-rep,loretta-adp,lamda,mezo,mezo-lora,adazeta")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--output", help="write the result as JSON here")
+    p.set_defaults(func=cmd_steps)
 
     p = sub.add_parser("report", help="Markdown table comparing finished runs (their metrics.json files)")
     p.add_argument("metrics", nargs="+", help="metrics.json files written by leanft train")

@@ -1,0 +1,28 @@
+import json
+
+from leanft import bench
+
+
+def test_step_times_cover_first_and_zeroth_order_methods(tiny_llama_dir):
+    result = bench.step_times(tiny_llama_dir, "sst2", ["lora", "mezo-lora"], batch_size=2, steps=2, queries=(1, 3))
+    assert [(r["method"], r["queries"]) for r in result["rows"]] == [("lora", None), ("mezo-lora", 1), ("mezo-lora", 3)]
+    assert all(r["step_s"] > 0 and r["trainable"] > 0 for r in result["rows"])
+
+
+def test_memory_child_measures_the_step_not_the_loading(tiny_llama_dir):
+    for mode, method in [("inference", "full"), ("zo", "mezo-lora"), ("first-order", "lora")]:
+        row = bench.memory_child(tiny_llama_dir, method, mode, "sst2", 2, 1)
+        assert row["peak_mb"] >= row["baseline_mb"] > 0 and row["mode"] == mode
+
+
+def test_report_tables_runs_with_zero_shot_and_ratio_to_lora(tmp_path):
+    def run(method, trainable, acc):
+        return {"model": "m", "method": method, "tasks": ["sst2"], "eval": {"sst2": {"accuracy": acc}},
+                "eval_before": {"sst2": {"accuracy": 50.0}}, "trainable": trainable, "peak_memory_mb": 100.0,
+                "time_per_step_s": 1.0, "steps": 10, "wall_time_s": 20.0, "config": {"num_train": 8, "num_eval": 4}}
+    files = []
+    for method, trainable, acc in [("lora", 400, 80.0), ("loretta-rep", 100, 81.0)]:
+        files.append(tmp_path / f"{method}.json")
+        files[-1].write_text(json.dumps(run(method, trainable, acc)))
+    text = bench.report(files)
+    assert "| zero-shot | 50.0 |" in text and "| loretta-rep | 81.0 | 100 | 0.250x |" in text
