@@ -45,6 +45,15 @@ def tokens() -> torch.Tensor:
     return torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
 
 
+def perturb(model: torch.nn.Module) -> None:
+    """Move every trainable tensor so the adapter is no longer at its start."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn_like(p))
+
+
 def out(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=tokens).logits

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from conftest import FAMILIES, out, tiny_bert, tiny_llama
+from conftest import FAMILIES, out, perturb, tiny_bert, tiny_llama
 from transformers import DebertaConfig, DebertaModel
 
 from leanft import LamdaConfig
@@ -30,15 +30,6 @@ def lamda(family: str, **kwargs) -> PeftModel:
 
 def layers(model: PeftModel) -> dict[str, torch.nn.Module]:
     return {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if hasattr(m, "lamda_S")}
-
-
-def perturb(model: torch.nn.Module) -> None:
-    """Move every trainable tensor so the adapter is no longer at its start."""
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.2 * torch.randn_like(p))
 
 
 @pytest.mark.parametrize("family", ["llama", "bert"])

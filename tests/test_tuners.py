@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from conftest import FAMILIES, out, tiny_bert, tiny_llama, tiny_opt
+from conftest import FAMILIES, out, perturb, tiny_bert, tiny_llama, tiny_opt
 
 from leanft import LorettaAdpConfig, LorettaRepConfig
 
@@ -19,15 +19,6 @@ def configs(family: str, **extra):
     task = FAMILIES[family][1]
     return {"adp": LorettaAdpConfig(task_type=task, **ADP[family], **extra),
             "rep": LorettaRepConfig(task_type=task, **REP[family], **extra)}
-
-
-def perturb(model: torch.nn.Module) -> None:
-    """Move every trainable tensor so the adapter is no longer at its start."""
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.2 * torch.randn_like(p))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

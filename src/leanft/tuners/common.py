@@ -8,12 +8,13 @@ hashes and compares as its value, which is what a reloaded ``adapter_config.json
 from __future__ import annotations
 
 import enum
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from peft.config import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
+from peft.tuners.tuners_utils import BaseTuner, check_adapters_to_merge, check_target_module_exists
 from torch import nn
 
 
@@ -153,6 +154,49 @@ class LeanftTuner(BaseTuner):
                 )
             peft_config.target_modules = targets if isinstance(targets, str) else list(targets)
         return peft_config
+
+
+class DeltaLinearMixin:
+    """A linear layer whose adapters add ``adapter_output(name, x)`` to the base output and merge as
+    ``get_delta_weight(name)`` (``(out, in)``, fp32): LoRETTA_rep and LaMDA share this behaviour.
+    ``adapter_layer_names[0]`` is the per-adapter container that says which adapters the layer has.
+    """
+
+    def _has(self, name: str) -> bool:
+        return name in getattr(self, self.adapter_layer_names[0])
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        weight = self.get_base_layer().weight
+        for name in check_adapters_to_merge(self, adapter_names):
+            if not self._has(name):
+                continue
+            merged = weight.data.float() + self.get_delta_weight(name).to(weight.device)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"merging adapter {name!r} gives non-finite weights; the adapter is broken")
+            weight.data = merged.to(weight.dtype)
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", UserWarning)
+            return
+        weight = self.get_base_layer().weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            weight.data = (weight.data.float() - self.get_delta_weight(name).to(weight.device)).to(weight.dtype)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters or self.merged:
+            return result
+        for name in self.active_adapters:
+            if self._has(name):
+                result = result + self.adapter_output(name, x).to(result.dtype)
+        return result
 
 
 def linear_features(module: nn.Module, name: str, method: str) -> tuple[int, int]:

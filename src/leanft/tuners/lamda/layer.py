@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import warnings
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..common import linear_features
+from ..common import DeltaLinearMixin, linear_features
 from .config import LamdaConfig
 
 
@@ -118,28 +116,6 @@ class LamdaLayer(BaseTunerLayer):
         """The change to ``W0`` in its ``(out, in)`` layout, fp32: merged, ``W0`` becomes residual + update."""
         return self.update_matrix(adapter_name) @ self.lamda_A[adapter_name]
 
-    @torch.no_grad()
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        weight = self.get_base_layer().weight
-        for name in check_adapters_to_merge(self, adapter_names):
-            if name not in self.lamda_S:
-                continue
-            merged = weight.data.float() + self.get_delta_weight(name).to(weight.device)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"merging adapter {name!r} gives non-finite weights; the adapter is broken")
-            weight.data = merged.to(weight.dtype)
-            self.merged_adapters.append(name)
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.", UserWarning)
-            return
-        weight = self.get_base_layer().weight
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            weight.data = (weight.data.float() - self.get_delta_weight(name).to(weight.device)).to(weight.dtype)
-
     def adapter_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """``h M^T`` with ``h = P_A x`` and ``M = update_matrix``, in fp32.
 
@@ -150,24 +126,13 @@ class LamdaLayer(BaseTunerLayer):
         return F.linear(h, self.update_matrix(name))
 
 
-class Linear(nn.Module, LamdaLayer):
+class Linear(DeltaLinearMixin, nn.Module, LamdaLayer):
     def __init__(self, base_layer: nn.Linear, adapter_name: str, config: LamdaConfig, name: str = "", *,
                  r: int) -> None:
         super().__init__()
         LamdaLayer.__init__(self, base_layer, name)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, r)
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters and self.merged:
-            self.unmerge()
-        result = self.base_layer(x, *args, **kwargs)
-        if self.disable_adapters or self.merged:
-            return result
-        for name in self.active_adapters:
-            if name in self.lamda_S:
-                result = result + self.adapter_output(name, x).to(result.dtype)
-        return result
 
     def __repr__(self) -> str:
         return "lamda." + super().__repr__()

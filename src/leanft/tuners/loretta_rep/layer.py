@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
-from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ...tt import TTMatrix
-from ..common import linear_features, param_device, shape_for
+from ..common import DeltaLinearMixin, linear_features, param_device, shape_for
 from .config import LorettaRepConfig
 
 
@@ -50,26 +48,6 @@ class LorettaRepLayer(BaseTunerLayer):
             delta = delta - self.loretta_rep_A0[adapter_name].to_dense() @ self.loretta_rep_B0[adapter_name].to_dense()
         return (self.scaling[adapter_name] * delta).T
 
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        weight = self.get_base_layer().weight
-        for name in check_adapters_to_merge(self, adapter_names):
-            if name not in self.loretta_rep_A:
-                continue
-            merged = weight.data.float() + self.get_delta_weight(name).to(weight.device)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"merging adapter {name!r} gives non-finite weights; the adapter is broken")
-            weight.data = merged.to(weight.dtype)
-            self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.", UserWarning)
-            return
-        weight = self.get_base_layer().weight
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            weight.data = (weight.data.float() - self.get_delta_weight(name).to(weight.device)).to(weight.dtype)
-
     def adapter_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """The update ``(alpha/r) * (B(A(x)) - B0(A0(x)))`` in fp32."""
         x = self.loretta_rep_dropout[name](x.float())
@@ -81,23 +59,12 @@ class LorettaRepLayer(BaseTunerLayer):
         return self.scaling[name] * delta
 
 
-class Linear(nn.Module, LorettaRepLayer):
+class Linear(DeltaLinearMixin, nn.Module, LorettaRepLayer):
     def __init__(self, base_layer: nn.Linear, adapter_name: str, config: LorettaRepConfig, name: str = "") -> None:
         super().__init__()
         LorettaRepLayer.__init__(self, base_layer, name)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters and self.merged:
-            self.unmerge()
-        result = self.base_layer(x, *args, **kwargs)
-        if self.disable_adapters or self.merged:
-            return result
-        for name in self.active_adapters:
-            if name in self.loretta_rep_A:
-                result = result + self.adapter_output(name, x).to(result.dtype)
-        return result
 
     def __repr__(self) -> str:
         return "loretta_rep." + super().__repr__()

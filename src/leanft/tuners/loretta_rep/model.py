@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ..common import LeanftTuner
-from .config import LorettaRepConfig
 from .layer import Linear, LorettaRepLayer
 
 # Default targets: the reference's q and v projections (DeBERTa v1: its fused in_proj).
