@@ -612,7 +612,8 @@ def run_stage(cfg, accelerator, model, net, tokenizer, decoder, task_data, train
         if main:
             log.write_text("".join(json.dumps(h) + "\n" for h in history))
     dev_names = [task_data[i][0].name for i in dev_tasks]
-    bar = tqdm(total=total_steps, initial=state["step"], disable=not main, desc="train", dynamic_ncols=True)
+    shown = min(total_steps, math.ceil(cfg.max_forwards / 2)) if zo and cfg.max_forwards else total_steps  # Q=1 steps
+    bar = tqdm(total=shown, initial=state["step"], disable=not main, desc="train", dynamic_ncols=True)
     orders: dict[int, list[int]] = {}
     while state["step"] < total_steps and not state["stopped"]:
         t0 = time.perf_counter()
