@@ -163,10 +163,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
     result = bench.forward_times(args.model, tuple(args.methods.split(",")), args.batch, args.seq_len, args.repeats)
     print(f"{result['model']}: forward of batch {args.batch} x {args.seq_len} tokens on {result['machine']}, "
           f"median of {args.repeats}")
-    print(_table(result["rows"], list(result["rows"][0])))
-    if args.output:
-        bench.save(result, Path(args.output))
-        print(f"saved {args.output}")
+    show(result, list(result["rows"][0]), args.output)
+
+
+def show(result: dict, columns: list[str], output: str | None) -> None:
+    """A measurement's rows as a table, and its JSON written to ``output`` when given."""
+    print(_table([{c: r[c] for c in columns} for r in result["rows"]], columns))
+    if output:
+        bench.save(result, Path(output))
+        print(f"saved {output}")
 
 
 TRAIN_HELP = {
@@ -259,17 +264,13 @@ def cmd_memory(args: argparse.Namespace) -> None:
     result = bench.memory_compare(args.model, args.task, args.batch_size, args.steps)
     columns = ["run", "peak_mb", "baseline_mb", "peak_vs_inference", "step_s", "trainable"]
     print(f"{args.model} on one {args.task} batch of {args.batch_size}: peak memory ({result['device']})")
-    print(_table([{c: r[c] for c in columns} for r in result["rows"]], columns))
-    if args.output:
-        bench.save(result, Path(args.output))
+    show(result, columns, args.output)
 
 
 def cmd_steps(args: argparse.Namespace) -> None:
     result = bench.step_times(args.model, args.task, _methods(args.methods), args.batch_size, args.steps)
     print(f"{args.model} on {args.task}, batch {args.batch_size}: seconds per training step ({result['machine']})")
-    print(_table(result["rows"], ["method", "queries", "step_s", "trainable"]))
-    if args.output:
-        bench.save(result, Path(args.output))
+    show(result, ["method", "queries", "step_s", "trainable"], args.output)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -315,31 +316,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_flags(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("bench", help="forward time of each method on a real model, side by side")
-    p.add_argument("--model", default="smollm2-135m")
+    def measurement(name: str, help: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--model", default="smollm2-135m")
+        p.add_argument("--output", help="write the result as JSON here")
+        p.set_defaults(func=func)
+        return p
+
+    p = measurement("bench", "forward time of each method on a real model, side by side", cmd_bench)
     p.add_argument("--methods", default=",".join(bench.DEFAULT_METHODS), help="'base' is the model without adapter")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--output", help="write the result as JSON here")
-    p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("memory", help="peak memory of inference, zeroth-order and first-order steps, side by side")
-    p.add_argument("--model", default="smollm2-135m")
+    p = measurement("memory", "peak memory of inference, zeroth-order and first-order steps, side by side", cmd_memory)
     p.add_argument("--task", default="sst2")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--output", help="write the result as JSON here")
-    p.set_defaults(func=cmd_memory)
 
-    p = sub.add_parser("steps", help="seconds per training step of each method (ZO: per number of queries)")
-    p.add_argument("--model", default="smollm2-135m")
+    p = measurement("steps", "seconds per training step of each method (ZO: per number of queries)", cmd_steps)
     p.add_argument("--task", default="sst2")
     p.add_argument("--methods", default="full,lora,loretta-rep,loretta-adp,lamda,mezo,mezo-lora,adazeta")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--output", help="write the result as JSON here")
-    p.set_defaults(func=cmd_steps)
 
     p = sub.add_parser("report", help="Markdown table comparing finished runs (their metrics.json files)")
     p.add_argument("metrics", nargs="+", help="metrics.json files written by leanft train")

@@ -37,7 +37,7 @@ from transformers import get_scheduler
 
 from . import methods, models, tasks
 from .bench import RssSampler
-from .zo import ZOEngine, ZOStep, query_schedule
+from .zo import ZOEngine, ZOStep, no_decay, query_schedule
 
 # Default learning rates per method, for decoder LMs and for encoders (whose fresh classification head
 # needs more): picked on SST-2 with 1000 examples and one epoch (results/compare/).
@@ -478,7 +478,7 @@ class FirstOrder:
 
     def __init__(self, cfg: TrainConfig, accelerator: Accelerator, model: nn.Module, net: nn.Module, lr: float,
                  total_steps: int, decoder: bool) -> None:
-        groups = [{"params": [p for n, p in model.named_parameters() if p.requires_grad and _no_decay(n) == nd],
+        groups = [{"params": [p for n, p in model.named_parameters() if p.requires_grad and no_decay(n) == nd],
                    "weight_decay": 0.0 if nd else cfg.weight_decay} for nd in (False, True)]
         optimizer = torch.optim.AdamW(groups, lr=lr)
         self.scheduler = get_scheduler(cfg.scheduler, optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
@@ -716,11 +716,6 @@ def load_best_weights(best: Path, model: nn.Module) -> None:
     else:
         files = sorted(best.glob("*.safetensors"))
         model.load_state_dict({k: v for f in files for k, v in load_file(str(f)).items()}, strict=False)
-
-
-def _no_decay(name: str) -> bool:
-    lowered = name.lower()
-    return "bias" in lowered or "norm" in lowered
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
