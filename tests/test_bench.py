@@ -15,14 +15,21 @@ def test_memory_child_measures_the_step_not_the_loading(tiny_llama_dir):
         assert row["peak_mb"] >= row["baseline_mb"] > 0 and row["mode"] == mode
 
 
+def test_memory_child_frozen_mode_trains_lamda_with_p_b_frozen(tiny_llama_dir):
+    training = bench.memory_child(tiny_llama_dir, "lamda", "first-order", "sst2", 2, 1)
+    frozen = bench.memory_child(tiny_llama_dir, "lamda", "frozen", "sst2", 2, 1)
+    assert frozen["trainable"] < training["trainable"]  # P_B has left the trainable set
+
+
 def test_report_tables_runs_with_zero_shot_and_ratio_to_lora(tmp_path):
     def run(method, trainable, acc):
         return {"model": "m", "method": method, "tasks": ["sst2"], "eval": {"sst2": {"accuracy": acc}},
                 "eval_before": {"sst2": {"accuracy": 50.0}}, "trainable": trainable, "peak_memory_mb": 100.0,
-                "time_per_step_s": 1.0, "steps": 10, "wall_time_s": 20.0, "config": {"num_train": 8, "num_eval": 4}}
+                "time_per_step_s": 1.0, "steps": 10, "wall_time_s": 20.0, "config": {"num_train": 8, "num_eval": 4},
+                "trainable_at_end": trainable // 2, "parameter_updates": trainable * 7}
     files = []
     for method, trainable, acc in [("lora", 400, 80.0), ("loretta-rep", 100, 81.0)]:
         files.append(tmp_path / f"{method}.json")
         files[-1].write_text(json.dumps(run(method, trainable, acc)))
     text = bench.report(files)
-    assert "| zero-shot | 50.0 |" in text and "| loretta-rep | 81.0 | 100 | 0.250x |" in text
+    assert "| zero-shot | 50.0 |" in text and "| loretta-rep | 81.0 | 100 | 0.250x | 50 | 700 |" in text

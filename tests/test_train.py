@@ -200,7 +200,7 @@ def test_lamda_freezes_p_b_during_training_and_counts_fewer_updates(tiny_llama_d
     rows = [json.loads(l) for l in (tmp_path / "lamda" / "metrics.jsonl").read_text().splitlines()]
     s_only = rows[-1]["updated_params"]
     assert rows[0]["updated_params"] > rows[1]["updated_params"] > rows[3]["updated_params"] == s_only  # P_B frozen by 30 %
-    assert s_only == 2 * 2 * 4 * 4  # S (r x r) of q and v in 2 layers
+    assert s_only == 2 * 2 * 4 * 4 == lamda["trainable_at_end"]  # S (r x r) of q and v in 2 layers
     lora = train.train(tiny_cfg(tiny_llama_dir, tmp_path / "lora", method="lora", max_steps=10, num_dev=0,
                                 method_options={"rank": 4}))
     assert lamda["parameter_updates"] < lora["parameter_updates"] / 3

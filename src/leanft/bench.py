@@ -75,7 +75,8 @@ def report(metric_files: list[Path]) -> str:
     """A Markdown table of finished runs (their ``metrics.json``), one row per run, plus zero-shot.
 
     Zero-shot comes from the runs' evaluation before training (an adapter at its noise-free start
-    is the base model), so it costs no extra run.
+    is the base model), so it costs no extra run. "at end" is what the last step still updated (below
+    "trainable" for LaMDA once P_B is frozen); "updates" sums the parameters updated over all steps.
     """
     runs = [json.loads(Path(f).read_text()) for f in metric_files]
     lora = next((r["trainable"] for r in runs if r["method"] == "lora"), None)
@@ -85,22 +86,27 @@ def report(metric_files: list[Path]) -> str:
         key = next(iter(task_runs[0]["eval"][name]))
         lines += [f"**{task_runs[0]['model']} on {name}** ({key}; "
                   f"{task_runs[0]['config']['num_train']} train, eval on {task_runs[0]['config']['num_eval']} max)", "",
-                  f"| method | {key} | trainable | vs LoRA | peak memory (MB) | s/step | steps | wall (s) |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"| method | {key} | trainable | vs LoRA | at end | updates | peak memory (MB) | s/step | steps "
+                  "| wall (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
         zero = next((r["eval_before"][name][key] for r in task_runs if r.get("eval_before")), None)
         if zero is not None:
-            lines.append(f"| zero-shot | {zero:.1f} | 0 | | | | | |")
+            lines.append(f"| zero-shot | {zero:.1f} | 0 | | | | | | | |")
         for r in task_runs:
             ratio = f"{r['trainable'] / lora:.3f}x" if lora else ""
-            lines.append(f"| {r['method']} | {r['eval'][name][key]:.1f} | {r['trainable']:,} | {ratio} | "
-                         f"{r['peak_memory_mb']:.0f} | {r['time_per_step_s']:.2f} | {r['steps']} | {r['wall_time_s']:.0f} |")
+            at_end = f"{r['trainable_at_end']:,}" if "trainable_at_end" in r else ""
+            updates = f"{r['parameter_updates']:.3g}" if "parameter_updates" in r else ""
+            lines.append(f"| {r['method']} | {r['eval'][name][key]:.1f} | {r['trainable']:,} | {ratio} | {at_end} | "
+                         f"{updates} | {r['peak_memory_mb']:.0f} | {r['time_per_step_s']:.2f} | {r['steps']} | "
+                         f"{r['wall_time_s']:.0f} |")
         lines.append("")
     return "\n".join(lines)
 
 
 MEMORY_RUNS = (("inference", "full", "inference"), ("mezo (full)", "mezo", "zo"), ("mezo-lora", "mezo-lora", "zo"),
                ("adazeta", "adazeta", "zo"), ("lora (AdamW)", "lora", "first-order"),
-               ("loretta-rep (AdamW)", "loretta-rep", "first-order"), ("full (AdamW)", "full", "first-order"))
+               ("loretta-rep (AdamW)", "loretta-rep", "first-order"), ("lamda (AdamW)", "lamda", "first-order"),
+               ("lamda, P_B frozen (AdamW)", "lamda", "frozen"), ("lamda++, P_B frozen (AdamW)", "lamda++", "frozen"),
+               ("full (AdamW)", "full", "first-order"))
 
 
 def memory_child(model_name: str, method: str, mode: str, task_name: str, batch_size: int, steps: int) -> dict:
@@ -108,6 +114,7 @@ def memory_child(model_name: str, method: str, mode: str, task_name: str, batch_
 
     ``baseline`` is measured after loading the model and applying the method, so ``peak - baseline`` is
     the working memory of the step itself (activations, gradients, optimiser state, perturbation copies).
+    Mode ``"frozen"`` is a first-order step of LaMDA after its freezing phase (P_B frozen, only S trains).
     """
     from . import tasks, train
     from .zo import ZOEngine
@@ -119,6 +126,8 @@ def memory_child(model_name: str, method: str, mode: str, task_name: str, batch_
     batch = train.to_device(train.encode_candidates(task, tasks.load_splits(task_name, batch_size, 0, 0).train,
                                                     tokenizer, 256), device)
     net = train.CandidateLogProbs(model)
+    if mode == "frozen":
+        model.base_model.update_freezing(1, 1)
 
     import gc
 
@@ -180,13 +189,17 @@ class RssSampler:
         return max(self.peak, psutil_rss())
 
 
-def memory_compare(model_name: str, task_name: str, batch_size: int, steps: int = 3) -> dict:
-    """``memory_child`` for each entry of ``MEMORY_RUNS``, each in its own process (peaks never mix)."""
+def memory_compare(model_name: str, task_name: str, batch_size: int, steps: int = 3,
+                   method_names: list[str] | None = None) -> dict:
+    """``memory_child`` for the entries of ``MEMORY_RUNS`` (those of ``method_names`` when given, plus
+    inference, the reference), each in its own process (peaks never mix)."""
     import subprocess
     import sys
 
     rows = []
     for label, method, mode in MEMORY_RUNS:
+        if method_names and mode != "inference" and method not in method_names:
+            continue
         code = (f"import json, leanft.bench as b; print(json.dumps(b.memory_child({model_name!r}, {method!r}, "
                 f"{mode!r}, {task_name!r}, {batch_size}, {steps})))")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -261,7 +261,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_memory(args: argparse.Namespace) -> None:
-    result = bench.memory_compare(args.model, args.task, args.batch_size, args.steps)
+    result = bench.memory_compare(args.model, args.task, args.batch_size, args.steps,
+                                  _methods(args.methods) if args.methods else None)
     columns = ["run", "peak_mb", "baseline_mb", "peak_vs_inference", "step_s", "trainable"]
     print(f"{args.model} on one {args.task} batch of {args.batch_size}: peak memory ({result['device']})")
     show(result, columns, args.output)
@@ -333,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="sst2")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--methods", help="comma-separated methods to measure (default all); inference always runs")
 
     p = measurement("steps", "seconds per training step of each method (ZO: per number of queries)", cmd_steps)
     p.add_argument("--task", default="sst2")

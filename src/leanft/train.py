@@ -427,6 +427,7 @@ def train(cfg: TrainConfig) -> dict:
         "model": cfg.model, "method": cfg.method, "tasks": [t.name for t in task_list], "eval": after,
         "eval_before": before, **counts, "steps": steps_done, "examples_seen": seen, "forward_passes": forwards,
         "parameter_updates": sum(h.get("updated_params", 0) for h in history),
+        "trainable_at_end": next((h["updated_params"] for h in reversed(history) if "updated_params" in h), 0),
         "peak_memory_mb": round(mem, 1), "peak_memory_kind": mem_kind, "train_time_s": round(train_time, 2),
         "time_per_step_s": round(train_time / max(steps_done, 1), 3),
         "examples_per_s": round(seen / max(train_time, 1e-9), 2),
