@@ -13,6 +13,7 @@ for method in $METHODS; do
     --epochs 1 --batch-size 8 --seed 0 $before --output-dir "runs/compare/$MODEL-$TASK/$method" "$@"
   mkdir -p "$OUT"
   cp "runs/compare/$MODEL-$TASK/$method/metrics.json" "$OUT/$method.json"
+  cp "runs/compare/$MODEL-$TASK/$method/metrics.jsonl" "$OUT/$method.jsonl"
   before=--no-eval-before
 done
-leanft report $(for m in $METHODS; do echo "$OUT/$m.json"; done) | tee "$OUT/README.md"
+leanft report $(for m in $METHODS; do echo "$OUT/$m.json"; done) --plot "$OUT/loss.png" | tee "$OUT/README.md"

@@ -14,6 +14,7 @@ for method in $METHODS; do
     --output-dir "runs/zo/$MODEL-$TASK/$method" "$@"
   mkdir -p "$OUT"
   cp "runs/zo/$MODEL-$TASK/$method/metrics.json" "$OUT/$method.json"
+  cp "runs/zo/$MODEL-$TASK/$method/metrics.jsonl" "$OUT/$method.jsonl"
   before=--no-eval-before
 done
-leanft report $(for m in $METHODS; do echo "$OUT/$m.json"; done) | tee "$OUT/README.md"
+leanft report $(for m in $METHODS; do echo "$OUT/$m.json"; done) --plot "$OUT/loss.png" | tee "$OUT/README.md"

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from leanft import bench
 
 
@@ -33,3 +35,15 @@ def test_report_tables_runs_with_zero_shot_and_ratio_to_lora(tmp_path):
         files[-1].write_text(json.dumps(run(method, trainable, acc)))
     text = bench.report(files)
     assert "| zero-shot | 50.0 |" in text and "| loretta-rep | 81.0 | 100 | 0.250x | 50 | 700 |" in text
+
+
+def test_plot_runs_draws_loss_against_forward_passes_and_names_a_missing_log(tmp_path):
+    for method in ("mezo-lora", "adazeta"):
+        (tmp_path / f"{method}.json").write_text(json.dumps({"method": method}))
+        rows = [{"step": i, "loss": 1.0 / (i + 1), "forwards": 2 * (i + 1)} for i in range(40)]
+        (tmp_path / f"{method}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bench.plot_runs([tmp_path / "mezo-lora.json", tmp_path / "adazeta.json"], tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "adazeta.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match="adazeta.jsonl"):
+        bench.plot_runs([tmp_path / "adazeta.json"], tmp_path / "x.png")

@@ -102,6 +102,35 @@ def report(metric_files: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def plot_runs(metric_files: list[Path], path: Path) -> None:
+    """Training loss of several runs against forward passes, one PNG: methods compared at equal compute.
+
+    Each ``X.json`` needs its log beside it as ``X.jsonl`` (the run's ``metrics.jsonl``); the loss is
+    a running mean over a twentieth of the run, so zeroth-order noise does not hide the trend.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for f in map(Path, metric_files):
+        log = f.with_suffix(".jsonl")
+        if not log.is_file():
+            raise FileNotFoundError(f"{log}: no training log beside {f} (copy the run's metrics.jsonl there)")
+        rows = [json.loads(line) for line in log.read_text().splitlines()]
+        rows = [r for r in rows if "loss" in r and not r.get("rolled_back")]
+        window = max(1, len(rows) // 20)
+        smooth = np.convolve([r["loss"] for r in rows], np.ones(window) / window, mode="valid")
+        ax.plot([r["forwards"] for r in rows][window - 1 :], smooth, label=json.loads(f.read_text())["method"])
+    ax.set(xlabel="forward passes", ylabel="training loss (running mean)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 MEMORY_RUNS = (("inference", "full", "inference"), ("mezo (full)", "mezo", "zo"), ("mezo-lora", "mezo-lora", "zo"),
                ("adazeta", "adazeta", "zo"), ("lora (AdamW)", "lora", "first-order"),
                ("loretta-rep (AdamW)", "loretta-rep", "first-order"), ("lamda (AdamW)", "lamda", "first-order"),

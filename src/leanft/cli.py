@@ -276,6 +276,8 @@ def cmd_steps(args: argparse.Namespace) -> None:
 
 def cmd_report(args: argparse.Namespace) -> None:
     print(bench.report([Path(p) for p in args.metrics]))
+    if args.plot:
+        bench.plot_runs([Path(p) for p in args.metrics], Path(args.plot))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -344,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="Markdown table comparing finished runs (their metrics.json files)")
     p.add_argument("metrics", nargs="+", help="metrics.json files written by leanft train")
+    p.add_argument("--plot", help="also draw their training loss against forward passes into this PNG "
+                                  "(each X.json needs the run's metrics.jsonl beside it as X.jsonl)")
     p.set_defaults(func=cmd_report)
     return parser
 
