@@ -11,6 +11,12 @@ def test_step_times_cover_first_and_zeroth_order_methods(tiny_llama_dir):
     assert all(r["step_s"] > 0 and r["trainable"] > 0 for r in result["rows"])
 
 
+def test_step_times_time_lamda_before_and_after_freezing(tiny_llama_dir):
+    rows = bench.step_times(tiny_llama_dir, "sst2", ["lamda"], batch_size=2, steps=2)["rows"]
+    assert [r["method"] for r in rows] == ["lamda", "lamda (P_B frozen)"]
+    assert rows[1]["trainable"] < rows[0]["trainable"]
+
+
 def test_memory_child_measures_the_step_not_the_loading(tiny_llama_dir):
     for mode, method in [("inference", "full"), ("zo", "mezo-lora"), ("first-order", "lora")]:
         row = bench.memory_child(tiny_llama_dir, method, mode, "sst2", 2, 1)

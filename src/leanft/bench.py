@@ -179,12 +179,7 @@ def memory_child(model_name: str, method: str, mode: str, task_name: str, batch_
         for step in range(steps):
             engine.step(step, lambda: float(train.forward_loss(net, batch, True)[0]), 1, 1e-6)
     else:
-        net.train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-        for _ in range(steps):
-            train.forward_loss(net, batch, True)[0].backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        first_order_times(net, [batch] * steps)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else sampler.stop()
     return {"method": method, "mode": mode, "peak_mb": round(peak, 1), "baseline_mb": round(baseline, 1),
             "step_s": round((time.perf_counter() - t0) / steps, 3), **methods.count_parameters(model)}
@@ -245,7 +240,8 @@ def step_times(model_name: str, task_name: str, method_names: list[str], batch_s
     """Seconds per training step of each method on the same batches (median after one warm-up step).
 
     First-order methods take an AdamW step; zeroth-order ones (mezo, mezo-lora, adazeta) an SPSA step,
-    once per number of queries in ``queries``, to show how a step's cost grows with Q.
+    once per number of queries in ``queries``, to show how a step's cost grows with Q. LaMDA is timed
+    twice: while P_B trains and after it is frozen.
     """
     from . import tasks, train
     from .zo import ZOEngine
@@ -270,16 +266,30 @@ def step_times(model_name: str, task_name: str, method_names: list[str], batch_s
                     engine.step(i, lambda: float(train.forward_loss(net, b, True)[0]), q, 1e-6)
                     times.append(time.perf_counter() - t0)
             else:
-                net.train()
-                opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-                for b in batches:
-                    t0 = time.perf_counter()
-                    train.forward_loss(net, b, True)[0].backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    times.append(time.perf_counter() - t0)
+                times = first_order_times(net, batches)
             rows.append({"method": method, "queries": q, "step_s": round(statistics.median(times[1:]), 3),
+                         **methods.count_parameters(model)})
+        if hasattr(model.base_model, "update_freezing"):  # LaMDA again once P_B is frozen: only S trains
+            model.base_model.update_freezing(1, 1)
+            rows.append({"method": f"{method} (P_B frozen)", "queries": None,
+                         "step_s": round(statistics.median(first_order_times(net, batches)[1:]), 3),
                          **methods.count_parameters(model)})
     return {"model": model_name, "task": task_name, "batch_size": batch_size, "steps": steps,
             "machine": f"{platform.machine()} {torch.get_num_threads()} threads", "date": date.today().isoformat(),
             "rows": rows}
+
+
+def first_order_times(net: torch.nn.Module, batches: list[dict]) -> list[float]:
+    """Seconds of each AdamW step (forward, backward, update) of ``net`` over ``batches``."""
+    from . import train
+
+    net.train()
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-5)
+    times = []
+    for b in batches:
+        t0 = time.perf_counter()
+        train.forward_loss(net, b, True)[0].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return times
