@@ -5,7 +5,7 @@
 set -euo pipefail
 MODEL=${MODEL:-smollm2-135m}
 TASK=${TASK:-sst2}
-METHODS=${METHODS:-full lora loretta-rep loretta-adp}
+METHODS=${METHODS:-full lora loretta-rep loretta-adp lamda lamda++}
 OUT=${OUT:-results/compare/$MODEL-$TASK}
 before=--eval-before
 for method in $METHODS; do
