@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from leanft import bench
 
@@ -53,3 +54,64 @@ def test_plot_runs_draws_loss_against_forward_passes_and_names_a_missing_log(tmp
     (tmp_path / "adazeta.jsonl").unlink()
     with pytest.raises(FileNotFoundError, match="adazeta.jsonl"):
         bench.plot_runs([tmp_path / "adazeta.json"], tmp_path / "x.png")
+
+
+def test_budget_presets_overrides_and_errors():
+    assert bench.parse_budget("quick,forwards=600,epochs=2") == bench.Budget(train=400, dev=100, eval=300, epochs=2.0,
+                                                                           forwards=600)
+    assert bench.parse_budget("train=10") == bench.Budget(train=10)
+    with pytest.raises(ValueError, match="even"):
+        bench.parse_budget("smoke,forwards=7")
+    with pytest.raises(ValueError, match="bad budget entry 'lr=1'"):
+        bench.parse_budget("quick,lr=1")
+    with pytest.raises(ValueError, match="unknown budget 'fast'"):
+        bench.parse_budget("fast")
+
+
+def test_plan_runs_defaults_then_the_rank_sweep_without_repeating_the_default():
+    plan = bench.bench_plan(["sst2"], ["full", "lora", "loretta-adp"], [2, 8], ["lora", "loretta-adp"], "CAUSAL_LM")
+    assert [r["slug"] for r in plan] == ["full", "lora", "lora-r2", "loretta-adp", "loretta-adp-tt2",
+                                         "loretta-adp-tt8"]
+    assert plan[2]["options"] == {"rank": 2} and plan[1]["options"] == {} and plan[1]["rank"] == 8
+
+
+def test_bench_on_a_tiny_model_writes_results_report_and_plots_and_resumes(tiny_llama_dir, tmp_path, capsys):
+    out, budget = tmp_path / "out", bench.parse_budget("smoke")
+    results = bench.run_bench(tiny_llama_dir, ["sst2"], ["lora", "mezo-lora"], budget, out, tmp_path / "work",
+                              ranks=[2], sweep=["lora"])
+    assert [r["bench"]["slug"] for r in results] == ["lora", "lora-r2", "mezo-lora"]
+    assert not any(r.get("failed") for r in results)
+    assert results[1]["trainable"] < results[0]["trainable"]
+    assert results[2]["forward_passes"] == budget.forwards and results[0]["steps"] == 2  # 8 examples, batch 4
+    text = (out / "README.md").read_text()
+    assert "## sst2 (accuracy)" in text and "| zero-shot |" in text and "| lora | r=2 |" in text
+    assert f"exactly {budget.forwards} training forward passes" in text and "| mezo-lora |" in text
+    assert "Peak memory of one step" in text and "| inference |" in text
+    for png in ("accuracy-vs-params-sst2.png", "loss-sst2.png", "zo-convergence-sst2.png", "memory.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG", png
+        assert f"({png})" in text
+    assert (out / "sst2" / "mezo-lora.jsonl").is_file()
+    capsys.readouterr()
+    again = bench.run_bench(tiny_llama_dir, ["sst2"], ["lora", "mezo-lora"], budget, out, tmp_path / "work",
+                            ranks=[2], sweep=["lora"], memory=False)
+    assert capsys.readouterr().out.count("done already") == 3 and again == results
+
+
+def test_report_refuses_results_of_two_machines(tmp_path):
+    (tmp_path / "sst2").mkdir()
+    bench.save({"model": "m", "budget": {}, "runs": ["sst2/a", "sst2/b"], "machine": "x", "dtype": "float32",
+                "torch": "2", "date": "d"}, tmp_path / "bench.json")
+    for name, machine in (("a", "GPU A"), ("b", "CPU B")):
+        bench.save({"machine": machine, "tasks": ["sst2"]}, tmp_path / "sst2" / f"{name}.json")
+    with pytest.raises(ValueError, match="2 machines .*CPU B; GPU A"):
+        bench.bench_report(tmp_path)
+
+
+def test_cuda_benches_in_bfloat16_and_cpu_in_float32(monkeypatch):
+    run = bench.bench_plan(["sst2"], ["lora"], [], [], "CAUSAL_LM")[0]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert bench.default_dtype() == "bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.default_dtype() == "float32"
+    argv = bench.train_argv(run, "m", bench.Budget(), bench.default_dtype(), eval_before=True)
+    assert argv[argv.index("--dtype") + 1] == "float32" and argv[-1] == "--eval-before"

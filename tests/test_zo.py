@@ -198,6 +198,19 @@ def test_two_process_zo_equals_a_single_process_run(tiny_llama_dir, tmp_path):
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["num_processes"] == 2
 
 
-def test_forward_pass_budget_is_exact(tiny_llama_dir, tmp_path):
-    metrics = train.train(zo_cfg(tiny_llama_dir, tmp_path, max_steps=100, max_forwards=12, zo_queries=3, num_dev=0))
-    assert metrics["forward_passes"] == 12 and metrics["steps"] == 2  # 2 forwards per query, 3 queries a step
+def test_forward_pass_budget_is_exact(tiny_llama_dir, tmp_path, monkeypatch):
+    real, calls = train.mean_loss, {"n": 0}
+
+    def counted(net, batches, decoder):  # one call = one forward pass of the step's batch
+        calls["n"] += 1
+        return real(net, batches, decoder)
+
+    monkeypatch.setattr(train, "mean_loss", counted)
+    metrics = train.train(zo_cfg(tiny_llama_dir, tmp_path, max_steps=100, max_forwards=10, zo_queries=3, num_dev=0))
+    assert metrics["forward_passes"] == calls["n"] == 10 and metrics["steps"] == 2
+    assert [r["queries"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())] == [3, 2]
+
+
+def test_odd_forward_budget_is_refused(tiny_llama_dir, tmp_path):
+    with pytest.raises(ValueError, match="max-forwards 9 is odd"):
+        train.train(zo_cfg(tiny_llama_dir, tmp_path, max_forwards=9, num_dev=0))

@@ -160,6 +160,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    budget = bench.parse_budget(args.budget)
+    out = Path(args.out or f"results/bench/{Path(args.model).name}-{'cuda' if torch.cuda.is_available() else 'cpu'}")
+    results = bench.run_bench(args.model, args.tasks.split(","), _methods(args.methods, args.model), budget, out,
+                              Path(args.work_dir) / out.name, [int(r) for r in args.ranks.split(",") if r],
+                              _methods(args.sweep) if args.sweep else [], args.dtype, args.memory, args.force)
+    failed = [r["bench"]["slug"] for r in results if r.get("failed")]
+    if failed:
+        sys.exit(f"leanft: error: {len(failed)} run(s) failed: {', '.join(failed)} (see {out / 'README.md'})")
+
+
+def cmd_forward(args: argparse.Namespace) -> None:
     result = bench.forward_times(args.model, tuple(args.methods.split(",")), args.batch, args.seq_len, args.repeats)
     print(f"{result['model']}: forward of batch {args.batch} x {args.seq_len} tokens on {result['machine']}, "
           f"median of {args.repeats}")
@@ -326,7 +337,26 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    p = measurement("bench", "forward time of each method on a real model, side by side", cmd_bench)
+    p = sub.add_parser("bench", help="train and evaluate every method under one budget, side by side, and "
+                                      "write per-run JSON and a Markdown report with plots")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--tasks", default="sst2", help="comma-separated built-in tasks")
+    p.add_argument("--methods", default="all", help=f"comma-separated, or 'all': {', '.join(methods.METHODS)}")
+    p.add_argument("--budget", default="quick", help="preset (smoke, quick, standard), then key=value overrides: "
+                   "train, dev, eval, epochs, batch, forwards (zeroth-order, even), zo_batch, seed; "
+                   "e.g. quick,forwards=600")
+    p.add_argument("--ranks", default="", help="rank sweep, e.g. 2,4,8,16 (LoRA/LaMDA rank r, TT rank of "
+                   "LoRETTA/AdaZeta), for the --sweep methods")
+    p.add_argument("--sweep", default="lora,loretta-rep,loretta-adp", help="methods the --ranks sweep applies to")
+    p.add_argument("--dtype", help="weights dtype (default bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--out", help="result folder (default results/bench/MODEL-DEVICE)")
+    p.add_argument("--work-dir", default="runs/bench", help="where the runs' checkpoints and logs go")
+    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure the peak memory of one step of each method against inference")
+    p.add_argument("--force", action="store_true", help="redo runs whose results exist")
+    p.set_defaults(func=cmd_bench)
+
+    p = measurement("forward", "forward time of each method on a real model, side by side", cmd_forward)
     p.add_argument("--methods", default=",".join(bench.DEFAULT_METHODS), help="'base' is the model without adapter")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=64)

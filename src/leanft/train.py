@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from . import methods, models, tasks
-from .bench import RssSampler
+from .bench import RssSampler, machine
 from .zo import ZOEngine, ZOStep, no_decay, query_schedule
 
 # Default learning rates per method, for decoder LMs and for encoders (whose fresh classification head
@@ -434,6 +434,7 @@ def train(cfg: TrainConfig) -> dict:
         "time_per_step_s": round(train_time / max(steps_done, 1), 3),
         "examples_per_s": round(seen / max(train_time, 1e-9), 2),
         "wall_time_s": round(time.perf_counter() - t_start, 2), "device": str(accelerator.device),
+        "machine": machine(),
         "num_processes": accelerator.num_processes, "lr": lr, "config": asdict(cfg),
     }
     if cfg.sequential:
@@ -539,7 +540,10 @@ class ZerothOrder:
         self.scheduler = get_scheduler(cfg.scheduler, self.dummy, int(cfg.warmup_ratio * total_steps), total_steps)
         self.cfg, self.model, self.net, self.main, self.decoder = cfg, model, net, accelerator.is_main_process, decoder
         self.log, self.start = out / "zo_log.jsonl", out / "zo_start.safetensors"
-        self.shard = False
+        self.shard, self.forwards = False, 0  # forward passes spent, to end exactly on cfg.max_forwards
+        if cfg.max_forwards % 2:
+            raise ValueError(f"--max-forwards {cfg.max_forwards} is odd: each zeroth-order query costs 2 forward "
+                             "passes, so only an even budget can be spent exactly")
         if self.main and not resuming:
             save_file(trainable_state(model), str(self.start))
             self.log.write_text("")
@@ -549,14 +553,17 @@ class ZerothOrder:
         return self.scheduler.get_last_lr()[0]
 
     def queries(self, epoch: int) -> int:
+        """The schedule's query count, cut on the last step so the run spends exactly ``max_forwards``."""
         c = self.cfg
         schedule = c.zo_schedule if c.zo_schedule != "auto" else ("adazeta" if c.method == "adazeta" else "fixed")
-        return query_schedule(epoch, c.zo_alpha, c.zo_beta, c.zo_q_max) if schedule == "adazeta" else c.zo_queries
+        q = query_schedule(epoch, c.zo_alpha, c.zo_beta, c.zo_q_max) if schedule == "adazeta" else c.zo_queries
+        return min(q, (c.max_forwards - self.forwards) // 2) if c.max_forwards else q
 
     def step(self, step: int, epoch: int, micro_batches: list[list[tuple[int, dict]]]) -> dict:
         self.net.eval()  # dropout off during the perturbed forwards
         loss_fn = lambda: float(mean_loss(self.net, micro_batches[0], self.decoder))  # noqa: E731
         record = self.engine.step(step, loss_fn, self.queries(epoch), self.lr())
+        self.forwards += 2 * len(record.seeds)
         self.dummy.step()
         self.scheduler.step()
         if self.main:
@@ -573,6 +580,7 @@ class ZerothOrder:
 
     def resume(self, out: Path) -> dict:
         state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+        self.forwards = state["forwards"]
         tensors = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
         for name, tensor in load_file(str(self.start)).items():
             tensors[name].data.copy_(tensor)

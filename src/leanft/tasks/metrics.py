@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import sacrebleu
-from rouge_score import rouge_scorer
-
 
 def score_generation(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
     """Corpus BLEU (sacrebleu, all references of each input) and mean best-reference ROUGE-L F1.
 
     Examples may have different numbers of references (E2E MRs have 1 to 45); sacrebleu takes
-    missing ones as None.
+    missing ones as None. The scorers are imported here: classification never needs them.
     """
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} reference lists")
     if not predictions:
