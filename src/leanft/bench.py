@@ -68,9 +68,11 @@ def forward_times(
     }
 
 
-def machine() -> str:
-    """What a measurement ran on (GPU name, or CPU model and threads): tables never mix two of them."""
-    if torch.cuda.is_available():
+def machine(device: str | torch.device | None = None) -> str:
+    """What a measurement ran on (GPU name, or CPU model and threads): tables never mix two of them.
+    ``device`` defaults to the one leanft trains on (CUDA when available)."""
+    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
         return torch.cuda.get_device_name()
     cpu = platform.machine()
     info = Path("/proc/cpuinfo")
@@ -147,7 +149,8 @@ def plot_runs(metric_files: list[Path], path: Path) -> None:
 
 MEMORY_RUNS = (("inference", "full", "inference"), ("mezo (full)", "mezo", "zo"), ("mezo-lora", "mezo-lora", "zo"),
                ("adazeta", "adazeta", "zo"), ("lora (AdamW)", "lora", "first-order"),
-               ("loretta-rep (AdamW)", "loretta-rep", "first-order"), ("lamda (AdamW)", "lamda", "first-order"),
+               ("loretta-rep (AdamW)", "loretta-rep", "first-order"), ("loretta-adp (AdamW)", "loretta-adp", "first-order"),
+               ("lamda (AdamW)", "lamda", "first-order"),
                ("lamda, P_B frozen (AdamW)", "lamda", "frozen"), ("lamda++, P_B frozen (AdamW)", "lamda++", "frozen"),
                ("full (AdamW)", "full", "first-order"))
 

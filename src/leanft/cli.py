@@ -170,6 +170,42 @@ def cmd_bench(args: argparse.Namespace) -> None:
         sys.exit(f"leanft: error: {len(failed)} run(s) failed: {', '.join(failed)} (see {out / 'README.md'})")
 
 
+def cmd_estimate(args: argparse.Namespace) -> None:
+    from . import estimate
+
+    names = lambda spec: tuple(spec.split(",")) if spec else None  # noqa: E731
+    if args.check:
+        result = estimate.check_all(names(args.models) or ("smollm2-135m", "minilm-l6"),
+                                    names(args.methods) or estimate.CHECK_METHODS, args.batch_size or 8,
+                                    args.seq_len or 128)
+    else:
+        result = estimate.paper_scale(names(args.models) or estimate.PAPER_MODELS,
+                                      names(args.methods) or estimate.PAPER_METHODS, args.batch_size, args.seq_len,
+                                      args.dtype, args.device)
+    print(estimate.to_markdown(result))
+    if args.output:
+        bench.save(result, Path(args.output))
+        print(f"saved {args.output}")
+
+
+def cmd_micro(args: argparse.Namespace) -> None:
+    from . import micro
+
+    sizes = tuple(int(d) for d in args.hidden_sizes.split(","))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = {}
+    if args.layers:
+        results["layers"] = micro.layer_bench(sizes, tuple(args.methods.split(",")), args.tokens)
+    if args.contractions:
+        results["contractions"] = micro.contraction_bench(sizes, tuple(int(t) for t in args.contraction_tokens.split(",")))
+    for kind, result in results.items():
+        print(micro.to_markdown(result) + "\n")
+        if args.output_dir:
+            path = Path(args.output_dir) / f"micro-{kind}-{device}.json"
+            bench.save(result, path)
+            print(f"saved {path}")
+
+
 def cmd_forward(args: argparse.Namespace) -> None:
     result = bench.forward_times(args.model, tuple(args.methods.split(",")), args.batch, args.seq_len, args.repeats)
     print(f"{result['model']}: forward of batch {args.batch} x {args.seq_len} tokens on {result['machine']}, "
@@ -355,6 +391,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also measure the peak memory of one step of each method against inference")
     p.add_argument("--force", action="store_true", help="redo runs whose results exist")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("estimate", help="training memory of each method on paper-scale models, estimated on the "
+                                         "meta device without weights; --check compares with measured steps here")
+    p.add_argument("--models", help="comma-separated (default llama-2-7b/13b/70b, roberta-large, deberta-base; "
+                                    "with --check smollm2-135m, minilm-l6)")
+    p.add_argument("--methods", help="comma-separated methods (default all but lamda++, which needs weights)")
+    p.add_argument("--batch-size", type=int, help="sequences per step (default: LLaMA 1, encoders 16; --check 8)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: LLaMA 512, encoders 128; --check 128)")
+    p.add_argument("--dtype", default="bfloat16", help="base weights dtype of the estimate (adapters stay float32)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="whose kernels the estimate assumes")
+    p.add_argument("--check", action="store_true", help="run real steps of the packaged models on this machine "
+                                                         "and state the estimate's error")
+    p.add_argument("--output", help="write the result as JSON here")
+    p.set_defaults(func=cmd_estimate)
+
+    p = sub.add_parser("micro", help="forward and forward+backward time and memory of each adapter layer against "
+                                      "PEFT LoRA at equal shapes, and the TT contractions against the automatic choice")
+    p.add_argument("--hidden-sizes", default="576,1024,2048,4096,8192", help="square layer sizes d (d x d)")
+    p.add_argument("--methods", default="lora,loretta-rep,loretta-adp,lamda", help="layers to time (LoRA is the reference)")
+    p.add_argument("--tokens", type=int, default=512, help="tokens per layer call (batch x sequence)")
+    p.add_argument("--contraction-tokens", default="1,64,512,4096", help="token counts of the contraction timing")
+    p.add_argument("--layers", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--contractions", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--output-dir", help="write micro-layers-DEVICE.json and micro-contractions-DEVICE.json here")
+    p.set_defaults(func=cmd_micro)
 
     p = measurement("forward", "forward time of each method on a real model, side by side", cmd_forward)
     p.add_argument("--methods", default=",".join(bench.DEFAULT_METHODS), help="'base' is the model without adapter")
