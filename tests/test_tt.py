@@ -86,3 +86,13 @@ def test_init_has_glorot_like_scale_and_frozen_copy_is_buffers():
     with torch.no_grad():
         tt.core_0.add_(1.0)
     assert not torch.allclose(frozen.to_dense(), tt.to_dense())
+
+
+@pytest.mark.parametrize("in_f", [1024, 4096])
+def test_narrow_products_are_charged_as_the_slow_kernels_they_are(in_f):
+    # LoRETTA_rep's in x 8 factor: the dense product has 8 output columns, which ran 1.5-2.5x slower than
+    # the factored contraction at 64-4096 tokens (results/micro-contractions-cpu.json)
+    tt = TTMatrix(in_f, 8, 8, shape=TENSOR_SHAPE[8][in_f])
+    assert [tt.choose_contraction(t) for t in (64, 512, 4096)] == ["factored"] * 3
+    fixed, per_token = (tt.contraction_costs(0), tt.contraction_costs(1))
+    assert tt.contraction_costs(10) == {m: fixed[m] + 10 * (per_token[m] - fixed[m]) for m in fixed}

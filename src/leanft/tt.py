@@ -42,6 +42,12 @@ CLS_TENSOR_SHAPE: dict[int, list[int]] = {
 
 MAX_MODE = 64  # a prime factor above this makes a mode so large that TT gains little: refuse it
 TARGET_MODE = 8  # balanced factorisation aims at modes of about this size
+# Matrix products with fewer than NARROW_COLUMNS output columns run far below their multiply-add count
+# (bandwidth-bound; on x86 CPUs in float32 a 512 x 4096 @ 4096 x 8 product took 2.6x as long as the
+# same product with 16 columns, results/micro-contractions-cpu.json): the cost model charges them as
+# NARROW_COST columns wide.
+NARROW_COLUMNS = 16
+NARROW_COST = 40
 
 
 def _prime_factors(n: int) -> list[int]:
@@ -109,6 +115,11 @@ def _chain(cores: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+def _width(columns: int) -> int:
+    """Effective output width of a token-sized matrix product in the cost model (see NARROW_COLUMNS)."""
+    return NARROW_COST if columns < NARROW_COLUMNS else columns
+
+
 def _chain_cost(shape: list[int], ranks: list[int]) -> int:
     """Multiply-adds of ``_chain`` over cores with these modes and ranks (``len(ranks) = len(shape)+1``)."""
     cost, m = 0, shape[0]
@@ -154,6 +165,7 @@ class TTMatrix(nn.Module):
             register(f"core_{k}", torch.empty(self.ranks[k], n, self.ranks[k + 1], device=device))
         register("bias", torch.empty(out_features, device=device) if bias else None)
         self._split = self._find_split()
+        self._costs = self._cost_terms()
         self.reset_parameters()
 
     def _register_param(self, name: str, tensor: torch.Tensor | None) -> None:
@@ -207,17 +219,24 @@ class TTMatrix(nn.Module):
             prefix *= n
         return None
 
-    def contraction_costs(self, tokens: int) -> dict[str, int]:
-        """Multiply-adds of each available contraction for ``tokens`` input rows."""
-        costs = {"dense": _chain_cost(self.shape, self.ranks) + tokens * self.in_features * self.out_features}
+    def _cost_terms(self) -> dict[str, tuple[int, int]]:
+        """Per contraction: (multiply-adds independent of the tokens, multiply-adds per token row).
+
+        Computed once: the shapes never change, and every forward chooses from them.
+        """
+        terms = {"dense": (_chain_cost(self.shape, self.ranks), self.in_features * _width(self.out_features))}
         if self._split is not None:
             k, a = self._split
             b, r = self.shape[k] // a, self.ranks[k + 1]
             left = _chain_cost(self.shape[: k + 1], self.ranks[: k + 2])
             right = _chain_cost(self.shape[k + 1 :], self.ranks[k + 1 :]) if k + 1 < len(self.shape) else 0
-            apply = tokens * (self.in_features * b * r + b * r * (self.out_features // b))
-            costs["factored"] = left + right + apply
-        return costs
+            per_token = self.in_features * _width(b * r) + b * r * _width(self.out_features // b)
+            terms["factored"] = (left + right, per_token)
+        return terms
+
+    def contraction_costs(self, tokens: int) -> dict[str, int]:
+        """Modelled multiply-adds of each available contraction for ``tokens`` input rows."""
+        return {mode: fixed + tokens * per_token for mode, (fixed, per_token) in self._costs.items()}
 
     def choose_contraction(self, tokens: int) -> Contraction:
         costs = self.contraction_costs(tokens)

@@ -49,14 +49,23 @@ class LorettaRepLayer(BaseTunerLayer):
         return (self.scaling[adapter_name] * delta).T
 
     def adapter_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """The update ``(alpha/r) * (B(A(x)) - B0(A0(x)))`` in fp32."""
+        """The update ``(alpha/r) * (B(A(x)) - B0(A0(x)))`` in fp32.
+
+        With the noise-free start, ``x`` meets both input factors in one ``2r``-wide product
+        ``x [W_A | W_A0]`` (the dense factors, ``in x r``, are cheap to rebuild from the cores) instead of
+        two narrow TT contractions: small layers were 1.3x slower than LoRA that way
+        (results/micro-layers-cpu.json). The two halves then go through ``W_B`` and ``W_B0`` separately
+        so that the start is exactly zero, not zero up to rounding.
+        """
         x = self.loretta_rep_dropout[name](x.float())
-        delta = self.loretta_rep_B[name](self.loretta_rep_A[name](x))
-        if name in self.loretta_rep_A0:
-            with torch.no_grad():
-                start = self.loretta_rep_B0[name](self.loretta_rep_A0[name](x))
-            delta = delta - start
-        return self.scaling[name] * delta
+        a, b, s = self.loretta_rep_A[name], self.loretta_rep_B[name], self.scaling[name]
+        if name not in self.loretta_rep_A0:
+            return s * b(a(x))
+        with torch.no_grad():
+            a0, b0 = self.loretta_rep_A0[name].to_dense(), s * self.loretta_rep_B0[name].to_dense()
+        h = x @ torch.cat([a.to_dense(), a0], dim=1)
+        r = h.shape[-1] // 2
+        return h[..., :r] @ (s * b.to_dense()) - h[..., r:] @ b0
 
 
 class Linear(DeltaLinearMixin, nn.Module, LorettaRepLayer):
