@@ -59,3 +59,22 @@ def test_lamda_counts_on_llama_2_7b_before_freezing(capsys):
 def test_lamda_plus_plus_needs_real_weights_for_its_ranks():
     with pytest.raises(SystemExit, match="spectra"):
         cli.main(["params", "--model", "llama-2-7b", "--method", "lamda++"])
+
+
+def test_estimate_command_prints_the_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "est.json"
+    cli.main(["estimate", "--models", "llama-2-7b", "--methods", "lora,adazeta", "--output", str(out)])
+    text = capsys.readouterr().out
+    assert "Training memory estimate" in text and "| llama-2-7b | lora | 4,194,304 |" in text
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["lora", "adazeta"] and rows[1]["total_mb"] < rows[0]["total_mb"]
+
+
+def test_micro_command_writes_both_results(tmp_path, capsys):
+    cli.main(["micro", "--hidden-sizes", "96", "--methods", "lora,loretta-rep", "--tokens", "8",
+              "--contraction-tokens", "1,8", "--output-dir", str(tmp_path)])
+    assert "Adapter layers vs PEFT LoRA" in capsys.readouterr().out
+    [layers_file] = tmp_path.glob("micro-layers-*.json")  # -cpu or -cuda: the device it ran on
+    layers = json.loads(layers_file.read_text())
+    assert [r["method"] for r in layers["rows"]] == ["base", "lora", "loretta-rep"]
+    assert json.loads(next(tmp_path.glob("micro-contractions-*.json")).read_text())["rows"]
