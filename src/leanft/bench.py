@@ -11,6 +11,7 @@ import time
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import date
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -199,7 +200,7 @@ def memory_child(model_name: str, method: str, mode: str, task_name: str, batch_
         for step in range(steps):
             engine.step(step, lambda: float(train.forward_loss(net, batch, decoder)[0]), 1, 1e-6)
     else:
-        first_order_times(net, [batch] * steps, decoder)
+        first_order_times(net, [lambda: train.forward_loss(net, batch, decoder)[0]] * steps)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else sampler.stop()
     return {"method": method, "mode": mode, "peak_mb": round(peak, 1), "baseline_mb": round(baseline, 1),
             "step_s": round((time.perf_counter() - t0) / steps, 3), **methods.count_parameters(model)}
@@ -283,6 +284,7 @@ def step_times(model_name: str, task_name: str, method_names: list[str], batch_s
         net = train.CandidateLogProbs(model)
         batches = [train.encode_candidates(task, examples[i * batch_size:(i + 1) * batch_size], tokenizer, 256,
                                            gold_only=task.kind != "classification") for i in range(steps + 1)]
+        losses = [lambda b=b: train.forward_loss(net, b, True)[0] for b in batches]
         zo = method in methods.ZO_METHODS
         for q in queries if zo else (None,):
             times = []
@@ -294,29 +296,27 @@ def step_times(model_name: str, task_name: str, method_names: list[str], batch_s
                     engine.step(i, lambda: float(train.forward_loss(net, b, True)[0]), q, 1e-6)
                     times.append(time.perf_counter() - t0)
             else:
-                times = first_order_times(net, batches)
+                times = first_order_times(net, losses)
             rows.append({"method": method, "queries": q, "step_s": round(statistics.median(times[1:]), 3),
                          **methods.count_parameters(model)})
         if hasattr(model.base_model, "update_freezing"):  # LaMDA again once P_B is frozen: only S trains
             model.base_model.update_freezing(1, 1)
             rows.append({"method": f"{method} (P_B frozen)", "queries": None,
-                         "step_s": round(statistics.median(first_order_times(net, batches)[1:]), 3),
+                         "step_s": round(statistics.median(first_order_times(net, losses)[1:]), 3),
                          **methods.count_parameters(model)})
     return {"model": model_name, "task": task_name, "batch_size": batch_size, "steps": steps,
             "machine": machine(), "date": date.today().isoformat(),
             "rows": rows}
 
 
-def first_order_times(net: torch.nn.Module, batches: list[dict], decoder: bool = True) -> list[float]:
-    """Seconds of each AdamW step (forward, backward, update) of ``net`` over ``batches``."""
-    from . import train
-
+def first_order_times(net: torch.nn.Module, losses: list[Callable[[], torch.Tensor]]) -> list[float]:
+    """Seconds of each AdamW step (forward, backward, update) of ``net``, one step per loss function."""
     net.train()
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-5)
     times = []
-    for b in batches:
+    for loss in losses:
         t0 = time.perf_counter()
-        train.forward_loss(net, b, decoder)[0].backward()
+        loss().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)

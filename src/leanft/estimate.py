@@ -52,7 +52,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers import AutoConfig
 
-from .bench import RssSampler, psutil_rss
+from .bench import RssSampler, first_order_times, psutil_rss
 from .methods import ZO_METHODS, apply_method, count_parameters, resolve_method
 from .models import BUILTIN_CONFIGS, TASKS, load_model, meta_model, model_kind
 from .zo import ZOEngine
@@ -268,12 +268,7 @@ def train_steps(model: nn.Module, method: str, ids: torch.Tensor, causal: bool, 
         for step in range(steps):
             engine.step(step, lambda: float(step_loss(model, ids, causal)), 1, 1e-6)
         return
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    for _ in range(steps):
-        step_loss(model, ids, causal).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    first_order_times(model, [lambda: step_loss(model, ids, causal)] * steps)
 
 
 def cpu_allocated_peak(run) -> int:
