@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -32,15 +30,15 @@ def test_options_change_the_counts(capsys):
 def test_method_typo_suggests_the_closest_name():
     with pytest.raises(ValueError, match="did you mean 'loretta-rep'"):
         methods.resolve_method("loreta-rep")
-    result = subprocess.run([sys.executable, "-m", "leanft.cli", "params", "--model", "llama-2-7b", "--method",
-                             "lorra"], capture_output=True, text=True)
-    assert result.returncode != 0 and "did you mean 'lora'" in result.stderr
+    with pytest.raises(SystemExit) as e:
+        cli.main(["params", "--model", "llama-2-7b", "--method", "lorra"])
+    assert str(e.value).startswith("leanft: error:") and "did you mean 'lora'" in str(e.value)
 
 
 def test_unknown_model_name_is_a_clear_error():
-    result = subprocess.run([sys.executable, "-m", "leanft.cli", "params", "--model", "llama2-7b"],
-                            capture_output=True, text=True)
-    assert result.returncode != 0 and "llama-2-7b" in result.stderr
+    with pytest.raises(SystemExit) as e:
+        cli.main(["params", "--model", "llama2-7b"])
+    assert str(e.value).startswith("leanft: error:") and "llama-2-7b" in str(e.value)
 
 
 def test_options_a_method_does_not_take_are_rejected():

@@ -5,8 +5,9 @@ import pytest
 import torch
 from conftest import FAMILIES, tiny_bert, tiny_llama
 
-from leanft import estimate as est
 from leanft import methods
+from leanft.measure import estimate as est
+from leanft.measure import report
 
 MB = 2**20
 # the tiny models are 64 wide: LoRETTA_adp needs a smaller bottleneck; OPT takes it on fc2 (fed by fc1)
@@ -115,7 +116,7 @@ def test_paper_scale_counts_match_the_papers():
     full = result["rows"][0]
     assert full["weights_mb"] == pytest.approx(6_738_415_616 * 2 / MB, rel=1e-3)  # bfloat16
     assert result["shapes"] == {"llama-2-7b": (1, 8)} and result["kind"] == "estimate"
-    table = est.to_markdown(result)
+    table = report.estimate_markdown(result)
     assert "estimate" in table.splitlines()[0] and "| llama-2-7b | loretta-rep | 516,096 |" in table
 
 
@@ -131,4 +132,4 @@ def test_check_measures_a_fresh_process_and_states_the_error(tiny_bert_dir):
     assert row["measured_mb"] > 0 and row["measured_error"] == pytest.approx(
         (row["total_mb"] - row["measured_mb"]) / row["measured_mb"], abs=1e-3)
     assert abs(row["allocated_error"]) < TOLERANCE  # the allocator's own count: the estimator's error alone
-    assert "estimate" in est.to_markdown(result).splitlines()[0]
+    assert "estimate" in report.estimate_markdown(result).splitlines()[0]

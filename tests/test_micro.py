@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from leanft import micro
+from leanft.measure import micro
 
 SIZES, TOKENS, RANK = (96, 128), 16, 8  # above the 64 bottleneck of LoRETTA_adp; LoRA and LaMDA rank 8
 
@@ -26,19 +26,6 @@ def test_layer_rows_cover_every_method_and_size(layers):
     assert list(rows) == [(d, m) for d in SIZES for m in ("base", *micro.LAYER_METHODS)]
     assert layers["device"] == "cpu" and layers["dtype"] == "float32" and layers["tokens"] == TOKENS
     assert layers["rounds"] == {d: {"fwd": 2, "fwdbwd": 2} for d in SIZES}
-    for r in rows.values():
-        assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["mem_bytes"] >= 0
-        assert r["mem_mb"] == round(r["mem_bytes"] / 2**20, 3)
-
-
-def test_ratios_are_the_ratios_of_the_rows(layers):
-    rows = rows_by_key(layers)
-    for (d, _), r in rows.items():
-        lora = rows[d, "lora"]
-        assert r["fwd_vs_lora"] == pytest.approx(r["fwd_ms"] / lora["fwd_ms"], abs=6e-4)
-        assert r["fwdbwd_vs_lora"] == pytest.approx(r["fwdbwd_ms"] / lora["fwdbwd_ms"], abs=6e-4)
-        assert r["mem_vs_lora"] == pytest.approx(r["mem_bytes"] / lora["mem_bytes"], abs=6e-4)
-    assert all(rows[d, "lora"]["fwd_vs_lora"] == 1.0 for d in SIZES)
 
 
 def test_no_lora_means_no_ratios():
@@ -87,12 +74,6 @@ def test_contraction_rows_auto_choice_and_agreement(contractions):
             assert r["auto"] == tt.choose_contraction(r["tokens"])
             assert set(r["fwd_ms"]) == set(r["fwdbwd_ms"]) == {*tt.contraction_costs(r["tokens"]), "auto"}
             assert r["max_diff"] < 1e-5
-            fastest = min(r["fwd_ms"][m] for m in r["fwd_ms"] if m != "auto")
-            assert r["auto_vs_fastest"] == pytest.approx(r["fwd_ms"]["auto"] / fastest, abs=6e-4)
-            assert r["ok"] == (r["fwd_ms"]["auto"] / fastest <= micro.AUTO_TOLERANCE)
-            assert r["fastest"] in r["fwd_ms"] and r["fwd_ms"][r["fastest"]] == fastest
-            assert r["choice_vs_fastest"] == pytest.approx(r["fwd_ms"][r["auto"]] / fastest, abs=6e-4)
-    assert contractions["all_ok"] == all(r["ok"] for r in rows)
 
 
 def test_contractions_agree_on_real_matrices():

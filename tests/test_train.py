@@ -8,8 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from leanft import cli, models, tasks, train
-from leanft.train import CandidateLogProbs, TrainConfig, candidate_scores, encode_candidates
+from leanft import cli, models, objectives, optim, tasks, train
+from leanft.config import TrainConfig
+from leanft.objectives import CandidateLogProbs, candidate_scores
+from leanft.tasks.collate import encode_candidates
 
 
 def tiny_cfg(model_dir: str, out: Path, **kw) -> TrainConfig:
@@ -89,17 +91,17 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_llama_dir, tmp_
     train.train(tiny_cfg(tiny_llama_dir, tmp_path / "full", **kw))
     full = load_file(str(tmp_path / "full" / "checkpoint" / "trainable.safetensors"))
 
-    real_save = train.save_checkpoint
+    real_save = optim.FirstOrder.save
 
     def crash_after_first_save(*args, **kwargs):
         real_save(*args, **kwargs)
         raise KeyboardInterrupt("simulated crash")
 
-    monkeypatch.setattr(train, "save_checkpoint", crash_after_first_save)
+    monkeypatch.setattr(optim.FirstOrder, "save", crash_after_first_save)
     with pytest.raises(KeyboardInterrupt):
         train.train(tiny_cfg(tiny_llama_dir, tmp_path / "cut", **kw))
     assert json.loads((tmp_path / "cut" / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(optim.FirstOrder, "save", real_save)
     train.train(tiny_cfg(tiny_llama_dir, tmp_path / "cut", resume=True, **kw))
     resumed = load_file(str(tmp_path / "cut" / "checkpoint" / "trainable.safetensors"))
     assert full.keys() == resumed.keys()
@@ -111,7 +113,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_llama_dir, tmp_
 
 
 def test_nan_loss_is_a_clear_error_and_keeps_the_checkpoint(tiny_llama_dir, tmp_path, monkeypatch):
-    real = train.forward_loss
+    real = objectives.batch_loss
     calls = {"n": 0}
 
     def nan_on_third(net, batch, decoder):
@@ -119,7 +121,7 @@ def test_nan_loss_is_a_clear_error_and_keeps_the_checkpoint(tiny_llama_dir, tmp_
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] >= 3 and net.training else loss), scores
 
-    monkeypatch.setattr(train, "forward_loss", nan_on_third)
+    monkeypatch.setattr(objectives, "batch_loss", nan_on_third)
     with pytest.raises(FloatingPointError, match="loss became nan at step 2.*lower the learning rate"):
         train.train(tiny_cfg(tiny_llama_dir, tmp_path, eval_every=1, num_dev=0))
     assert (tmp_path / "checkpoint" / "trainable.safetensors").is_file()
@@ -152,6 +154,7 @@ def test_yaml_config_with_flags_overriding(tmp_path):
         cli.train_config(cli.build_parser().parse_args(["train", "--config", str(config)]))
 
 
+@pytest.mark.slow
 def test_two_process_data_parallel_run(tiny_llama_dir, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

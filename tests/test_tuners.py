@@ -1,13 +1,14 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
 from conftest import FAMILIES, out, perturb, tiny_bert, tiny_llama, tiny_opt
+from peft import PeftModel, get_peft_model
 
-from leanft import LorettaAdpConfig, LorettaRepConfig
+from leanft import LamdaConfig, LorettaAdpConfig, LorettaRepConfig
 
 # Adapter configs per family: defaults where the architecture has them, explicit targets for OPT.
 ADP = {"llama": {"bottleneck_size": 16}, "bert": {"bottleneck_size": 16},
@@ -89,20 +90,11 @@ def test_gradients_reach_only_adapter_and_norm_parameters(family, method, tokens
     assert all(prefix in n or "classifier" in n for n, p in frozen.named_parameters() if p.requires_grad)
 
 
-LOAD_SCRIPT = """
-import sys, torch, leanft
-from peft import PeftModel
-sys.path.insert(0, {tests!r})
-from conftest import {build}
-model = PeftModel.from_pretrained({build}(), {path!r}).eval()
-torch.save(model(input_ids=torch.load({tokens!r})).logits, {result!r})
-"""
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", ["adp", "rep"])
-def test_save_and_load_in_a_fresh_process(family, method, tokens, tmp_path):
-    model = get_peft_model(FAMILIES[family][0](), configs(family)[method]).eval()
+def test_save_and_load_gives_the_same_outputs(family, method, tokens, tmp_path):
+    build = FAMILIES[family][0]
+    model = get_peft_model(build(), configs(family)[method]).eval()
     perturb(model)
     expected = out(model, tokens)
     model.save_pretrained(tmp_path / "adapter")
@@ -110,12 +102,42 @@ def test_save_and_load_in_a_fresh_process(family, method, tokens, tmp_path):
     assert saved.stat().st_size < 200_000
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == f"LORETTA_{method.upper()}"
+    loaded = PeftModel.from_pretrained(build(), tmp_path / "adapter").eval()
+    assert torch.equal(out(loaded, tokens), expected)
+
+
+LOAD_SCRIPT = """
+import json, sys, torch
+import leanft  # registers its tuners with PEFT, which knows none of them by itself
+from peft import PeftModel
+sys.path.insert(0, {tests!r})
+from conftest import tiny_llama
+tokens = torch.load({tokens!r})
+for path, result in json.loads({jobs!r}):
+    model = PeftModel.from_pretrained(tiny_llama(), path).eval()
+    with torch.no_grad():
+        torch.save(model(input_ids=tokens).logits, result)
+"""
+
+
+def test_import_leanft_registers_the_tuners_with_peft_in_a_fresh_process(tokens, tmp_path):
+    """A saved adapter of each leanft tuner loads with plain PEFT in a new interpreter after ``import leanft``."""
+    task = FAMILIES["llama"][1]
+    adapters = {"loretta-rep": LorettaRepConfig(task_type=task), "loretta-adp": LorettaAdpConfig(task_type=task,
+                **ADP["llama"]), "lamda": LamdaConfig(task_type=task)}
+    jobs, expected = [], {}
+    for name, config in adapters.items():
+        model = get_peft_model(tiny_llama(), config).eval()
+        perturb(model)
+        expected[name] = out(model, tokens)
+        model.save_pretrained(tmp_path / name)
+        jobs.append((str(tmp_path / name), str(tmp_path / f"{name}.pt")))
     torch.save(tokens, tmp_path / "tokens.pt")
-    script = LOAD_SCRIPT.format(tests=str(__import__("pathlib").Path(__file__).parent), build=FAMILIES[family][0].__name__,
-                                path=str(tmp_path / "adapter"), tokens=str(tmp_path / "tokens.pt"),
-                                result=str(tmp_path / "result.pt"))
+    script = LOAD_SCRIPT.format(tests=str(Path(__file__).parent), tokens=str(tmp_path / "tokens.pt"),
+                                jobs=json.dumps(jobs))
     subprocess.run([sys.executable, "-c", script], check=True)
-    assert torch.equal(torch.load(tmp_path / "result.pt"), expected)
+    for name in adapters:
+        assert torch.equal(torch.load(tmp_path / f"{name}.pt"), expected[name]), name
 
 
 def test_loading_onto_the_wrong_base_model_is_a_clear_error(tmp_path):

@@ -1,14 +1,14 @@
 import math
 
-from safetensors.torch import load_file
-
 import pytest
 import torch
 from conftest import tiny_llama
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
 
 from leanft import LorettaAdpConfig
-from leanft.zo import ZOEngine, no_decay, query_schedule, query_seed
+from leanft.optim import decays
+from leanft.zo import ZOEngine, query_schedule, query_seed
 
 
 def lora_model(dtype=torch.float32):
@@ -63,13 +63,14 @@ def test_spsa_estimate_points_along_the_true_gradient():
 
 def test_update_follows_the_formula_and_skips_decay_on_biases_and_norms(tokens):
     model = get_peft_model(tiny_llama(), LorettaAdpConfig(bottleneck_size=16))  # TT cores, biases, norms
-    engine = ZOEngine(model, weight_decay=0.1)
-    assert {no_decay(n) for n, _ in engine.named} == {True, False}
+    engine = ZOEngine(model, weight_decay=0.1, decays=decays)
+    assert {decays(p) for p in engine.params} == {True, False}
     before = [p.detach().clone() for p in engine.params]
     engine.apply([11, 22], [0.5, -1.5], lr=0.01)
     z = [list(engine._directions(s)) for s in (11, 22)]
     for i, (name, p) in enumerate(engine.named):
         wd = 0.0 if ("bias" in name or "norm" in name) else 0.1
+        assert p.ndim < 2 if wd == 0.0 else p.ndim >= 2, name
         expected = before[i] * (1 - 0.01 * wd) - 0.01 * (0.5 * z[0][i] + -1.5 * z[1][i]) / 2
         torch.testing.assert_close(p, expected, rtol=1e-6, atol=1e-7)
 
@@ -116,8 +117,13 @@ import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
-from leanft import train  # noqa: E402
-from leanft.train import TrainConfig  # noqa: E402
+from leanft import (  # noqa: E402
+    loading,
+    objectives,
+    optim,
+    train,  # noqa: E402
+)
+from leanft.config import TrainConfig  # noqa: E402
 
 
 def zo_cfg(model_dir, out, **kw) -> TrainConfig:
@@ -138,24 +144,24 @@ def test_adazeta_trains_with_the_query_schedule_and_frozen_norms(tiny_llama_dir,
     # 8 examples / batch 4 = 2 steps per epoch: epochs 0,0,1,1,2,2 -> Q = min(max(floor(2 e), 1), 3)
     assert [r["queries"] for r in rows] == [1, 1, 2, 2, 3, 3]
     assert metrics["config"]["method"] == "adazeta" and metrics["steps"] == 6
-    model, _, _ = train.build_model(zo_cfg(tiny_llama_dir, tmp_path, method="adazeta",
-                                        method_options={"bottleneck": 8, "tt_rank": 2}), [train.tasks.get_task("sst2")])
+    model, _, _ = loading.build_model(zo_cfg(tiny_llama_dir, tmp_path, method="adazeta",
+                                        method_options={"bottleneck": 8, "tt_rank": 2}), [loading.tasks.get_task("sst2")])
     assert not any("norm" in n for n, p in model.named_parameters() if p.requires_grad)
 
 
 def test_zo_resume_replays_to_the_identical_run(tiny_llama_dir, tmp_path, monkeypatch):
     train.train(zo_cfg(tiny_llama_dir, tmp_path / "full"))
-    real = train.ZerothOrder.save
+    real = optim.ZerothOrder.save
 
     def crash(self, out, state):
         real(self, out, state)
         raise KeyboardInterrupt("simulated crash")
 
-    monkeypatch.setattr(train.ZerothOrder, "save", crash)
+    monkeypatch.setattr(optim.ZerothOrder, "save", crash)
     with pytest.raises(KeyboardInterrupt):
         train.train(zo_cfg(tiny_llama_dir, tmp_path / "cut"))
     assert len(zo_log(tmp_path / "cut")) == 3
-    monkeypatch.setattr(train.ZerothOrder, "save", real)
+    monkeypatch.setattr(optim.ZerothOrder, "save", real)
     train.train(zo_cfg(tiny_llama_dir, tmp_path / "cut", resume=True))
     assert zo_log(tmp_path / "cut") == zo_log(tmp_path / "full")  # same seeds, projected gradients, lrs
     full = load_file(str(tmp_path / "full" / "best" / "adapter_model.safetensors"))
@@ -164,7 +170,7 @@ def test_zo_resume_replays_to_the_identical_run(tiny_llama_dir, tmp_path, monkey
 
 
 def test_zo_divergence_in_training_is_rolled_back_and_reported(tiny_llama_dir, tmp_path, monkeypatch):
-    real = train.mean_loss
+    real = objectives.mean_loss
     calls = {"n": 0}
 
     def nan_later(net, batches, decoder):
@@ -172,13 +178,14 @@ def test_zo_divergence_in_training_is_rolled_back_and_reported(tiny_llama_dir, t
         loss = real(net, batches, decoder)
         return loss * float("nan") if 9 <= calls["n"] <= 12 else loss  # step 3's queries (2 x 2 forwards)
 
-    monkeypatch.setattr(train, "mean_loss", nan_later)
+    monkeypatch.setattr(objectives, "mean_loss", nan_later)
     train.train(zo_cfg(tiny_llama_dir, tmp_path, num_dev=0, scheduler="constant"))
     log = zo_log(tmp_path)
     assert [r["rolled_back"] for r in log] == [False, False, True, False, False, False]
     assert log[3]["lr"] == pytest.approx(log[1]["lr"] / 2)
 
 
+@pytest.mark.slow
 def test_two_process_zo_equals_a_single_process_run(tiny_llama_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["-m", "leanft.cli", "train", "--model", tiny_llama_dir, "--method", "mezo-lora", "--num-train", "8",
@@ -199,13 +206,13 @@ def test_two_process_zo_equals_a_single_process_run(tiny_llama_dir, tmp_path):
 
 
 def test_forward_pass_budget_is_exact(tiny_llama_dir, tmp_path, monkeypatch):
-    real, calls = train.mean_loss, {"n": 0}
+    real, calls = objectives.mean_loss, {"n": 0}
 
     def counted(net, batches, decoder):  # one call = one forward pass of the step's batch
         calls["n"] += 1
         return real(net, batches, decoder)
 
-    monkeypatch.setattr(train, "mean_loss", counted)
+    monkeypatch.setattr(objectives, "mean_loss", counted)
     metrics = train.train(zo_cfg(tiny_llama_dir, tmp_path, max_steps=100, max_forwards=10, zo_queries=3, num_dev=0))
     assert metrics["forward_passes"] == calls["n"] == 10 and metrics["steps"] == 2
     assert [r["queries"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())] == [3, 2]

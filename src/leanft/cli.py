@@ -1,4 +1,4 @@
-"""The ``leanft`` command line: train, eval, params (counts without weights), demo, bench."""
+"""The ``leanft`` command line: argparse, and each command handed to the library function that does it."""
 
 from __future__ import annotations
 
@@ -6,19 +6,18 @@ import argparse
 import json
 import os
 import sys
-import time
 import warnings
 from dataclasses import fields
 from pathlib import Path
 
-import torch
 import transformers
 import yaml
 
-from . import bench, methods, models
-from .train import TrainConfig, evaluate_saved, train
-
-TASK_TYPE = {"causal": "CAUSAL_LM", "encoder": "SEQ_CLS"}
+from . import methods, models
+from .config import TrainConfig
+from .measure import bench, budget, params, report, steps
+from .measure.system import save
+from .train import train
 
 
 def _method_options(args: argparse.Namespace) -> dict:
@@ -31,147 +30,49 @@ def _method_options(args: argparse.Namespace) -> dict:
     }
 
 
-def _options_for(method: str, options: dict) -> dict:
-    """Only the options this method takes (a shared flag like --tt-rank does not apply to LoRA)."""
-    return {k: v for k, v in options.items() if k in methods.OPTION_FIELDS[method]}
-
-
-def _task_type(name: str) -> str:
-    return TASK_TYPE[models.MODEL_KIND.get(name, "causal")]
-
-
-def _methods(spec: str, model: str | None = None) -> list[str]:
-    """Method names of a comma list; "all" leaves out lamda++ where no pretrained weights exist for its ranks."""
-    if spec != "all":
-        return [methods.resolve_method(m) for m in spec.split(",")]
-    return [m for m in methods.METHODS if m != "lamda++" or model in models.PACKAGED_MODELS]
-
-
-def _table(rows: list[dict], columns: list[str]) -> str:
-    cells = [[str(r[c]) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))
-    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
-
-
-def count_rows(build, task_type: str, method_names: list[str], options: dict) -> list[dict]:
-    """Parameter counts of each method on a fresh model from ``build()``."""
-    rows = []
-    for method in method_names:
-        model = methods.apply_method(build(), method, task_type, **_options_for(method, options))
-        counts = methods.count_parameters(model)
-        rows.append({"method": method, **counts, "trainable %": f"{100 * counts['trainable'] / counts['total']:.4f}"})
-    return rows
-
-
-def _builder(name: str, method_names: list[str]):
-    """Meta-device models, unless LaMDA++ needs the pretrained spectra: then the real weights."""
-    if "lamda++" not in method_names:
-        return lambda: models.meta_model(name)
-    if name not in models.PACKAGED_MODELS:
-        raise ValueError(f"lamda++ allocates ranks from the pretrained weights' spectra, and {name!r} has no "
-                         f"weights here (it has: {', '.join(models.PACKAGED_MODELS)}); use lamda for meta counts")
-    return lambda: models.load_model(name)[0]
-
-
 def cmd_params(args: argparse.Namespace) -> None:
     models.build_config(args.model)  # an unknown name fails here, with the closest known one suggested
-    method_names = _methods(args.method, args.model)
+    names = params.method_names(args.method, args.model)
     if args.show_ranks:
-        return show_ranks(args, method_names)
-    rows = count_rows(_builder(args.model, method_names), _task_type(args.model), method_names,
-                      _method_options(args))
+        result = params.lamda_rank_table(args.model, names, _method_options(args))
+        if args.json:
+            print(json.dumps(result, indent=2))
+            return
+        for method, ranks in result.items():
+            print(f"{method}: {len(ranks)} modules, total rank {sum(ranks.values())}")
+            print(report.text_table([{"module": k, "rank": v} for k, v in ranks.items()], ["module", "rank"]))
+        return
+    rows = params.count_rows(params.builder(args.model, names), models.task_type(args.model), names,
+                             _method_options(args))
     if args.json:
         data = [{"model": args.model, "method": r["method"], "trainable": r["trainable"], "total": r["total"]}
                 for r in rows]
         print(json.dumps(data[0] if len(data) == 1 else data, indent=2))
     else:
-        print(f"{args.model} (built on the meta device, no weights)\n" + _table(rows, list(rows[0])))
-
-
-def show_ranks(args: argparse.Namespace, method_names: list[str]) -> None:
-    """Per-module ranks of LaMDA / LaMDA++ (the same allocation an adapter would store in its config)."""
-    from .tuners.lamda import lamda_ranks
-
-    bad = [m for m in method_names if m not in ("lamda", "lamda++")]
-    if bad:
-        raise ValueError(f"--show-ranks applies to lamda and lamda++, not {bad}")
-    result = {}
-    for method in method_names:
-        config = methods.make_config(method, _task_type(args.model), **_options_for(method, _method_options(args)))
-        result[method] = lamda_ranks(_builder(args.model, [method])(), config)
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return
-    for method, ranks in result.items():
-        print(f"{method}: {len(ranks)} modules, total rank {sum(ranks.values())}")
-        print(_table([{"module": k, "rank": v} for k, v in ranks.items()], ["module", "rank"]))
+        print(f"{args.model} (built on the meta device, no weights)\n" + report.text_table(rows, list(rows[0])))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """The main job until the trainer lands: every method on a real model, and one adapter end to end.
+    from .demo import demo
 
-    Teaches LoRETTA_rep one new answer in a few AdamW steps, then shows the answer through the adapted
-    model, the adapter saved and reloaded with ``PeftModel.from_pretrained``, and the merged plain model.
-    """
-    from peft import PeftModel
-
-    t0 = time.perf_counter()
-    fresh = lambda: models.load_model(args.model)[0].eval()  # noqa: E731
-    _, tokenizer = models.load_model(args.model)
-    task_type = _task_type(args.model)
-    options = _method_options(args)
-    rows = count_rows(fresh, task_type, list(methods.METHODS), options)
-    print(f"{args.model}: parameters per method\n" + _table(rows, list(rows[0])))
-    if task_type != "CAUSAL_LM":
-        return
-    messages = [{"role": "user", "content": args.prompt}]
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": args.answer}],
-                                         return_tensors="pt", return_dict=True)
-    labels = full["input_ids"].clone()
-    labels[:, : prompt["input_ids"].shape[1]] = -100  # loss on the answer only
-
-    def generate(m) -> str:
-        with torch.no_grad():
-            out = m.generate(**prompt, max_new_tokens=args.max_new_tokens, do_sample=False)
-        return tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-
-    torch.manual_seed(0)
-    model = methods.apply_method(fresh(), "loretta-rep", task_type, **_options_for("loretta-rep", options))
-    print(f"\nprompt: {args.prompt}\nbase model / LoRETTA_rep at its noise-free start: {generate(model)}")
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    model.train()
-    for step in range(args.steps):
-        loss = model(**full, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-    print(f"after {args.steps} AdamW steps on one example (loss {loss.item():.4f}): {generate(model)}")
-    out_dir = Path(args.output)
-    model.save_pretrained(out_dir)
-    size = sum(f.stat().st_size for f in out_dir.iterdir())
-    reloaded = PeftModel.from_pretrained(fresh(), out_dir).eval()
-    print(f"saved to {out_dir} ({size / 1024:.0f} KiB), reloaded: {generate(reloaded)}")
-    merged = reloaded.merge_and_unload()
-    print(f"merged into a plain {type(merged).__name__}: {generate(merged)}")
-    print(f"total time {time.perf_counter() - t0:.1f} s")
+    demo(args.model, prompt=args.prompt, answer=args.answer, steps=args.steps, lr=args.lr,
+         max_new_tokens=args.max_new_tokens, output=args.output, options=_method_options(args))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    budget = bench.parse_budget(args.budget)
-    out = Path(args.out or f"results/bench/{Path(args.model).name}-{'cuda' if torch.cuda.is_available() else 'cpu'}")
-    results = bench.run_bench(args.model, args.tasks.split(","), _methods(args.methods, args.model), budget, out,
-                              Path(args.work_dir) / out.name, [int(r) for r in args.ranks.split(",") if r],
-                              _methods(args.sweep) if args.sweep else [], args.dtype, args.memory, args.force)
+    spent = budget.parse_budget(args.budget)
+    out = Path(args.out or f"results/bench/{Path(args.model).name}-{models.default_device().type}")
+    results = bench.Bench(args.model, args.tasks.split(","), params.method_names(args.methods, args.model), spent,
+                          out, Path(args.work_dir) / out.name, [int(r) for r in args.ranks.split(",") if r],
+                          params.method_names(args.sweep) if args.sweep else [], args.dtype, args.memory,
+                          args.force).run()
     failed = [r["bench"]["slug"] for r in results if r.get("failed")]
     if failed:
         sys.exit(f"leanft: error: {len(failed)} run(s) failed: {', '.join(failed)} (see {out / 'README.md'})")
 
 
 def cmd_estimate(args: argparse.Namespace) -> None:
-    from . import estimate
+    from .measure import estimate
 
     names = lambda spec: tuple(spec.split(",")) if spec else None  # noqa: E731
     if args.check:
@@ -182,17 +83,16 @@ def cmd_estimate(args: argparse.Namespace) -> None:
         result = estimate.paper_scale(names(args.models) or estimate.PAPER_MODELS,
                                       names(args.methods) or estimate.PAPER_METHODS, args.batch_size, args.seq_len,
                                       args.dtype, args.device)
-    print(estimate.to_markdown(result))
+    print(report.estimate_markdown(result))
     if args.output:
-        bench.save(result, Path(args.output))
+        save(result, Path(args.output))
         print(f"saved {args.output}")
 
 
 def cmd_micro(args: argparse.Namespace) -> None:
-    from . import micro
+    from .measure import micro
 
     sizes = tuple(int(d) for d in args.hidden_sizes.split(","))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     results = {}
     if args.layers:
         results["layers"] = micro.layer_bench(sizes, tuple(args.methods.split(",")), args.tokens)
@@ -201,13 +101,13 @@ def cmd_micro(args: argparse.Namespace) -> None:
     for kind, result in results.items():
         print(micro.to_markdown(result) + "\n")
         if args.output_dir:
-            path = Path(args.output_dir) / f"micro-{kind}-{device}.json"
-            bench.save(result, path)
+            path = Path(args.output_dir) / f"micro-{kind}-{models.default_device().type}.json"
+            save(result, path)
             print(f"saved {path}")
 
 
 def cmd_forward(args: argparse.Namespace) -> None:
-    result = bench.forward_times(args.model, tuple(args.methods.split(",")), args.batch, args.seq_len, args.repeats)
+    result = steps.forward_times(args.model, tuple(args.methods.split(",")), args.batch, args.seq_len, args.repeats)
     print(f"{result['model']}: forward of batch {args.batch} x {args.seq_len} tokens on {result['machine']}, "
           f"median of {args.repeats}")
     show(result, list(result["rows"][0]), args.output)
@@ -215,9 +115,9 @@ def cmd_forward(args: argparse.Namespace) -> None:
 
 def show(result: dict, columns: list[str], output: str | None) -> None:
     """A measurement's rows as a table, and its JSON written to ``output`` when given."""
-    print(_table([{c: r[c] for c in columns} for r in result["rows"]], columns))
+    print(report.text_table([{c: r[c] for c in columns} for r in result["rows"]], columns))
     if output:
-        bench.save(result, Path(output))
+        save(result, Path(output))
         print(f"saved {output}")
 
 
@@ -302,29 +202,31 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate_saved
+
     cfg = train_config(args)
     cfg.task = getattr(args, "task", "")
     print(json.dumps(evaluate_saved(args.adapter, cfg), indent=1))
 
 
 def cmd_memory(args: argparse.Namespace) -> None:
-    result = bench.memory_compare(args.model, args.task, args.batch_size, args.steps,
-                                  _methods(args.methods) if args.methods else None)
+    result = steps.memory_compare(args.model, args.task, args.batch_size, args.steps,
+                                  params.method_names(args.methods) if args.methods else None)
     columns = ["run", "peak_mb", "baseline_mb", "peak_vs_inference", "step_s", "trainable"]
     print(f"{args.model} on one {args.task} batch of {args.batch_size}: peak memory ({result['device']})")
     show(result, columns, args.output)
 
 
 def cmd_steps(args: argparse.Namespace) -> None:
-    result = bench.step_times(args.model, args.task, _methods(args.methods), args.batch_size, args.steps)
+    result = steps.step_times(args.model, args.task, params.method_names(args.methods), args.batch_size, args.steps)
     print(f"{args.model} on {args.task}, batch {args.batch_size}: seconds per training step ({result['machine']})")
     show(result, ["method", "queries", "step_s", "trainable"], args.output)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    print(bench.report([Path(p) for p in args.metrics]))
+    print(report.report([Path(p) for p in args.metrics]))
     if args.plot:
-        bench.plot_runs([Path(p) for p in args.metrics], Path(args.plot))
+        report.plot_runs([Path(p) for p in args.metrics], Path(args.plot))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -418,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_micro)
 
     p = measurement("forward", "forward time of each method on a real model, side by side", cmd_forward)
-    p.add_argument("--methods", default=",".join(bench.DEFAULT_METHODS), help="'base' is the model without adapter")
+    p.add_argument("--methods", default=",".join(steps.DEFAULT_METHODS), help="'base' is the model without adapter")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--repeats", type=int, default=10)

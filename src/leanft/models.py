@@ -154,6 +154,16 @@ def model_kind(name: str) -> str:
     raise _unknown(name)
 
 
+def task_type(name: str) -> str:
+    """The PEFT task type of a model: ``"CAUSAL_LM"`` for decoders, ``"SEQ_CLS"`` for encoders."""
+    return "CAUSAL_LM" if model_kind(name) == "causal" else "SEQ_CLS"
+
+
+def default_device() -> torch.device:
+    """Where leanft runs a model: the GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _default_task(name: str, task: str | None) -> str:
     """Resolve task None to the natural head of the model and validate it."""
     if task is None:

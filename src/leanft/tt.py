@@ -42,10 +42,9 @@ CLS_TENSOR_SHAPE: dict[int, list[int]] = {
 
 MAX_MODE = 64  # a prime factor above this makes a mode so large that TT gains little: refuse it
 TARGET_MODE = 8  # balanced factorisation aims at modes of about this size
-# Matrix products with fewer than NARROW_COLUMNS output columns run far below their multiply-add count
-# (bandwidth-bound; on x86 CPUs in float32 a 512 x 4096 @ 4096 x 8 product took 2.6x as long as the
-# same product with 16 columns, results/micro-contractions-cpu.json): the cost model charges them as
-# NARROW_COST columns wide.
+# Matrix products with fewer than NARROW_COLUMNS output columns are bandwidth-bound and run far below
+# their multiply-add count, so the cost model charges them as NARROW_COST columns wide (the measurements
+# behind these two numbers are in BENCHMARKS.md, "TT contractions").
 NARROW_COLUMNS = 16
 NARROW_COST = 40
 
@@ -144,6 +143,7 @@ class TTMatrix(nn.Module):
         out_features: int,
         rank: int,
         shape: list[int] | None = None,
+        *,
         bias: bool = False,
         trainable: bool = True,
         device: torch.device | str | None = None,
@@ -189,9 +189,8 @@ class TTMatrix(nn.Module):
 
     def frozen_copy(self) -> "TTMatrix":
         """A copy whose cores and bias are buffers (saved, never trained)."""
-        copy = TTMatrix(
-            self.in_features, self.out_features, self.rank, self.shape, self.bias is not None, False, "meta"
-        )
+        copy = TTMatrix(self.in_features, self.out_features, self.rank, self.shape, bias=self.bias is not None,
+                        trainable=False, device="meta")
         for k, core in enumerate(self.cores):
             copy.register_buffer(f"core_{k}", core.detach().clone())
         if self.bias is not None:

@@ -3,7 +3,7 @@
 One step on a batch with ``Q`` queries: for each query ``q`` draw a seed, perturb the trainable
 parameters by ``+eps z_q`` and ``-eps z_q`` (``z_q ~ N(0, I)`` regenerated from the seed, never stored),
 take the two losses, and form the projected gradient ``p_q = (l+ - l-) / (2 eps)``. The update is
-``theta <- theta - lr * (mean_q p_q z_q + wd * theta)`` with no weight decay on biases and norms.
+``theta <- theta - lr * (mean_q p_q z_q + wd * theta)``, decay only where ``decays(param)`` says so.
 Only forward passes run (no autograd graph, no optimiser state), in eval mode, so memory stays at that
 of inference plus, for small trainable sets, one copy of them.
 
@@ -42,12 +42,6 @@ def query_seed(run_seed: int, step: int, query: int) -> int:
     return int(np.random.SeedSequence([run_seed, step, query]).generate_state(1)[0])
 
 
-def no_decay(name: str) -> bool:
-    """Biases and normalisation weights get no weight decay (MeZO/AdaZeta; the final norm too)."""
-    lowered = name.lower()
-    return "bias" in lowered or "norm" in lowered
-
-
 @dataclass
 class ZOStep:
     """What one step did: enough to replay it."""
@@ -66,17 +60,19 @@ class ZOEngine:
     def __init__(
         self,
         model: torch.nn.Module,
+        *,
         eps: float = 1e-3,
         weight_decay: float = 0.0,
         seed: int = 0,
         copy_limit: int = 50_000_000,
         blowup: float = 10.0,
+        decays: Callable[[torch.Tensor], bool] = lambda param: True,
     ) -> None:
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.named:
             raise ValueError("zeroth-order training needs trainable parameters; the model has none")
         self.params = [p for _, p in self.named]
-        self.decay = [0.0 if no_decay(n) else weight_decay for n, _ in self.named]
+        self.decay = [weight_decay if decays(p) else 0.0 for p in self.params]
         self.eps, self.seed, self.blowup = eps, seed, blowup
         self.numel = sum(p.numel() for p in self.params)
         self.exact = self.numel <= copy_limit

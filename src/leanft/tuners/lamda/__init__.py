@@ -1,7 +1,8 @@
 from ..common import LeanftPeftType, register
 from .config import LamdaConfig
 from .layer import LamdaLayer, Linear
-from .model import LamdaModel, lamda_ranks
+from .model import LamdaModel
+from .schedule import lamda_ranks
 
 __all__ = ["LamdaConfig", "LamdaLayer", "LamdaModel", "Linear", "lamda_ranks"]
 

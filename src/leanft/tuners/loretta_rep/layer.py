@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -53,9 +52,9 @@ class LorettaRepLayer(BaseTunerLayer):
 
         With the noise-free start, ``x`` meets both input factors in one ``2r``-wide product
         ``x [W_A | W_A0]`` (the dense factors, ``in x r``, are cheap to rebuild from the cores) instead of
-        two narrow TT contractions: small layers were 1.3x slower than LoRA that way
-        (results/micro-layers-cpu.json). The two halves then go through ``W_B`` and ``W_B0`` separately
-        so that the start is exactly zero, not zero up to rounding.
+        two narrow TT contractions, which are bandwidth-bound (measured in BENCHMARKS.md, adapter layers).
+        The two halves then go through ``W_B`` and ``W_B0`` separately so that the start is exactly zero,
+        not zero up to rounding.
         """
         x = self.loretta_rep_dropout[name](x.float())
         a, b, s = self.loretta_rep_A[name], self.loretta_rep_B[name], self.scaling[name]

@@ -52,10 +52,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers import AutoConfig
 
-from .bench import RssSampler, first_order_times, psutil_rss
-from .methods import ZO_METHODS, apply_method, count_parameters, resolve_method
-from .models import BUILTIN_CONFIGS, TASKS, load_model, meta_model, model_kind
-from .zo import ZOEngine
+from ..methods import ZO_METHODS, apply_method, count_parameters, resolve_method
+from ..models import (
+    BUILTIN_CONFIGS,
+    TASKS,
+    default_device,
+    load_model,
+    meta_model,
+    model_kind,
+    task_type,
+)
+from ..zo import ZOEngine
+from .steps import timed_steps, updater
+from .system import RssSampler, rss_mb
 
 MB = 2**20
 ZO_COPY_LIMIT: int = inspect.signature(ZOEngine).parameters["copy_limit"].default
@@ -260,15 +269,10 @@ def paper_scale(models: tuple[str, ...] = PAPER_MODELS, methods: tuple[str, ...]
 
 
 def train_steps(model: nn.Module, method: str, ids: torch.Tensor, causal: bool, steps: int) -> None:
-    """``steps`` training steps as leanft takes them: AdamW (forward, backward, update) for first-order
-    methods, one-query SPSA steps (``zo.ZOEngine``, eval mode) for zeroth-order ones."""
-    if method in ZO_METHODS:
-        model.eval()
-        engine = ZOEngine(model)
-        for step in range(steps):
-            engine.step(step, lambda: float(step_loss(model, ids, causal)), 1, 1e-6)
-        return
-    first_order_times(model, [lambda: step_loss(model, ids, causal)] * steps)
+    """``steps`` training steps as leanft takes them (``measure.steps.updater``): AdamW for first-order
+    methods, one-query SPSA steps for zeroth-order ones."""
+    objective = lambda net, batch: step_loss(net, batch, causal)  # noqa: E731
+    timed_steps(updater(model, model, objective, method in ZO_METHODS), [ids] * steps)
 
 
 def cpu_allocated_peak(run) -> int:
@@ -302,12 +306,12 @@ def measure(model_name: str, method: str, batch_size: int, seq_len: int, steps: 
     then, for the same steps again, the CPU allocator's own peak plus the weights (``allocated_mb``).
     Two steps by default: AdamW's state exists from the first update on, so the second is the steady state.
     """
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device().type
     gc.collect()
-    before = psutil_rss()
+    before = rss_mb()
     model = load_model(model_name)[0]
     causal = model_kind(model_name) == "causal"
-    model = apply_method(model, method, "CAUSAL_LM" if causal else "SEQ_CLS").to(device)
+    model = apply_method(model, method, task_type(model_name)).to(device)
     ids = random_ids(model.config.vocab_size, model.config.pad_token_id, batch_size, seq_len).to(device)
     gc.collect()
     result = {"device": device}
@@ -327,7 +331,7 @@ def measure(model_name: str, method: str, batch_size: int, seq_len: int, steps: 
 def check(model_name: str, method: str, batch_size: int, seq_len: int, steps: int = 2) -> dict:
     """``estimate`` (float32, this machine's device) against ``measure`` in a fresh process, with the
     relative error ``(estimate - measured) / measured`` (and against the CPU allocator's peak on CPU)."""
-    code = (f"import json, leanft.estimate as e; print(json.dumps(e.measure({model_name!r}, {method!r}, "
+    code = (f"import json, leanft.measure.estimate as e; print(json.dumps(e.measure({model_name!r}, {method!r}, "
             f"{batch_size}, {seq_len}, {steps})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if out.returncode:
@@ -347,32 +351,3 @@ def check_all(models: tuple[str, ...] = ("smollm2-135m", "minilm-l6"), methods: 
     return {"kind": "estimate vs measured", "device": rows[0]["device"], "batch_size": batch_size,
             "seq_len": seq_len, "steps": steps, "date": date.today().isoformat(), "torch": torch.__version__,
             "rows": rows}
-
-
-def to_markdown(result: dict) -> str:
-    """A Markdown table of ``paper_scale`` or ``check_all`` results."""
-    rows = result["rows"]
-    if "measured_mb" in rows[0]:
-        cpu = result["device"] == "cpu"
-        lines = [f"**Training memory: estimate vs measured peak** ({result['device']}, float32, batch "
-                 f"{result['batch_size']} x {result['seq_len']} tokens, {result['steps']} steps; MB)", "",
-                 "| model | method | trainable | estimate | measured | error |"
-                 + (" CPU allocator peak | error |" if cpu else ""),
-                 "|---|---|---|---|---|---|" + ("---|---|" if cpu else "")]
-        for r in rows:
-            extra = f" {r['allocated_mb']:,.0f} | {r['allocated_error']:+.1%} |" if cpu else ""
-            lines.append(f"| {r['model']} | {r['method']} | {r['trainable']:,} | {r['total_mb']:,.0f} | "
-                         f"{r['measured_mb']:,.0f} | {r['measured_error']:+.1%} |{extra}")
-        return "\n".join(lines)
-    shapes = ", ".join(f"{m} {b} x {s}" for m, (b, s) in result["shapes"].items())
-    lines = [f"**Training memory estimate** ({result['dtype']} weights, adapters fp32, {result['device']} "
-             f"kernels, AdamW or SPSA; batch x tokens: {shapes}; MB)", "",
-             "| model | method | trainable | weights | gradients | optimizer | activations | total |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['method']} | {r['trainable']:,} | {r['weights_mb']:,.0f} | "
-                     f"{r['gradients_mb']:,.0f} | {r['optimizer_mb']:,.0f} | {r['activations_mb']:,.0f} | "
-                     f"{r['total_mb']:,.0f} |")
-    lines += ["", "activations: all else at the step's peak: what forward and backward hold beyond the gradients "
-              "(a forward's working set for zeroth-order methods), or the optimiser's update temporaries when larger."]
-    return "\n".join(lines)

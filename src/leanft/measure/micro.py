@@ -19,9 +19,10 @@ import torch
 from peft import get_peft_model
 from torch import nn
 
-from . import methods as methods_lib
-from .bench import machine
-from .tt import TTMatrix
+from .. import methods as methods_lib
+from ..models import default_device
+from ..tt import TTMatrix
+from .system import machine
 
 HIDDEN_SIZES = (576, 1024, 2048, 4096, 8192)
 LAYER_METHODS = ("lora", "loretta-rep", "loretta-adp", "lamda")
@@ -77,7 +78,7 @@ def tt_matrices(model: nn.Module) -> dict[str, TTMatrix]:
 
 
 def _device(device: torch.device | str | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return torch.device(device) if device else default_device()
 
 
 def _sync(device: torch.device) -> None:
@@ -100,6 +101,7 @@ def _times(
     device: torch.device,
     repeats: int | None,
     min_sample_s: float,
+    *,
     inference: bool = False,
     budget_s: float = 0.0,
     statistic: Callable[[list[float]], float] = statistics.median,
@@ -174,6 +176,7 @@ def layer_bench(
     hidden_sizes: tuple[int, ...] = HIDDEN_SIZES,
     methods: tuple[str, ...] = LAYER_METHODS,
     tokens: int = 512,
+    *,
     repeats: int | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
@@ -207,11 +210,11 @@ def layer_bench(
         for block in blocks.values():
             block.eval()
         forward_fns = {name: (lambda b=b: b(x)) for name, b in blocks.items()}
-        forward, fwd_rounds = _times(forward_fns, device, repeats, min_sample_s, True, budget)
+        forward, fwd_rounds = _times(forward_fns, device, repeats, min_sample_s, inference=True, budget_s=budget)
         for block in blocks.values():
             block.train()
         both_fns = {name: (lambda b=b: b(x_grad).sum().backward()) for name, b in blocks.items()}
-        both, both_rounds = _times(both_fns, device, repeats, min_sample_s, False, budget)
+        both, both_rounds = _times(both_fns, device, repeats, min_sample_s, budget_s=budget)
         memory = {name: _train_memory(b, x, device) for name, b in blocks.items()}
         result["rounds"][d] = {"fwd": fwd_rounds, "fwdbwd": both_rounds}
         fwd_ms = {name: round(1000 * t, 4) for name, t in forward.items()}
@@ -230,7 +233,7 @@ def layer_bench(
 
 
 def _contraction_row(
-    d: int, method: str, name: str, tt: TTMatrix, tokens: int, device: torch.device, repeats: int,
+    d: int, method: str, name: str, tt: TTMatrix, tokens: int, *, device: torch.device, repeats: int,
     min_sample_s: float,
 ) -> dict:
     """Times of ``tt`` with each contraction forced and chosen automatically, for ``tokens`` rows."""
@@ -243,7 +246,7 @@ def _contraction_row(
     forward = {mode: (lambda m=mode: tt(x, m)) for mode in modes} | {"auto": lambda: tt(x)}
     both = {mode: (lambda m=mode: tt(x_grad, m).sum().backward()) for mode in modes}
     both["auto"] = lambda: tt(x_grad).sum().backward()
-    fwd = _times(forward, device, repeats, min_sample_s, True, statistic=min)[0]
+    fwd = _times(forward, device, repeats, min_sample_s, inference=True, statistic=min)[0]
     bwd = _times(both, device, repeats, min_sample_s, statistic=min)[0]
     fwd, bwd = ({k: round(1000 * t, 4) for k, t in times.items()} for times in (fwd, bwd))
     tt.zero_grad(set_to_none=True)
@@ -288,7 +291,8 @@ def contraction_bench(
         for method in methods:
             for name, tt in tt_matrices(build(method, base)).items():
                 for n in tokens:
-                    result["rows"].append(_contraction_row(d, method, name, tt, n, device, repeats, min_sample_s))
+                    result["rows"].append(_contraction_row(d, method, name, tt, n, device=device, repeats=repeats,
+                                                           min_sample_s=min_sample_s))
     result["all_ok"] = all(row["ok"] for row in result["rows"])
     return result
 

@@ -1,0 +1,81 @@
+"""Task metrics of a model: candidate scoring for classification and multiple choice, greedy generation
+for generation tasks; sharded over data-parallel processes and gathered on every rank."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object
+from peft import PeftModel
+
+from . import models, objectives, tasks
+from .config import TrainConfig
+from .loading import Loaded, accelerator, load_tasks
+from .tasks.collate import encode, to_device
+
+
+@torch.no_grad()
+def evaluate(run: Loaded, task: tasks.Task, examples: list[dict]) -> dict[str, float]:
+    """Task metrics on ``examples``; each process scores every ``num_processes``-th example."""
+    accel, cfg = run.accelerator, run.cfg
+    was_training = run.net.training
+    run.net.eval()
+    shard = examples[accel.process_index :: accel.num_processes]
+    preds: list[tuple[int, Any]] = []
+    for start in range(0, len(shard), cfg.eval_batch_size):
+        chunk = shard[start : start + cfg.eval_batch_size]
+        idx = range(accel.process_index + start * accel.num_processes, len(examples), accel.num_processes)
+        if task.kind == "generation":
+            out = generate(run, task, chunk)
+        else:
+            batch = encode(task, chunk, run.tokenizer, cfg.max_length, run.decoder)
+            _, scores = objectives.batch_loss(run.net, to_device(batch, run.device), run.decoder)
+            out = [int(s.argmax()) for s in scores]
+        preds += list(zip(idx, out))
+    preds = sorted(gather_object(preds)) if accel.num_processes > 1 else preds
+    run.net.train(was_training)
+    values = [p for _, p in preds]
+    if task.kind == "generation":
+        return tasks.score_generation(values, [task.references(ex) for ex in examples])
+    return tasks.classification_metrics(values, [task.label(ex) for ex in examples], task.num_labels)
+
+
+def generate(run: Loaded, task: tasks.Task, examples: list[dict]) -> list[str]:
+    """Greedy generation from the prompts (left-padded), cut at the first newline."""
+    tokenizer = run.tokenizer
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    enc = tokenizer([task.prompt(ex) for ex in examples], return_tensors="pt", padding=True).to(run.device)
+    tokenizer.padding_side = side
+    out = run.model.generate(**enc, max_new_tokens=run.cfg.max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [t.strip().split("\n")[0] for t in texts]
+
+
+def evaluate_saved(adapter_dir: str | Path, cfg: TrainConfig) -> dict[str, dict[str, float]]:
+    """Evaluate a saved ``best/`` folder (a PEFT adapter, or a fully fine-tuned model) on cfg's tasks."""
+    adapter_dir = Path(adapter_dir)
+    info_file = adapter_dir / "leanft_run.json"
+    if not info_file.is_file():
+        raise FileNotFoundError(f"{adapter_dir} is not a leanft run output (no leanft_run.json)")
+    info = json.loads(info_file.read_text())
+    cfg.model, cfg.method = info["model"], info["method"]
+    if not (cfg.train_file or cfg.dataset or cfg.task):
+        cfg.task = ",".join(info["tasks"])
+    task_data = load_tasks(cfg)
+    accel = accelerator()
+    decoder = models.model_kind(cfg.model) == "causal"
+    num_labels = max(t.num_labels for t, _ in task_data)
+    dtype = getattr(torch, cfg.dtype)
+    if (adapter_dir / "adapter_config.json").is_file():
+        base, tokenizer = models.load_model(cfg.model, num_labels=num_labels, dtype=dtype)
+        model = PeftModel.from_pretrained(base, adapter_dir)
+    else:
+        model, tokenizer = models.load_model(str(adapter_dir), num_labels=num_labels, dtype=dtype,
+                                             task="causal" if decoder else "seq_cls")
+    model = model.to(accel.device).eval()
+    run = Loaded(model, objectives.network(model, decoder), tokenizer, decoder, accel, cfg)
+    return {t.name: evaluate(run, t, splits.eval) for t, splits in task_data}

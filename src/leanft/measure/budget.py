@@ -1,0 +1,74 @@
+"""What every run of a bench gets (``Budget``), and the size knob a rank sweep turns per method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+from .. import methods
+from ..models import default_device
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What every run of a bench gets, so methods compare at equal data and compute.
+
+    First-order runs train ``epochs`` over ``train`` examples at ``batch`` (dev set ``dev`` picks the
+    best checkpoint); zeroth-order runs spend exactly ``forwards`` training forward passes (2 per SPSA
+    query) at ``zo_batch`` with a constant lr and no dev set (MeZO's protocol). Every run evaluates on
+    the same ``eval`` examples; evaluation forwards are not counted in the budget.
+    """
+
+    train: int = 1000
+    dev: int = 500
+    eval: int = 500
+    epochs: float = 1.0
+    batch: int = 8
+    forwards: int = 400
+    zo_batch: int = 16
+    seed: int = 0
+
+
+BUDGETS = {
+    "smoke": Budget(train=8, dev=0, eval=8, batch=4, forwards=6, zo_batch=4),
+    "quick": Budget(train=400, dev=100, eval=300, forwards=300),
+    "standard": Budget(),
+}
+# The size knob a rank sweep turns, per method (the TT methods' size is set by their TT rank).
+RANK_OPTION = {"lora": "rank", "mezo-lora": "rank", "lamda": "rank", "lamda++": "rank",
+               "loretta-rep": "tt_rank", "loretta-adp": "tt_rank", "adazeta": "tt_rank"}
+SHORT = {"rank": "r", "tt_rank": "tt"}
+
+
+def parse_budget(spec: str) -> Budget:
+    """A preset (``smoke``, ``quick``, ``standard``) optionally followed by overrides: ``quick,forwards=600``."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    name = parts.pop(0) if parts and "=" not in parts[0] else "standard"
+    if name not in BUDGETS:
+        raise ValueError(f"unknown budget {name!r}; presets: {', '.join(BUDGETS)} (then key=value overrides)")
+    kinds = {f.name: f.type for f in fields(Budget)}
+    values: dict = {}
+    for part in parts:
+        key, _, value = part.partition("=")
+        if key not in kinds or not value:
+            raise ValueError(f"bad budget entry {part!r}; expected key=value with key one of {', '.join(kinds)}")
+        values[key] = float(value) if kinds[key] == "float" else int(value)
+    budget = replace(BUDGETS[name], **values)
+    if budget.forwards % 2 or budget.forwards <= 0:
+        raise ValueError(f"forwards={budget.forwards}: the zeroth-order budget must be a positive even number "
+                         "(each query costs two forward passes)")
+    return budget
+
+
+def default_rank(method: str, task_type: str) -> int | None:
+    """The value of the method's sweep knob in its default config (None for full fine-tuning / MeZO)."""
+    option = RANK_OPTION.get(method)
+    if option is None:
+        return None
+    return getattr(methods.make_config(method, task_type), methods.OPTION_FIELDS[method][option])
+
+
+def default_dtype() -> str:
+    """Weights dtype of a bench: bfloat16 on CUDA (how GPUs train), float32 on CPU (bf16 matmuls are slow there)."""
+    return "bfloat16" if default_device().type == "cuda" else "float32"
+
+

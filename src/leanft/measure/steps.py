@@ -1,0 +1,184 @@
+"""Time and memory of training steps, measured on real models through the steps training takes
+(``optim.FirstOrder`` / ``optim.ZerothOrder``): ``leanft steps``, ``leanft memory``, ``leanft forward``."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+
+import torch
+
+from .. import loading, methods, models, objectives, optim, tasks
+from ..config import TrainConfig
+from ..tasks.collate import encode, to_device
+from .system import RssSampler, machine, release_freed_memory, rss_mb
+
+DEFAULT_METHODS = ("base", "lora", "loretta-rep", "loretta-adp")
+# (row label, method, mode): "frozen" is a first-order step of LaMDA after its freezing phase (only S trains).
+MEMORY_RUNS = (("inference", "full", "inference"), ("mezo (full)", "mezo", "zo"), ("mezo-lora", "mezo-lora", "zo"),
+               ("adazeta", "adazeta", "zo"), ("lora (AdamW)", "lora", "first-order"),
+               ("loretta-rep (AdamW)", "loretta-rep", "first-order"),
+               ("loretta-adp (AdamW)", "loretta-adp", "first-order"),
+               ("lamda (AdamW)", "lamda", "first-order"),
+               ("lamda, P_B frozen (AdamW)", "lamda", "frozen"), ("lamda++, P_B frozen (AdamW)", "lamda++", "frozen"),
+               ("full (AdamW)", "full", "first-order"))
+
+
+def task_loss(decoder: bool) -> optim.Objective:
+    """The training objective of ``leanft train`` on one encoded batch."""
+    return lambda net, batch: objectives.batch_loss(net, batch, decoder)[0]
+
+
+def updater(model, net, objective: optim.Objective, zeroth_order: bool, queries: int = 1):
+    """The step a measurement takes: one-batch SPSA at ``queries`` queries, or AdamW with the method's own
+    schedule held still (so each phase of LaMDA is measured on its own)."""
+    if zeroth_order:
+        return optim.ZerothOrder(model, net, objective, 1e-6, queries=lambda epoch: queries)
+    return optim.FirstOrder(model, net, objective, 1e-5, method_schedule=False)
+
+
+def timed_steps(step_with, batches: list) -> list[float]:
+    """Seconds of each ``step_with.step`` on each batch in turn."""
+    times = []
+    for i, batch in enumerate(batches):
+        t0 = time.perf_counter()
+        step_with.step(i, 0, [batch])
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def forward_times(model_name: str, method_names: tuple[str, ...] = DEFAULT_METHODS, batch: int = 8, seq_len: int = 64,
+                  repeats: int = 10, warmup: int = 2) -> dict:
+    """Median forward time of each method's adapted model on the same random batch.
+
+    Methods run round-robin (one forward each per round), so drifts in machine load hit them all alike;
+    ``base`` is the model without an adapter. Ratios are against PEFT LoRA when it is measured.
+    """
+    device = models.default_device()
+    built = {}
+    for name in method_names:
+        fresh = models.load_model(model_name)[0]
+        adapted = fresh if name == "base" else methods.apply_method(fresh, name, models.task_type(model_name))
+        built[name] = adapted.to(device).eval()
+    vocab = next(iter(built.values())).config.vocab_size
+    tokens = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    samples: dict[str, list[float]] = {name: [] for name in method_names}
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            for name, m in built.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                m(input_ids=tokens)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if i >= warmup:
+                    samples[name].append(time.perf_counter() - t0)
+    median = {name: statistics.median(s) for name, s in samples.items()}
+    ref = median.get("lora")
+    rows = [{"method": name, "forward_ms": round(1000 * t, 2), "vs_lora": round(t / ref, 3) if ref else None,
+             **methods.count_parameters(built[name])} for name, t in median.items()]
+    return {"model": model_name, "batch": batch, "seq_len": seq_len, "repeats": repeats, "device": device.type,
+            "machine": machine(), "torch": torch.__version__, "date": date.today().isoformat(), "rows": rows}
+
+
+def step_times(model_name: str, task_name: str, method_names: list[str], batch_size: int = 8, steps: int = 8,
+               queries: tuple[int, ...] = (1, 2, 4, 8)) -> dict:
+    """Seconds per training step of each method on the same batches (median after one warm-up step).
+
+    First-order methods take an AdamW step; zeroth-order ones an SPSA step, once per number of queries in
+    ``queries``, to show how a step's cost grows with Q. LaMDA is timed twice: while P_B trains and after
+    it is frozen.
+    """
+    task = tasks.get_task(task_name)
+    examples = tasks.load_splits(task_name, batch_size * (steps + 1), 0, 0).train
+    decoder = models.model_kind(model_name) == "causal"
+    rows = []
+    for method in method_names:
+        model, tokenizer = models.load_model(model_name)
+        model = methods.apply_method(model, method, models.task_type(model_name))
+        net = objectives.network(model, decoder)
+        batches = [encode(task, examples[i * batch_size:(i + 1) * batch_size], tokenizer, 256, decoder, training=True)
+                   for i in range(steps + 1)]
+        zo = method in methods.ZO_METHODS
+        for q in queries if zo else (None,):
+            times = timed_steps(updater(model, net, task_loss(decoder), zo, q or 1), batches)
+            rows.append({"method": method, "queries": q, "step_s": round(statistics.median(times[1:]), 3),
+                         **methods.count_parameters(model)})
+        if method in ("lamda", "lamda++"):  # again once P_B is frozen: only S trains
+            model.base_model.update_freezing(1, 1)
+            times = timed_steps(updater(model, net, task_loss(decoder), False), batches)
+            rows.append({"method": f"{method} (P_B frozen)", "queries": None,
+                         "step_s": round(statistics.median(times[1:]), 3), **methods.count_parameters(model)})
+    return {"model": model_name, "task": task_name, "batch_size": batch_size, "steps": steps, "machine": machine(),
+            "date": date.today().isoformat(), "rows": rows}
+
+
+def memory_child(model_name: str, method: str, mode: str, task_name: str, batch_size: int, steps: int, *,
+                 dtype: str = "float32") -> dict:
+    """Peak memory of ``steps`` steps of one kind on one fixed batch, in this (fresh) process.
+
+    ``baseline`` is measured after loading the model and applying the method, so ``peak - baseline`` is
+    the working memory of the step itself (activations, gradients, optimiser state, perturbation copies).
+    The model, its head and the batch are built as ``leanft train`` builds them, decoders and encoders alike.
+    """
+    device = models.default_device()
+    cfg = TrainConfig(model=model_name, method=method, task=task_name, dtype=dtype, batch_size=batch_size)
+    task = tasks.get_task(task_name)
+    model, tokenizer, decoder = loading.build_model(cfg, [task])
+    model.to(device)
+    examples = tasks.load_splits(task_name, batch_size, 0, 0).train
+    batch = to_device(encode(task, examples, tokenizer, cfg.max_length, decoder, training=True), device)
+    net = objectives.network(model, decoder)
+    if mode == "frozen":
+        model.base_model.update_freezing(1, 1)
+    step_with = None if mode == "inference" else updater(model, net, task_loss(decoder), mode == "zo")
+    release_freed_memory()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated() / 2**20
+    else:
+        baseline = rss_mb()
+        sampler = RssSampler()
+    t0 = time.perf_counter()
+    if step_with is None:
+        net.eval()
+        with torch.no_grad():
+            for _ in range(steps):
+                objectives.batch_loss(net, batch, decoder)
+    else:
+        timed_steps(step_with, [batch] * steps)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else sampler.stop()
+    return {"method": method, "mode": mode, "peak_mb": round(peak, 1), "baseline_mb": round(baseline, 1),
+            "step_s": round((time.perf_counter() - t0) / steps, 3), **methods.count_parameters(model)}
+
+
+def memory_compare(model_name: str, task_name: str, batch_size: int, steps: int = 3,
+                   method_names: list[str] | None = None, dtype: str = "float32") -> dict:
+    """``memory_child`` for the entries of ``MEMORY_RUNS`` (those of ``method_names`` when given, plus
+    inference, the reference), each in its own process (peaks never mix)."""
+    rows, failed = [], []
+    for label, method, mode in MEMORY_RUNS:
+        if method_names and mode != "inference" and method not in method_names:
+            continue
+        code = (f"import json, leanft.measure.steps as s; print(json.dumps(s.memory_child({model_name!r}, "
+                f"{method!r}, {mode!r}, {task_name!r}, {batch_size}, {steps}, dtype={dtype!r})))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if out.returncode:
+            error = (out.stderr.strip().splitlines() or ["no output"])[-1]
+            print(f"memory of {label} failed: {error}")
+            failed.append({"run": label, "error": error})
+            continue
+        rows.append({"run": label, **json.loads(out.stdout.strip().splitlines()[-1])})
+    ref = next((r for r in rows if r["mode"] == "inference"), None)
+    if ref is None:
+        raise RuntimeError(f"inference of {model_name} failed, the reference of every peak: {failed[0]['error']}")
+    for r in rows:
+        r["peak_vs_inference"] = round(r["peak_mb"] / ref["peak_mb"], 3)
+    return {"model": model_name, "task": task_name, "batch_size": batch_size, "steps": steps, "dtype": dtype,
+            "device": models.default_device().type, "machine": machine(), "date": date.today().isoformat(),
+            "rows": rows, "failed": failed}

@@ -1,0 +1,171 @@
+"""How a step updates the model: AdamW (``FirstOrder``) or SPSA (``ZerothOrder``), behind one interface.
+
+Both take ``step(step, epoch, micro_batches) -> row``: they compute ``objective(net, micro_batch)`` for
+each micro-batch, update the trainable parameters of ``model`` and return what the step did (its loss,
+the parameters it updated, and for SPSA its query count and projected gradient). Training, the
+benchmarks (``leanft steps``, ``leanft memory``) and the memory estimator's check all step through
+these two classes, so how a step runs is written once.
+
+Weight decay follows a structural rule: tensors of two or more dimensions (weight matrices, TT cores,
+LaMDA's core) decay; vectors (biases, normalisation scales) do not, in AdamW and in SPSA alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import get_scheduler
+
+from . import checkpoint
+from .tuners import LamdaModel
+from .zo import ZOEngine
+
+Objective = Callable[[nn.Module, Any], torch.Tensor]
+
+
+def decays(param: torch.Tensor) -> bool:
+    """Whether weight decay applies: matrices and higher-order tensors yes, biases and norm scales no."""
+    return param.ndim >= 2
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: trainable tensors that decay, then those that do not."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in trainable if decays(p)], "weight_decay": weight_decay},
+            {"params": [p for p in trainable if not decays(p)], "weight_decay": 0.0}]
+
+
+def trainable_now(model: nn.Module) -> int:
+    """Parameters the next update changes (LaMDA counts only P_B's columns not yet frozen)."""
+    tuner = getattr(model, "base_model", None)
+    if isinstance(tuner, LamdaModel):
+        return int(tuner.trainable_counts()["total"])
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def after_step(model: nn.Module, total_steps: int) -> Callable[[int], None]:
+    """What a method does after each optimiser step, given the steps done: LaMDA freezes P_B's columns
+    on its schedule; other methods do nothing."""
+    tuner = getattr(model, "base_model", None)
+    if isinstance(tuner, LamdaModel):
+        return lambda done: tuner.update_freezing(done, total_steps)
+    return lambda done: None
+
+
+class FirstOrder:
+    """AdamW with a learning-rate schedule and gradient accumulation; data-parallel through accelerate.
+
+    ``net`` computes the objective (it is what DDP wraps); ``model`` owns the trainable parameters.
+    ``method_schedule=False`` keeps a method's own schedule still (a measurement of one phase of LaMDA).
+    """
+
+    shard = True  # each process trains on its own slice of the global batch
+
+    def __init__(self, model: nn.Module, net: nn.Module, objective: Objective, lr: float, *, weight_decay: float = 0.0,
+                 scheduler: str = "constant", warmup_steps: int = 0, total_steps: int = 1, accelerator=None,
+                 method_schedule: bool = True) -> None:
+        optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
+        self.scheduler = get_scheduler(scheduler, optimizer, warmup_steps, total_steps)
+        if accelerator is not None:
+            net, optimizer = accelerator.prepare(net, optimizer)
+        self.backward = accelerator.backward if accelerator is not None else torch.Tensor.backward
+        self.model, self.net, self.objective, self.optimizer = model, net, objective, optimizer
+        self.after_step = after_step(model, total_steps) if method_schedule else (lambda done: None)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def step(self, step: int, epoch: int, micro_batches: list) -> dict:
+        """Forward and backward of every micro-batch (gradients averaged), then one AdamW update. A
+        non-finite loss stops before any update and is returned as the step's loss."""
+        self.net.train()
+        losses = []
+        for batch in micro_batches:
+            loss = self.objective(self.net, batch)
+            if not torch.isfinite(loss.detach()):
+                return {"loss": float(loss.detach())}
+            self.backward(loss / len(micro_batches))
+            losses.append(float(loss.detach()))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        updated = trainable_now(self.model)
+        self.after_step(step + 1)
+        return {"loss": sum(losses) / len(losses), "updated_params": updated}
+
+    def save(self, out: Path, state: dict) -> None:
+        checkpoint.save(out, state, self.model,
+                        {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()})
+
+    def resume(self, out: Path) -> dict:
+        state, extra = checkpoint.load(out, self.model)
+        self.optimizer.load_state_dict(extra["optimizer"])
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.after_step(state["step"])  # re-apply what the schedule had reached (LaMDA's freezing)
+        return state
+
+
+class ZerothOrder:
+    """SPSA through ``zo.ZOEngine``: forward passes only, in eval mode, every process on the same batch
+    with the queries split between processes.
+
+    ``queries(epoch)`` is the schedule's query count; with ``max_forwards`` the last step's queries are
+    cut so the run spends exactly that many forward passes. With a ``log`` every step is appended to it,
+    and ``resume`` replays the log to the exact parameters.
+    """
+
+    shard = False
+
+    def __init__(self, model: nn.Module, net: nn.Module, objective: Objective, lr: float, *, eps: float = 1e-3,
+                 weight_decay: float = 0.0, seed: int = 0, blowup: float = 10.0,
+                 queries: Callable[[int], int] = lambda epoch: 1, max_forwards: int = 0, scheduler: str = "constant",
+                 warmup_steps: int = 0, total_steps: int = 1, log: checkpoint.ZOLog | None = None,
+                 resuming: bool = False) -> None:
+        if max_forwards % 2:
+            raise ValueError(f"--max-forwards {max_forwards} is odd: each zeroth-order query costs 2 forward "
+                             "passes, so only an even budget can be spent exactly")
+        self.engine = ZOEngine(model, eps=eps, weight_decay=weight_decay, seed=seed, blowup=blowup, decays=decays)
+        self.dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)  # carries the lr schedule
+        self.scheduler = get_scheduler(scheduler, self.dummy, warmup_steps, total_steps)
+        self.model, self.net, self.objective, self.log = model, net, objective, log
+        self.schedule, self.max_forwards, self.forwards = queries, max_forwards, 0
+        if log is not None and not resuming:
+            log.begin(model)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def queries(self, epoch: int) -> int:
+        q = self.schedule(epoch)
+        return min(q, (self.max_forwards - self.forwards) // 2) if self.max_forwards else q
+
+    def step(self, step: int, epoch: int, micro_batches: list) -> dict:
+        if len(micro_batches) != 1:
+            raise ValueError("zeroth-order training takes one batch per step: use --batch-size, not --grad-accum")
+        self.net.eval()  # dropout off during the perturbed forwards
+        loss_fn = lambda: float(self.objective(self.net, micro_batches[0]))  # noqa: E731
+        record = self.engine.step(step, loss_fn, self.queries(epoch), self.lr())
+        self.forwards += 2 * len(record.seeds)
+        self.dummy.step()
+        self.scheduler.step()
+        if self.log is not None:
+            self.log.append(record)
+        return {"loss": record.loss, "queries": len(record.seeds), "projected_grad": float(np.mean(record.grads)),
+                "updated_params": 0 if record.rolled_back else self.engine.numel,
+                **({"rolled_back": True} if record.rolled_back else {})}
+
+    def save(self, out: Path, state: dict) -> None:
+        checkpoint.save(out, state)
+
+    def resume(self, out: Path) -> dict:
+        state, _ = checkpoint.load(out)
+        self.forwards = state["forwards"]
+        for _ in self.log.replay(self.model, self.engine, state["step"]):
+            self.dummy.step()
+            self.scheduler.step()
+        return state

@@ -1,0 +1,95 @@
+"""From task examples to model inputs: candidate token positions for decoders, text pairs for encoders.
+
+A decoder never computes logits over every position: ``encode_candidates`` records, for each answer
+candidate, which positions predict which tokens, so the loss (``leanft.objectives``) scores exactly those.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import Task
+
+
+def encode_candidates(
+    task: Task, examples: list[dict], tokenizer, max_length: int, gold_only: bool = False
+) -> dict[str, Any]:
+    """Token ids of the prompts and candidates, padded on the right, with every candidate token located.
+
+    Each candidate is a *slot*; each of its tokens is a ``(row, col, target, slot)`` entry: the model's
+    prediction at ``col - 1`` of sequence ``row`` is scored against ``target``. When all candidates of
+    an example are single tokens (most classification verbalisers), they share one sequence, the
+    prompt alone, scored at its last position: the same numbers at a fraction of the compute.
+    Otherwise each candidate gets its own ``prompt + candidate`` sequence. Prompts are cut from the
+    left so that candidates always fit; generation targets end with EOS so the model learns to stop.
+    """
+    seqs, rows, cols, targets, slots, first, golds = [], [], [], [], [], [], []
+    n_slots = 0
+    for ex in examples:
+        prompt = tokenizer(task.prompt(ex)).input_ids
+        candidates, gold = task.candidates(ex), task.label(ex)
+        chosen = [gold] if gold_only else list(range(len(candidates)))
+        cand_ids = [tokenizer(candidates[i], add_special_tokens=False).input_ids for i in chosen]
+        if task.kind == "generation" and tokenizer.eos_token_id is not None:
+            cand_ids = [c + [tokenizer.eos_token_id] for c in cand_ids]
+        first.append(n_slots)
+        if all(len(c) == 1 for c in cand_ids):
+            ids = prompt[-(max_length - 1):]
+            for j, c in enumerate(cand_ids):
+                rows.append(len(seqs)), cols.append(len(ids)), targets.append(c[0]), slots.append(n_slots + j)
+            seqs.append(ids)
+        else:
+            for j, c in enumerate(cand_ids):
+                ids = (prompt + c)[-max_length:]
+                n = min(len(c), len(ids) - 1)
+                for k in range(len(ids) - n, len(ids)):
+                    rows.append(len(seqs)), cols.append(k), targets.append(ids[k]), slots.append(n_slots + j)
+                seqs.append(ids)
+        n_slots += len(cand_ids)
+        golds.append(0 if gold_only else gold)
+    first.append(n_slots)
+    width = max(map(len, seqs))
+    pad = tokenizer.pad_token_id
+    return {
+        "input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in seqs]),
+        "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs]),
+        "rows": torch.tensor(rows), "cols": torch.tensor(cols), "targets": torch.tensor(targets),
+        "slots": torch.tensor(slots), "first": torch.tensor(first), "gold": torch.tensor(golds), "kind": task.kind,
+    }
+
+
+def encode_pairs(task: Task, examples: list[dict], tokenizer, max_length: int) -> dict[str, Any]:
+    """Encoder classifier inputs: ``(text_a, text_b)`` pairs, labels, and the task's label count."""
+    texts = [task.encoder_text(ex) for ex in examples]
+    a = [t[0] for t in texts]
+    b = [t[1] for t in texts] if texts[0][1] is not None else None
+    enc = tokenizer(a, b, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    return {**enc, "labels": torch.tensor([task.label(ex) for ex in examples]), "num_labels": task.num_labels}
+
+
+def encode(task: Task, examples: list[dict], tokenizer, max_length: int, decoder: bool,
+           training: bool = False) -> dict[str, Any]:
+    """One task's examples as a batch. Training on a decoder scores only the gold continuation of
+    multiple-choice and generation tasks; classification always scores every candidate."""
+    if not decoder:
+        return encode_pairs(task, examples, tokenizer, max_length)
+    return encode_candidates(task, examples, tokenizer, max_length,
+                             gold_only=training and task.kind != "classification")
+
+
+def to_device(batch: dict, device: torch.device | str) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def task_batches(items: list[tuple[int, dict]], task_list: list[Task], tokenizer, max_length: int, decoder: bool,
+                 device: torch.device | str) -> list[tuple[int, dict]]:
+    """A training micro-batch of ``(task index, example)`` pairs, possibly of several tasks, as one encoded
+    batch per task: ``[(n_examples, batch), ...]``."""
+    out = []
+    for ti in sorted({ti for ti, _ in items}):
+        exs = [ex for t, ex in items if t == ti]
+        batch = encode(task_list[ti], exs, tokenizer, max_length, decoder, training=True)
+        out.append((len(exs), to_device(batch, device)))
+    return out
