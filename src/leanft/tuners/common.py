@@ -14,11 +14,7 @@ from typing import Any
 
 import torch
 from peft.config import PeftConfig
-from peft.tuners.tuners_utils import (
-    BaseTuner,
-    check_adapters_to_merge,
-    check_target_module_exists,
-)
+from peft.tuners.tuners_utils import BaseTuner, check_adapters_to_merge, check_target_module_exists
 from torch import nn
 
 
@@ -33,11 +29,7 @@ class LeanftPeftType(str, enum.Enum):
 
 def register(peft_type: LeanftPeftType, config_cls: type, model_cls: type, prefix: str) -> None:
     """Make ``peft_type`` known to PEFT (get_peft_model, save/load, PeftModel.from_pretrained)."""
-    from peft.mapping import (
-        PEFT_TYPE_TO_CONFIG_MAPPING,
-        PEFT_TYPE_TO_PREFIX_MAPPING,
-        PEFT_TYPE_TO_TUNER_MAPPING,
-    )
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
     PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
     PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
