@@ -31,6 +31,8 @@ class LamdaLayer(BaseTunerLayer):
     adapter_layer_names = ("lamda_S", "lamda_B")
     other_param_names = ("lamda_A", "lamda_B0", "lamda_S0", "lamda_B_frozen", "lamda_dropout", "r", "scaling",
                          "lamda_frozen", "freeze_order")
+    # trainable S and P_B -> their SVD start (absent for svd_zero): weight decay pulls towards it
+    start_copies = {"lamda_S": "lamda_S0", "lamda_B": "lamda_B0"}
 
     def __init__(self, base_layer: nn.Module, name: str = "") -> None:
         self.base_layer = base_layer

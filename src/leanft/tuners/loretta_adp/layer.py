@@ -39,6 +39,8 @@ class TTAdapter(nn.Module):
 class LorettaAdpLayer(BaseTunerLayer):
     adapter_layer_names = ("loretta_adp_adapter",)
     other_param_names = ("loretta_adp_adapter0", "loretta_adp_dropout", "placement")
+    # trainable adapters -> their frozen start (when the start is not zero): weight decay pulls towards it
+    start_copies = {"loretta_adp_adapter": "loretta_adp_adapter0"}
 
     def __init__(self, base_layer: nn.Module, name: str = "") -> None:
         self.base_layer = base_layer

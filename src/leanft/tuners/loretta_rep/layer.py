@@ -14,6 +14,8 @@ from .config import LorettaRepConfig
 class LorettaRepLayer(BaseTunerLayer):
     adapter_layer_names = ("loretta_rep_A", "loretta_rep_B")
     other_param_names = ("loretta_rep_A0", "loretta_rep_B0", "loretta_rep_dropout", "r", "scaling")
+    # trainable factors -> their frozen start (when the start is not zero): weight decay pulls towards it
+    start_copies = {"loretta_rep_A": "loretta_rep_A0", "loretta_rep_B": "loretta_rep_B0"}
 
     def __init__(self, base_layer: nn.Module, name: str = "") -> None:
         self.base_layer = base_layer
