@@ -2,8 +2,10 @@
 
 Every folder is written to a temporary sibling and renamed into place, replacing the older one only
 afterwards. A first-order checkpoint holds the trainable tensors, optimiser and scheduler state and the
-RNG states; a zeroth-order run keeps instead its trainable start state and one logged line per step
-(``ZOLog``), and rebuilds the exact parameters by replaying the log.
+RNG states (torch CPU, every CUDA device when the run used CUDA, python, numpy); loading reads and checks
+every file before it restores anything, so a damaged checkpoint is a clear error, never a half load. A
+zeroth-order run keeps instead its trainable start state and one logged line per step (``ZOLog``), and
+rebuilds the exact parameters by replaying the log on the device type its directions were drawn on.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,6 +28,10 @@ from torch import nn
 from .zo import ZOEngine, ZOStep
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from: damaged, or written where a resume could not be exact."""
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """What training changes or a resume needs: trainable parameters and the adapter's own buffers
     (e.g. the frozen initial factors of a noise-free start)."""
@@ -35,11 +42,52 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: t.detach().cpu().contiguous() for n, t in state.items()}
 
 
+def _need(path: Path) -> None:
+    """``path`` exists and is a readable file, or a clear error naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"damaged checkpoint: {path} is missing (the checkpoint cannot be resumed from; "
+                                "restore the file or start the run afresh)")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise CheckpointError(f"damaged checkpoint: cannot read {path}: {e}") from e
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, or a clear error naming the file."""
+    _need(path)
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type for truncated or garbled files
+        raise CheckpointError(f"damaged checkpoint: {path} is not a readable safetensors file ({e})") from e
+
+
+def _fit(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """``model``'s tensor for each saved name, after checking every name and shape (nothing copied yet)."""
+    own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    unknown = sorted(set(tensors) - set(own))
+    if unknown:
+        raise CheckpointError(f"{path} holds {len(unknown)} tensor(s) the model does not have (e.g. {unknown[0]}): "
+                              "was it written for another model, method or adapter configuration?")
+    for name, t in tensors.items():
+        if own[name].shape != t.shape:
+            raise CheckpointError(f"{path}: tensor {name} has shape {tuple(t.shape)}, the model's has "
+                                  f"{tuple(own[name].shape)}: was it written for another configuration?")
+    return {name: own[name] for name in tensors}
+
+
+def _copy(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            targets[name].data.copy_(tensor)
+
+
 def load_tensors(model: nn.Module, path: Path) -> None:
-    """Copy a ``trainable_state`` file back into ``model``'s parameters and buffers."""
-    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    for name, tensor in load_file(str(path)).items():
-        tensors[name].data.copy_(tensor)
+    """Copy a ``trainable_state`` file back into ``model``'s parameters and buffers; the whole file is
+    read and checked against the model first, so an error leaves the model untouched."""
+    tensors = read_tensors(path)
+    _copy(_fit(model, tensors, path), tensors)
 
 
 def atomic_dir(target: Path, write) -> None:
@@ -55,47 +103,149 @@ def atomic_dir(target: Path, write) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def rng_states() -> dict:
+    """Every RNG state a resume needs. CUDA's (one per visible device) only when this process has
+    initialised CUDA: a run that never did drew nothing from it, and can be resumed anywhere."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = list(torch.cuda.get_rng_state_all())
+    return rng
+
+
+def _check_rng(rng, path: Path, allow_inexact: bool, on_cuda: bool) -> bool:
+    """Whether the saved CUDA states are to be restored; a clear error for a malformed ``rng`` entry or
+    for CUDA states this machine cannot take (a resume there could not be bit-exact)."""
+    if not isinstance(rng, dict) or not {"torch", "python", "numpy"} <= rng.keys():
+        raise CheckpointError(f"damaged checkpoint: {path} lacks the RNG states (torch, python, numpy)")
+    if not (isinstance(rng["torch"], torch.Tensor) and rng["torch"].dtype == torch.uint8):
+        raise CheckpointError(f"damaged checkpoint: {path}: the torch RNG state is not a byte tensor")
+    if "cuda" not in rng:
+        if on_cuda:
+            warnings.warn(f"{path} holds no CUDA random states (written by an older leanft, or by a run that did not use CUDA): CUDA randomness such as "
+                          "dropout will not continue exactly as in the uninterrupted run", stacklevel=3)
+        return False
+    saved = len(rng["cuda"])
+    here = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if here == saved:
+        return True
+    why = (f"{path} holds the CUDA random states of {saved} GPU(s) (the run drew random numbers on CUDA, e.g. "
+           f"for dropout), but this machine has {'no CUDA' if here == 0 else f'{here} GPU(s)'}")
+    if allow_inexact:
+        warnings.warn(f"{why}: the CUDA random states are not restored, so the resumed run will not be bit-exact",
+                      stacklevel=3)
+        return False
+    raise CheckpointError(f"{why}, so the resume could not be bit-exact. Resume on the same kind of machine with "
+                          f"{saved} visible GPU(s) (CUDA_VISIBLE_DEVICES) or start the run afresh; to resume here anyway, "
+                          "accepting a run that differs from the uninterrupted one, load with allow_inexact=True")
+
+
+def _set_rng(rng: dict, cuda: bool) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    if cuda:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
 def save(out: Path, state: dict, model: nn.Module | None = None, optimizer_state: dict | None = None) -> None:
     """``out/checkpoint``: the loop's ``state`` and, for first-order runs, the trainable tensors, the
-    optimiser's ``optimizer_state`` and every RNG state."""
+    optimiser's ``optimizer_state`` and every RNG state (``rng_states``)."""
     def write(d: Path) -> None:
         if model is not None:
             save_file(trainable_state(model), str(d / "trainable.safetensors"))
-            rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-            torch.save({**optimizer_state, "rng": rng}, d / "optimizer.pt")
+            torch.save({**(optimizer_state or {}), "rng": rng_states()}, d / "optimizer.pt")
         (d / "trainer_state.json").write_text(json.dumps(state, indent=1))
 
     atomic_dir(out / "checkpoint", write)
 
 
 def exists(out: Path) -> bool:
-    return (out / "checkpoint" / "trainer_state.json").is_file()
+    """Whether ``out`` has a checkpoint to resume from. A ``checkpoint`` folder is only ever renamed into
+    place complete, so one lacking files is damaged: it counts, and ``load`` says what is wrong with it
+    (rather than a fresh start silently overwriting it)."""
+    return (out / "checkpoint").is_dir()
 
 
-def load(out: Path, model: nn.Module | None = None) -> tuple[dict, dict | None]:
+def _read_json(path: Path):
+    _need(path)
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"damaged checkpoint: {path} is not valid JSON ({e})") from e
+
+
+def load(out: Path, model: nn.Module | None = None, *, allow_inexact: bool = False) -> tuple[dict, dict | None]:
     """The loop's state and, when ``model`` is given, its trainable tensors restored, the RNG states
-    restored and the optimiser's state returned."""
+    restored and the optimiser's state returned.
+
+    Every file is read and checked before anything is restored: a missing, truncated or garbled file,
+    or tensors that do not fit ``model``, raise an error naming the file and leave model and RNGs as they
+    were. CUDA random states that this machine cannot take (no CUDA, another GPU count) are refused, as
+    the resume could not be bit-exact; ``allow_inexact=True`` resumes anyway, with a warning.
+    """
     ckpt = out / "checkpoint"
-    if not exists(out):
+    if not ckpt.is_dir():
         raise FileNotFoundError(f"cannot resume: no checkpoint in {ckpt} (was the run started with this output_dir?)")
-    extra = None
-    if model is not None:
-        load_tensors(model, ckpt / "trainable.safetensors")
-        extra = torch.load(ckpt / "optimizer.pt", weights_only=False)
-        torch.set_rng_state(extra["rng"]["torch"])
-        random.setstate(extra["rng"]["python"])
-        np.random.set_state(extra["rng"]["numpy"])
-    return json.loads((ckpt / "trainer_state.json").read_text()), extra
+    state = _read_json(ckpt / "trainer_state.json")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"damaged checkpoint: {ckpt / 'trainer_state.json'} does not hold the loop's state")
+    if model is None:
+        return state, None
+    tensors_file, extra_file = ckpt / "trainable.safetensors", ckpt / "optimizer.pt"
+    _need(tensors_file)
+    _need(extra_file)
+    tensors = read_tensors(tensors_file)
+    targets = _fit(model, tensors, tensors_file)
+    try:
+        extra = torch.load(extra_file, weights_only=False)
+    except Exception as e:  # truncated pickle / zip: EOFError, RuntimeError, UnpicklingError ...
+        raise CheckpointError(f"damaged checkpoint: {extra_file} cannot be read ({type(e).__name__}: {e})") from e
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"damaged checkpoint: {extra_file} does not hold the optimiser state")
+    on_cuda = any(t.device.type == "cuda" for t in targets.values())
+    cuda = _check_rng(extra.get("rng"), extra_file, allow_inexact, on_cuda)
+    _copy(targets, tensors)
+    _set_rng(extra["rng"], cuda)
+    return state, extra
+
+
+def device_types(params) -> str:
+    """The device type(s) the tensors ``params`` live on, as ``"cpu"``, ``"cuda"`` or e.g. ``"cpu+cuda"``."""
+    return "+".join(sorted({p.device.type for p in params}))
+
+
+def _dtypes(params) -> str:
+    return "+".join(sorted({str(p.dtype).removeprefix("torch.") for p in params}))
+
+
+def _device_name(kind: str) -> str | None:
+    return torch.cuda.get_device_name() if kind == "cuda" and torch.cuda.is_available() else None
 
 
 class ZOLog:
-    """A zeroth-order run's checkpoint: the trainable start state and one JSON line per step."""
+    """A zeroth-order run's checkpoint: the trainable start state, one JSON line per step, and a small
+    header (``zo_meta.json``) naming the device type the random directions are drawn on.
+
+    CPU and CUDA generators give different numbers for the same seed, so the log only rebuilds the run on
+    the device type it was written on; ``replay`` refuses another. A log without the header (written by
+    an older leanft) is taken to be from CPU.
+    """
+
+    FORMAT = 1
 
     def __init__(self, out: Path, main: bool = True) -> None:
         self.log, self.start, self.main = out / "zo_log.jsonl", out / "zo_start.safetensors", main
+        self.meta = out / "zo_meta.json"
 
     def begin(self, model: nn.Module) -> None:
         if self.main:
+            params = [p for p in model.parameters() if p.requires_grad]
+            kind = device_types(params)
+            meta = {"format": self.FORMAT, "device_type": kind, "device_name": _device_name(kind),
+                    "dtype": _dtypes(params), "torch": torch.__version__}
+            tmp = self.meta.with_name(f".{self.meta.name}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(meta, indent=1))
+            os.replace(tmp, self.meta)
             save_file(trainable_state(model), str(self.start))
             self.log.write_text("")
 
@@ -106,12 +256,57 @@ class ZOLog:
                 f.flush()
                 os.fsync(f.fileno())
 
+    def header(self) -> dict:
+        """The log's header; ``{"device_type": "cpu"}`` for a log written before there was one."""
+        if not self.meta.exists():
+            return {"device_type": "cpu", "recorded": False}
+        meta = _read_json(self.meta)
+        if not isinstance(meta, dict) or not isinstance(meta.get("device_type"), str):
+            raise CheckpointError(f"damaged checkpoint: {self.meta} does not name a device_type")
+        return {**meta, "recorded": True}
+
+    def _check_device(self, engine: ZOEngine) -> None:
+        meta, here = self.header(), device_types(engine.params)
+        if meta["device_type"] != here:
+            note = ("" if meta["recorded"] else
+                    f" (the log has no {self.meta.name}: it was written by an older leanft and is taken to be from "
+                    f"cpu; if its directions were in fact drawn on {here}, write "
+                    f'{{"device_type": "{here}"}} to {self.meta})')
+            raise CheckpointError(
+                f"cannot replay the zeroth-order log {self.log}: its random directions were drawn on "
+                f"{meta['device_type']}{note}, but the model's trainable parameters are on {here}, and the "
+                f"{meta['device_type']} and {here} generators give different directions for the same seeds, so "
+                f"the replay would not rebuild the run. Resume with the model on {meta['device_type']} (the same "
+                "kind of machine), or start the run afresh")
+        differs = [f"{what} {meta[key]} then, {now} now" for key, what, now in
+                   [("device_name", "GPU", _device_name(here)), ("dtype", "parameters in", _dtypes(engine.params)),
+                    ("torch", "torch", torch.__version__)]
+                   if meta.get(key) is not None and meta[key] != now]
+        if differs:
+            warnings.warn(f"replaying {self.log} with {'; '.join(differs)}: random directions may differ, so the "
+                          "rebuilt parameters may not be bit-exact", stacklevel=3)
+
+    def _records(self, steps: int) -> tuple[list[str], list[ZOStep]]:
+        _need(self.log)
+        lines = [line for line in self.log.read_text().splitlines() if line.strip()][:steps]
+        if len(lines) < steps:
+            raise CheckpointError(f"damaged checkpoint: {self.log} has {len(lines)} step(s), the checkpoint is at "
+                                  f"step {steps}: the log was truncated, so the run cannot be rebuilt")
+        records = []
+        for i, line in enumerate(lines, 1):
+            try:
+                records.append(ZOStep(**json.loads(line)))
+            except (ValueError, TypeError) as e:
+                raise CheckpointError(f"damaged checkpoint: {self.log} line {i} is not a logged step ({e})") from e
+        return lines, records
+
     def replay(self, model: nn.Module, engine: ZOEngine, steps: int) -> list[ZOStep]:
         """Start state plus the first ``steps`` logged steps: the exact parameters at that step. Lines
-        logged after it (lost work) are dropped: those steps are redone, identically."""
+        logged after it (lost work) are dropped: those steps are redone, identically. Device type, start
+        file and log are all checked before anything is changed."""
+        self._check_device(engine)
+        lines, records = self._records(steps)
         load_tensors(model, self.start)
-        lines = [line for line in self.log.read_text().splitlines() if line.strip()][:steps]
-        records = [ZOStep(**json.loads(line)) for line in lines]
         engine.replay(records)
         if self.main:
             self.log.write_text("".join(line + "\n" for line in lines))

@@ -1,0 +1,260 @@
+"""Tests for leanft.checkpoint: exact RNG round trips (CUDA faked), the ZO log's device record, and
+damaged checkpoints that fail clearly without a half load."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import peft
+import pytest
+import torch
+from conftest import perturb, tiny_llama
+
+from leanft import checkpoint
+from leanft.zo import ZOEngine
+
+
+def lora_model() -> torch.nn.Module:
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    return peft.get_peft_model(tiny_llama(), cfg)
+
+
+def trainable(model) -> dict[str, torch.Tensor]:
+    return {n: t.clone() for n, t in checkpoint.trainable_state(model).items()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def draws() -> tuple:
+    return torch.rand(4).tolist(), random.random(), np.random.rand(3).tolist()
+
+
+def seed_all(seed: int) -> None:
+    torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
+
+
+@pytest.fixture
+def model():
+    m = lora_model()
+    perturb(m)
+    return m
+
+
+def save_run(out, model, state=None):
+    checkpoint.save(out, state or {"step": 3}, model, {"optimizer": {"lr": 0.1}})
+
+
+# ---- RNG states ----------------------------------------------------------------------------------
+
+
+def test_rng_states_and_tensors_round_trip(model, tmp_path):
+    seed_all(5)
+    draws()
+    saved = trainable(model)
+    save_run(tmp_path, model)
+    expected = draws()
+    perturb(model)  # parameters move and the RNGs advance after the save
+    draws()
+    assert not same(trainable(model), saved)
+    state, extra = checkpoint.load(tmp_path, model)
+    assert state == {"step": 3} and extra["optimizer"] == {"lr": 0.1}
+    assert draws() == expected
+    assert same(trainable(model), saved)
+
+
+class FakeCuda:
+    """torch.cuda with ``n`` devices whose RNG states are plain byte tensors held here."""
+
+    def __init__(self, monkeypatch, n: int, initialized: bool = True) -> None:
+        self.states = [torch.full((16,), i + 1, dtype=torch.uint8) for i in range(n)]
+        self.restored = None
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialized)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in self.states])
+        monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: setattr(self, "restored", list(states)))
+
+
+def test_cuda_rng_states_are_saved_and_restored(model, tmp_path, monkeypatch):
+    cuda = FakeCuda(monkeypatch, 2)
+    save_run(tmp_path, model)
+    extra = torch.load(tmp_path / "checkpoint" / "optimizer.pt", weights_only=False)
+    assert [s.tolist() for s in extra["rng"]["cuda"]] == [s.tolist() for s in cuda.states]
+    cuda.states = [torch.zeros(16, dtype=torch.uint8)] * 2  # the run goes on: the states move
+    checkpoint.load(tmp_path, model)
+    assert [s.tolist() for s in cuda.restored] == [[1] * 16, [2] * 16]
+
+
+def test_a_run_that_never_initialised_cuda_saves_no_cuda_states(model, tmp_path, monkeypatch):
+    FakeCuda(monkeypatch, 1, initialized=False)
+    save_run(tmp_path, model)
+    assert "cuda" not in torch.load(tmp_path / "checkpoint" / "optimizer.pt", weights_only=False)["rng"]
+    monkeypatch.undo()
+    checkpoint.load(tmp_path, model)  # resumable on a CPU-only machine
+
+
+@pytest.mark.parametrize("devices_then,devices_now,says", [(1, 0, "no CUDA"), (2, 1, "1 GPU")])
+def test_cuda_states_this_machine_cannot_take_are_refused_before_any_restore(model, tmp_path, monkeypatch,
+                                                                           devices_then, devices_now, says):
+    with monkeypatch.context() as m:
+        FakeCuda(m, devices_then)
+        save_run(tmp_path, model)
+    cuda = FakeCuda(monkeypatch, devices_now)
+    perturb(model)
+    before = trainable(model)
+    seed_all(9)
+    expected = draws()
+    seed_all(9)
+    with pytest.raises(checkpoint.CheckpointError, match=f"{devices_then} GPU.*{says}.*same kind of machine") as e:
+        checkpoint.load(tmp_path, model)
+    assert "optimizer.pt" in str(e.value)
+    assert same(trainable(model), before) and draws() == expected and cuda.restored is None  # nothing restored
+    with pytest.warns(UserWarning, match="not be bit-exact"):
+        checkpoint.load(tmp_path, model, allow_inexact=True)
+    assert not same(trainable(model), before) and cuda.restored is None
+
+
+# ---- damaged checkpoints ---------------------------------------------------------------------------
+
+
+def truncate(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("damage,file,error", [
+    (lambda p: p.unlink(), "trainable.safetensors", FileNotFoundError),
+    (truncate, "trainable.safetensors", checkpoint.CheckpointError),
+    (lambda p: p.write_bytes(b"\x00" * 7), "trainable.safetensors", checkpoint.CheckpointError),
+    (lambda p: p.unlink(), "trainer_state.json", FileNotFoundError),
+    (lambda p: p.write_text('{"step": 3'), "trainer_state.json", checkpoint.CheckpointError),
+    (lambda p: p.unlink(), "optimizer.pt", FileNotFoundError),
+    (truncate, "optimizer.pt", checkpoint.CheckpointError),
+])
+def test_a_damaged_checkpoint_is_a_clear_error_naming_the_file_and_nothing_is_restored(model, tmp_path, damage, file,
+                                                                                      error):
+    save_run(tmp_path, model)
+    damage(tmp_path / "checkpoint" / file)
+    assert checkpoint.exists(tmp_path)  # a damaged folder is not mistaken for "no checkpoint": no silent restart
+    perturb(model)
+    before = trainable(model)
+    seed_all(9)
+    expected = draws()
+    seed_all(9)
+    with pytest.raises(error, match=f"damaged checkpoint: .*{file}"):
+        checkpoint.load(tmp_path, model)
+    assert same(trainable(model), before) and draws() == expected
+
+
+def test_tensors_for_another_model_are_refused_before_any_copy(model, tmp_path):
+    save_run(tmp_path, model)
+    other = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                               task_type="CAUSAL_LM"))
+    before = trainable(other)
+    with pytest.raises(checkpoint.CheckpointError, match="trainable.safetensors: tensor .* has shape"):
+        checkpoint.load(tmp_path, other)
+    assert same(trainable(other), before)
+
+
+def test_no_checkpoint_at_all_is_still_the_resume_hint(tmp_path):
+    assert not checkpoint.exists(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        checkpoint.load(tmp_path)
+
+
+# ---- the zeroth-order log ------------------------------------------------------------------------
+
+
+def zo_run(out, steps: int = 3):
+    """A LoRA model trained ``steps`` ZO steps with a log in ``out``; returns (model, its trainable state)."""
+    model = lora_model()
+    tokens = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    engine = ZOEngine(model, eps=1e-3)
+    log = checkpoint.ZOLog(out)
+    log.begin(model)
+    loss_fn = lambda: float(model(input_ids=tokens, labels=tokens).loss)
+    for step in range(steps):
+        log.append(engine.step(step, loss_fn, 2, 1e-2))
+    return model, trainable(model)
+
+
+def replay(out, steps: int = 3):
+    model = lora_model()
+    perturb(model)  # anything: the replay starts from the logged start state
+    records = checkpoint.ZOLog(out).replay(model, ZOEngine(model, eps=1e-3), steps)
+    return model, records
+
+
+def test_zo_log_records_the_device_type_and_replays_exactly(tmp_path):
+    _, trained = zo_run(tmp_path)
+    meta = json.loads((tmp_path / "zo_meta.json").read_text())
+    assert meta["device_type"] == "cpu" and meta["dtype"] == "float32" and meta["torch"] == torch.__version__
+    model, records = replay(tmp_path)
+    assert len(records) == 3 and same(trainable(model), trained)
+
+
+def test_replaying_a_cuda_log_on_cpu_is_refused_with_both_device_types(tmp_path):
+    zo_run(tmp_path)
+    meta = json.loads((tmp_path / "zo_meta.json").read_text())
+    (tmp_path / "zo_meta.json").write_text(json.dumps({**meta, "device_type": "cuda"}))
+    model = lora_model()
+    before = trainable(model)
+    with pytest.raises(checkpoint.CheckpointError, match="drawn on cuda.*on cpu.*Resume with the model on cuda"):
+        checkpoint.ZOLog(tmp_path).replay(model, ZOEngine(model, eps=1e-3), 3)
+    assert same(trainable(model), before)  # refused before the start state was loaded
+    assert len((tmp_path / "zo_log.jsonl").read_text().splitlines()) == 3  # nor the log cut
+
+
+def test_an_old_log_without_a_device_record_is_taken_as_cpu_and_still_replays(tmp_path):
+    _, trained = zo_run(tmp_path)
+    (tmp_path / "zo_meta.json").unlink()
+    assert checkpoint.ZOLog(tmp_path).header()["device_type"] == "cpu"
+    model, _ = replay(tmp_path)
+    assert same(trainable(model), trained)
+
+
+def test_an_old_log_on_another_device_says_how_to_record_its_device(tmp_path, monkeypatch):
+    zo_run(tmp_path)
+    (tmp_path / "zo_meta.json").unlink()
+    monkeypatch.setattr(checkpoint, "device_types", lambda params: "cuda")  # as if the model were on a GPU
+    model = lora_model()
+    with pytest.raises(checkpoint.CheckpointError, match='older leanft.*"device_type": "cuda"'):
+        checkpoint.ZOLog(tmp_path).replay(model, ZOEngine(model, eps=1e-3), 3)
+
+
+def test_replay_warns_when_torch_or_the_dtype_differs(tmp_path):
+    _, trained = zo_run(tmp_path, steps=1)
+    meta = json.loads((tmp_path / "zo_meta.json").read_text())
+    (tmp_path / "zo_meta.json").write_text(json.dumps({**meta, "torch": "0.0.1", "dtype": "bfloat16"}))
+    with pytest.warns(UserWarning, match="parameters in bfloat16 then, float32 now; torch 0.0.1 then"):
+        model, _ = replay(tmp_path, steps=1)
+    assert same(trainable(model), trained)
+
+
+def test_replay_drops_lost_steps_but_refuses_a_truncated_log(tmp_path):
+    zo_run(tmp_path)
+    _, records = replay(tmp_path, steps=2)
+    assert [r.step for r in records] == [0, 1]
+    assert len((tmp_path / "zo_log.jsonl").read_text().splitlines()) == 2  # step 2 is redone
+    with pytest.raises(checkpoint.CheckpointError, match="zo_log.jsonl has 2 step.*at step 3"):
+        replay(tmp_path, steps=3)
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda d: (d / "zo_start.safetensors").unlink(), "zo_start.safetensors is missing"),
+    (lambda d: truncate(d / "zo_start.safetensors"), "zo_start.safetensors is not a readable safetensors"),
+    (lambda d: (d / "zo_log.jsonl").write_text('{"step": 0, "seeds": [1'), "zo_log.jsonl line 1"),
+    (lambda d: (d / "zo_meta.json").write_text("{"), "zo_meta.json is not valid JSON"),
+])
+def test_a_damaged_zo_log_is_a_clear_error_before_any_change(tmp_path, damage, match):
+    zo_run(tmp_path, steps=1)
+    damage(tmp_path)
+    model = lora_model()
+    before = trainable(model)
+    with pytest.raises((checkpoint.CheckpointError, FileNotFoundError), match=match):
+        checkpoint.ZOLog(tmp_path).replay(model, ZOEngine(model, eps=1e-3), 1)
+    assert same(trainable(model), before)
