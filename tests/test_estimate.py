@@ -114,7 +114,9 @@ def test_paper_scale_counts_match_the_papers():
     assert counts == {"full": 6_738_415_616, "lora": 4_194_304, "loretta-rep": 516_096, "loretta-adp": 876_800,
                       "adazeta": 610_560}
     full = result["rows"][0]
-    assert full["weights_mb"] == pytest.approx(6_738_415_616 * 2 / MB, rel=1e-3)  # bfloat16
+    assert full["weights_mb"] == pytest.approx(6_738_415_616 * 4 / MB, rel=1e-3)  # fp32 master weights
+    mezo = est.estimate("llama-2-7b", "mezo", 1, 8, "bfloat16")  # MeZO keeps the bfloat16 weights
+    assert mezo["weights_mb"] == pytest.approx(6_738_415_616 * 2 / MB, rel=1e-3) and mezo["optimizer_mb"] == 0
     assert result["shapes"] == {"llama-2-7b": (1, 8)} and result["kind"] == "estimate"
     table = report.estimate_markdown(result)
     assert "estimate" in table.splitlines()[0] and "| llama-2-7b | loretta-rep | 516,096 |" in table

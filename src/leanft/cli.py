@@ -15,6 +15,7 @@ import yaml
 
 from . import methods, models
 from .config import TrainConfig
+from .precision import DTYPES
 from .measure import bench, budget, params, report, steps
 from .measure.system import save
 from .train import train
@@ -139,7 +140,9 @@ TRAIN_HELP = {
     "max_new_tokens": "generation length when evaluating generation tasks",
     "eval_batch_size": "examples per evaluation batch", "seed": "seed of sampling, data order and init",
     "output_dir": "where metrics, checkpoints and the best adapter go", "resume": "continue from output_dir's checkpoint",
-    "dtype": "model weights dtype: float32 or bfloat16 (adapters stay float32)",
+    "dtype": "base weights dtype: float32, bfloat16 or float16; every trainable parameter stays float32 and the "
+             "forward runs under autocast (float16 scales the loss); full-model MeZO keeps low-precision weights "
+             "and rounds stochastically",
     "train_file": "your own CSV/TSV/JSONL training file", "eval_file": "your own evaluation file",
     "text_columns": "comma-separated text column(s) of your files", "label_column": "label column of your files",
     "template": "prompt template over your columns, e.g. '{review} It was'",
@@ -151,6 +154,7 @@ TRAIN_HELP = {
     "zo_blowup": "ZO: roll back when the loss exceeds this multiple of its running mean",
     "dataset": "a hub dataset name (needs network and `pip install datasets`)", "dataset_config": "its config name",
 }
+TRAIN_CHOICES = {"dtype": list(DTYPES)}
 METHOD_FLAGS = {"rank": int, "tt_rank": int, "bottleneck": int, "alpha": float, "dropout": float, "init_mode": str}
 
 
@@ -168,7 +172,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, type=lambda v: v.split(","), default=argparse.SUPPRESS, help=TRAIN_HELP[f.name])
         else:
             kind = type(default) if default is not None else str
-            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"{TRAIN_HELP[f.name]} (default {default})")
+            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=TRAIN_CHOICES.get(f.name),
+                           help=f"{TRAIN_HELP[f.name]} (default {default})")
     for name, kind in METHOD_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=argparse.SUPPRESS,
                        help=f"method option {name} (see leanft.methods.OPTION_FIELDS)")
@@ -211,7 +216,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_memory(args: argparse.Namespace) -> None:
     result = steps.memory_compare(args.model, args.task, args.batch_size, args.steps,
-                                  params.method_names(args.methods) if args.methods else None)
+                                  params.method_names(args.methods) if args.methods else None, args.dtype)
     columns = ["run", "peak_mb", "baseline_mb", "peak_vs_inference", "step_s", "trainable"]
     print(f"{args.model} on one {args.task} batch of {args.batch_size}: peak memory ({result['device']})")
     show(result, columns, args.output)
@@ -311,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("micro", help="forward and forward+backward time and memory of each adapter layer against "
                                       "PEFT LoRA at equal shapes, and the TT contractions against the automatic choice")
     p.add_argument("--hidden-sizes", default="576,1024,2048,4096,8192", help="square layer sizes d (d x d)")
-    p.add_argument("--methods", default="lora,loretta-rep,loretta-adp,lamda", help="layers to time (LoRA is the reference)")
+    p.add_argument("--methods", default="lora,loretta-rep,loretta-adp,lamda",
+                   help="layers to time (LoRA is the reference); loretta-rep-zero, loretta-adp-zero (and "
+                        "-reference) are LoRETTA with that start instead of the default noise-free one")
     p.add_argument("--tokens", type=int, default=512, help="tokens per layer call (batch x sequence)")
     p.add_argument("--contraction-tokens", default="1,64,512,4096", help="token counts of the contraction timing")
     p.add_argument("--layers", action=argparse.BooleanOptionalAction, default=True)
@@ -330,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--methods", help="comma-separated methods to measure (default all); inference always runs")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                   help="base weights dtype (trainable parameters float32, compute by autocast; MeZO full keeps it)")
 
     p = measurement("steps", "seconds per training step of each method (ZO: per number of queries)", cmd_steps)
     p.add_argument("--task", default="sst2")

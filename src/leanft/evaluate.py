@@ -14,6 +14,7 @@ from peft import PeftModel
 from . import models, objectives, tasks
 from .config import TrainConfig
 from .loading import Loaded, accelerator, load_tasks
+from .precision import dtype_of
 from .tasks.collate import encode, to_device
 
 
@@ -28,12 +29,13 @@ def evaluate(run: Loaded, task: tasks.Task, examples: list[dict]) -> dict[str, f
     for start in range(0, len(shard), cfg.eval_batch_size):
         chunk = shard[start : start + cfg.eval_batch_size]
         idx = range(accel.process_index + start * accel.num_processes, len(examples), accel.num_processes)
-        if task.kind == "generation":
-            out = generate(run, task, chunk)
-        else:
-            batch = encode(task, chunk, run.tokenizer, cfg.max_length, run.decoder)
-            _, scores = objectives.batch_loss(run.net, to_device(batch, run.device), run.decoder)
-            out = [int(s.argmax()) for s in scores]
+        with run.precision.autocast():
+            if task.kind == "generation":
+                out = generate(run, task, chunk)
+            else:
+                batch = encode(task, chunk, run.tokenizer, cfg.max_length, run.decoder)
+                _, scores = objectives.batch_loss(run.net, to_device(batch, run.device), run.decoder)
+                out = [int(s.argmax()) for s in scores]
         preds += list(zip(idx, out))
     preds = sorted(gather_object(preds)) if accel.num_processes > 1 else preds
     run.net.train(was_training)
@@ -69,7 +71,7 @@ def evaluate_saved(adapter_dir: str | Path, cfg: TrainConfig) -> dict[str, dict[
     accel = accelerator()
     decoder = models.model_kind(cfg.model) == "causal"
     num_labels = max(t.num_labels for t, _ in task_data)
-    dtype = getattr(torch, cfg.dtype)
+    dtype = dtype_of(cfg.dtype)
     if (adapter_dir / "adapter_config.json").is_file():
         base, tokenizer = models.load_model(cfg.model, num_labels=num_labels, dtype=dtype)
         model = PeftModel.from_pretrained(base, adapter_dir)

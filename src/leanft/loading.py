@@ -10,12 +10,14 @@ from torch import nn
 
 from . import methods, models, objectives, tasks
 from .config import TrainConfig
+from .precision import Precision, dtype_of
 
 
 @dataclass
 class Loaded:
     """A model ready to be trained or scored: the adapted ``model``, the ``net`` whose forward gives the
-    loss (``objectives.network``), its tokenizer, whether it is a decoder, and the accelerator it runs on."""
+    loss (``objectives.network``), its tokenizer, whether it is a decoder, and the accelerator it runs on.
+    ``precision`` says how it computes (autocast to ``cfg.dtype``)."""
 
     model: nn.Module
     net: nn.Module
@@ -27,6 +29,10 @@ class Loaded:
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
+
+    @property
+    def precision(self) -> Precision:
+        return Precision(self.cfg.dtype, self.device.type)
 
 
 def accelerator() -> Accelerator:
@@ -55,7 +61,7 @@ def build_model(cfg: TrainConfig, task_list: list[tasks.Task]):
         bad = [t.name for t in task_list if t.kind != "classification"]
         raise ValueError(f"task(s) {bad} need a decoder LM; {cfg.model} is an encoder")
     num_labels = max(t.num_labels for t in task_list)
-    model, tokenizer = models.load_model(cfg.model, num_labels=num_labels, dtype=getattr(torch, cfg.dtype))
+    model, tokenizer = models.load_model(cfg.model, num_labels=num_labels, dtype=dtype_of(cfg.dtype))
     model = methods.apply_method(model, cfg.method, models.task_type(cfg.model), **cfg.method_options)
     return model, tokenizer, decoder
 

@@ -14,6 +14,7 @@ from peft import LoraConfig, PeftConfig, get_peft_model
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
+from .precision import upcast_trainable
 from .tuners import LamdaConfig, LorettaAdpConfig, LorettaRepConfig
 
 METHODS = ("full", "lora", "loretta-adp", "loretta-rep", "lamda", "lamda++", "mezo", "mezo-lora", "adazeta")
@@ -77,12 +78,17 @@ def make_config(method: str, task_type: str, **options: Any) -> PeftConfig | Non
 
 
 def apply_method(model: nn.Module, method: str, task_type: str, **options: Any) -> nn.Module:
-    """``model`` made trainable by ``method``: a PeftModel, or the model itself for full fine-tuning."""
+    """``model`` made trainable by ``method``: a PeftModel, or the model itself for full fine-tuning.
+
+    Every parameter that trains is float32 whatever the base model's dtype (``precision.upcast_trainable``),
+    except under full-model MeZO, which trains low-precision weights in place by stochastic rounding.
+    """
     config = make_config(method, task_type, **options)
     if config is None:
         model.requires_grad_(True)
-        return model
-    return get_peft_model(model, config)
+    else:
+        model = get_peft_model(model, config)
+    return model if resolve_method(method) == "mezo" else upcast_trainable(model)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

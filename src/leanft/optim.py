@@ -7,11 +7,18 @@ benchmarks (``leanft steps``, ``leanft memory``) and the memory estimator's chec
 these two classes, so how a step runs is written once.
 
 Weight decay follows a structural rule: tensors of two or more dimensions (weight matrices, TT cores,
-LaMDA's core) decay; vectors (biases, normalisation scales) do not, in AdamW and in SPSA alike.
+LaMDA's core) decay; vectors (biases, normalisation scales) do not, in AdamW and in SPSA alike. A
+tensor whose method starts it away from zero (a frozen start copy: LoRETTA's noise-free start, LaMDA's
+SVD start) decays towards that start, not towards zero, which would pull the model away from the
+pretrained one (``start_anchors``).
+
+Low precision: the objective runs under ``autocast`` (``leanft.precision``); float16 first-order steps
+scale the loss with a ``GradScaler``.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,10 +40,32 @@ def decays(param: torch.Tensor) -> bool:
     return param.ndim >= 2
 
 
+def start_anchors(model: nn.Module) -> dict[int, torch.Tensor]:
+    """``id(param) -> its frozen start`` for adapter tensors whose start is not zero: tuner layers name
+    their frozen copies in ``start_copies`` (trainable container -> copy container)."""
+    anchors = {}
+    for layer in model.modules():
+        for trained, copy in getattr(layer, "start_copies", {}).items():
+            trained, copy = getattr(layer, trained), getattr(layer, copy)
+            for key in trained:
+                if key not in copy:
+                    continue
+                if isinstance(trained[key], nn.Module):
+                    starts = dict(copy[key].named_buffers())
+                    anchors.update({id(p): starts[n] for n, p in trained[key].named_parameters()})
+                else:
+                    anchors[id(trained[key])] = copy[key]
+    return anchors
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: trainable tensors that decay, then those that do not."""
+    """AdamW groups: trainable tensors that decay towards zero; those that decay towards their start
+    (AdamW's own decay off, ``towards_start`` applied by ``FirstOrder``); those that do not decay."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in trainable if decays(p)], "weight_decay": weight_decay},
+    anchored = start_anchors(model) if weight_decay else {}
+    return [{"params": [p for p in trainable if decays(p) and id(p) not in anchored], "weight_decay": weight_decay},
+            {"params": [p for p in trainable if decays(p) and id(p) in anchored], "weight_decay": 0.0,
+             "towards_start": weight_decay},
             {"params": [p for p in trainable if not decays(p)], "weight_decay": 0.0}]
 
 
@@ -68,8 +97,11 @@ class FirstOrder:
 
     def __init__(self, model: nn.Module, net: nn.Module, objective: Objective, lr: float, *, weight_decay: float = 0.0,
                  scheduler: str = "constant", warmup_steps: int = 0, total_steps: int = 1, accelerator=None,
-                 method_schedule: bool = True) -> None:
+                 method_schedule: bool = True, autocast: Callable = contextlib.nullcontext,
+                 scaler: torch.amp.GradScaler | None = None) -> None:
         optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
+        self.anchors = start_anchors(model) if weight_decay else {}
+        self.autocast, self.scaler = autocast, scaler
         self.scheduler = get_scheduler(scheduler, optimizer, warmup_steps, total_steps)
         if accelerator is not None:
             net, optimizer = accelerator.prepare(net, optimizer)
@@ -86,26 +118,50 @@ class FirstOrder:
         self.net.train()
         losses = []
         for batch in micro_batches:
-            loss = self.objective(self.net, batch)
+            with self.autocast():
+                loss = self.objective(self.net, batch)
             if not torch.isfinite(loss.detach()):
                 return {"loss": float(loss.detach())}
-            self.backward(loss / len(micro_batches))
+            scaled = loss / len(micro_batches)
+            self.backward(self.scaler.scale(scaled) if self.scaler else scaled)
             losses.append(float(loss.detach()))
-        self.optimizer.step()
-        self.scheduler.step()
+        if self.scaler is None:
+            self.optimizer.step()
+            stepped = True
+        else:  # float16: the scaler skips a step whose gradients overflowed, and lowers its scale
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            stepped = self.scaler.get_scale() >= scale
         self.optimizer.zero_grad(set_to_none=True)
+        if not stepped:  # as the Trainer does: the schedule waits for a step that was taken
+            return {"loss": sum(losses) / len(losses), "updated_params": 0, "skipped": True}
+        self._decay_towards_start()
+        self.scheduler.step()
         updated = trainable_now(self.model)
         self.after_step(step + 1)
         return {"loss": sum(losses) / len(losses), "updated_params": updated}
 
+    @torch.no_grad()
+    def _decay_towards_start(self) -> None:
+        """``theta <- theta - lr * wd * (theta - theta_0)`` for the tensors anchored at their start."""
+        for group in self.optimizer.param_groups:
+            if group.get("towards_start"):
+                for p in group["params"]:
+                    p.sub_(group["lr"] * group["towards_start"] * (p - self.anchors[id(p)]))
+
     def save(self, out: Path, state: dict) -> None:
-        checkpoint.save(out, state, self.model,
-                        {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()})
+        extra = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.scaler is not None:
+            extra["scaler"] = self.scaler.state_dict()
+        checkpoint.save(out, state, self.model, extra)
 
     def resume(self, out: Path) -> dict:
         state, extra = checkpoint.load(out, self.model)
         self.optimizer.load_state_dict(extra["optimizer"])
         self.scheduler.load_state_dict(extra["scheduler"])
+        if self.scaler is not None and "scaler" in extra:
+            self.scaler.load_state_dict(extra["scaler"])
         self.after_step(state["step"])  # re-apply what the schedule had reached (LaMDA's freezing)
         return state
 
@@ -125,11 +181,13 @@ class ZerothOrder:
                  weight_decay: float = 0.0, seed: int = 0, blowup: float = 10.0,
                  queries: Callable[[int], int] = lambda epoch: 1, max_forwards: int = 0, scheduler: str = "constant",
                  warmup_steps: int = 0, total_steps: int = 1, log: checkpoint.ZOLog | None = None,
-                 resuming: bool = False) -> None:
+                 resuming: bool = False, autocast: Callable = contextlib.nullcontext) -> None:
         if max_forwards % 2:
             raise ValueError(f"--max-forwards {max_forwards} is odd: each zeroth-order query costs 2 forward "
                              "passes, so only an even budget can be spent exactly")
-        self.engine = ZOEngine(model, eps=eps, weight_decay=weight_decay, seed=seed, blowup=blowup, decays=decays)
+        self.engine = ZOEngine(model, eps=eps, weight_decay=weight_decay, seed=seed, blowup=blowup, decays=decays,
+                               anchors=start_anchors(model) if weight_decay else None)
+        self.autocast = autocast
         self.dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)  # carries the lr schedule
         self.scheduler = get_scheduler(scheduler, self.dummy, warmup_steps, total_steps)
         self.model, self.net, self.objective, self.log = model, net, objective, log
@@ -148,7 +206,10 @@ class ZerothOrder:
         if len(micro_batches) != 1:
             raise ValueError("zeroth-order training takes one batch per step: use --batch-size, not --grad-accum")
         self.net.eval()  # dropout off during the perturbed forwards
-        loss_fn = lambda: float(self.objective(self.net, micro_batches[0]))  # noqa: E731
+        def loss_fn() -> float:
+            with self.autocast():
+                return float(self.objective(self.net, micro_batches[0]))
+
         record = self.engine.step(step, loss_fn, self.queries(epoch), self.lr())
         self.forwards += 2 * len(record.seeds)
         self.dummy.step()

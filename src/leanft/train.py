@@ -145,9 +145,10 @@ def make_updater(run: Run, total_steps: int, out: Path, resuming: bool):
     cfg, loaded = run.cfg, run.loaded
     objective = lambda net, batches: objectives.mean_loss(net, batches, loaded.decoder)  # noqa: E731
     common = dict(scheduler=cfg.scheduler, warmup_steps=int(cfg.warmup_ratio * total_steps), total_steps=total_steps,
-                  weight_decay=cfg.weight_decay)
+                  weight_decay=cfg.weight_decay, autocast=loaded.precision.autocast)
     if not cfg.zeroth_order:
-        return optim.FirstOrder(loaded.model, loaded.net, objective, run.lr, accelerator=loaded.accelerator, **common)
+        return optim.FirstOrder(loaded.model, loaded.net, objective, run.lr, accelerator=loaded.accelerator,
+                                scaler=loaded.precision.scaler(), **common)
     if cfg.grad_accum != 1:
         raise ValueError("zeroth-order training takes one batch per step: use --batch-size, not --grad-accum")
     schedule = cfg.zo_schedule if cfg.zo_schedule != "auto" else ("adazeta" if cfg.method == "adazeta" else "fixed")

@@ -12,9 +12,20 @@ Choices where the sources leave room (all configurable):
 * ``z`` comes from a dedicated ``torch.Generator`` seeded per query (never the global RNG); seeds are
   a deterministic function of (run seed, step, query index), so ranks draw distinct directions and a
   distributed run equals a single-process run with the same seeds.
-* Exact restore: small trainable sets (``<= copy_limit`` elements) are snapshotted and perturbed from the
-  snapshot, so parameters come back bit-for-bit in any dtype; larger sets (full-model MeZO) are
-  perturbed in place (``+eps z, -2 eps z, +eps z``), which may drift by rounding, as in MeZO.
+* Exact restore: small float32 trainable sets (``<= copy_limit`` elements) are snapshotted and perturbed
+  from the snapshot, so parameters come back bit-for-bit; larger float32 sets (full-model MeZO) are
+  perturbed in place (``+eps z, -2 eps z, +eps z``), which may drift by float32 rounding, as in MeZO.
+* Low precision (bfloat16/float16 trainable parameters, i.e. full-model MeZO on a low-precision model):
+  a perturbation of 1e-3 is below half a unit in the last place of most weights, so adding it in place
+  would mostly do nothing and the estimate would be biased. Instead the weights are never modified
+  while perturbed: a hook swaps each module's weights for ``theta+- = SR(theta +- eps z)`` (stochastic
+  rounding, ``E[theta+-] = theta +- eps z``) during that module's forward only, so one module's copy
+  exists at a time and ``theta`` comes back exactly. The projected gradient ``(l+ - l-) / (2 eps)`` is
+  the slope along the direction actually applied, ``z + r`` with rounding noise ``r`` of mean zero
+  given ``z``; the update ``theta <- SR(theta - lr * mean_q p_q z_q)`` moves along the intended ``z``,
+  so ``E[p z] = E[z (z + r)^T] grad = grad``: unbiased (moving along ``z + r`` would scale each
+  coordinate by ``1 + var(r)``). Random numbers are drawn per parameter in chunks of ``CHUNK``
+  elements from seeds, so no full-size float32 temporary exists and replay stays exact.
 * Divergence: a step whose loss is non-finite or exceeds ``blowup`` times its running mean rolls back to
   the last good parameters and halves the learning rate (small sets; large ones stop with an error).
 * Replay: every step is logged as (seeds, projected gradients, lr); the start state plus the log
@@ -23,6 +34,7 @@ Choices where the sources leave room (all configurable):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +42,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from .precision import stochastic_round
 
 
 def query_schedule(epoch: int, alpha: float = 0.85, beta: float = 0.45, q_max: int = 20, q_min: int = 1) -> int:
@@ -40,6 +54,11 @@ def query_schedule(epoch: int, alpha: float = 0.85, beta: float = 0.45, q_max: i
 def query_seed(run_seed: int, step: int, query: int) -> int:
     """The seed of query ``query`` at ``step``: independent streams, reproducible anywhere."""
     return int(np.random.SeedSequence([run_seed, step, query]).generate_state(1)[0])
+
+
+# streams drawn per parameter in low precision, from (query seed, parameter index, stream, chunk)
+Z, ROUND_PLUS, ROUND_MINUS, ROUND_UPDATE = range(4)
+CHUNK = 1 << 20
 
 
 @dataclass
@@ -55,7 +74,11 @@ class ZOStep:
 
 
 class ZOEngine:
-    """SPSA over the parameters of ``model`` that require grad (order fixed at construction)."""
+    """SPSA over the parameters of ``model`` that require grad (order fixed at construction).
+
+    ``anchors`` maps ``id(parameter)`` to the tensor its weight decay pulls towards (its start, for methods
+    whose start is not zero); others decay towards zero.
+    """
 
     def __init__(
         self,
@@ -67,17 +90,21 @@ class ZOEngine:
         copy_limit: int = 50_000_000,
         blowup: float = 10.0,
         decays: Callable[[torch.Tensor], bool] = lambda param: True,
+        anchors: dict[int, torch.Tensor] | None = None,
     ) -> None:
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.named:
             raise ValueError("zeroth-order training needs trainable parameters; the model has none")
         self.params = [p for _, p in self.named]
         self.decay = [weight_decay if decays(p) else 0.0 for p in self.params]
+        self.anchors = [(anchors or {}).get(id(p)) for p in self.params]
         self.eps, self.seed, self.blowup = eps, seed, blowup
         self.numel = sum(p.numel() for p in self.params)
-        self.exact = self.numel <= copy_limit
+        self.rounded = any(p.dtype != torch.float32 for p in self.params)
+        self.exact = self.numel <= copy_limit and not self.rounded
         self.snapshot = [p.detach().clone() for p in self.params] if self.exact else None
-        self.good = [p.detach().clone() for p in self.params] if self.exact else None
+        self.good = [p.detach().clone() for p in self.params] if self.numel <= copy_limit else None
+        self.owners = _owners(model, self.params) if self.rounded else None
         self.running_loss: float | None = None
         self.lr_scale = 1.0  # halved at every rollback
 
@@ -91,6 +118,36 @@ class ZOEngine:
                 gens[p.device] = torch.Generator(device=p.device).manual_seed(seed)
             yield torch.randn(p.shape, generator=gens[p.device], device=p.device, dtype=torch.float32)
 
+    def _chunks(self, i: int):
+        """Slices of parameter ``i`` flattened, ``CHUNK`` elements each, with their index."""
+        n = self.params[i].numel()
+        return enumerate(slice(a, min(a + CHUNK, n)) for a in range(0, n, CHUNK))
+
+    def _draw(self, seed: int, i: int, stream: int, k: int, size: int, normal: bool) -> torch.Tensor:
+        """Chunk ``k`` of parameter ``i``'s own ``N(0, 1)`` or ``U[0, 1)`` stream of query ``seed``."""
+        device = self.params[i].device
+        gen = torch.Generator(device=device).manual_seed(
+            int(np.random.SeedSequence([seed, i, stream, k]).generate_state(1)[0]))
+        return (torch.randn if normal else torch.rand)(size, generator=gen, device=device, dtype=torch.float32)
+
+    def direction(self, seed: int, i: int) -> torch.Tensor:
+        """The intended ``z`` of parameter ``i`` for query ``seed`` in low precision (its chunks joined)."""
+        n = self.params[i].numel()
+        parts = [self._draw(seed, i, Z, k, c.stop - c.start, normal=True) for k, c in self._chunks(i)]
+        return torch.cat(parts).view(self.params[i].shape) if n else torch.zeros(0)
+
+    def _rounded(self, seed: int, i: int, sign: float) -> torch.Tensor:
+        """``SR(theta_i + sign * eps * z_i)`` in the parameter's dtype (low precision), chunk by chunk."""
+        p = self.params[i]
+        flat, out = p.detach().reshape(-1), torch.empty(p.numel(), dtype=p.dtype, device=p.device)
+        stream = ROUND_PLUS if sign > 0 else ROUND_MINUS
+        for k, c in self._chunks(i):
+            n = c.stop - c.start
+            z = self._draw(seed, i, Z, k, n, normal=True)
+            out[c] = stochastic_round(flat[c].float() + sign * self.eps * z, p.dtype,
+                                      self._draw(seed, i, stream, k, n, normal=False))
+        return out.view(p.shape)
+
     @torch.no_grad()
     def _set(self, seed: int, scale: float) -> None:
         """Parameters := snapshot + scale * eps * z (exact mode) or += scale * eps * z (in place)."""
@@ -103,6 +160,12 @@ class ZOEngine:
     @torch.no_grad()
     def projected_gradient(self, seed: int, loss_fn: Callable[[], float]) -> tuple[float, float]:
         """``(p, l+)`` of one query; parameters are restored afterwards."""
+        if self.rounded:
+            with _swapped(self, seed, +1.0):
+                plus = loss_fn()
+            with _swapped(self, seed, -1.0):
+                minus = loss_fn()
+            return (plus - minus) / (2 * self.eps), plus
         if self.exact:
             for s, p in zip(self.snapshot, self.params):
                 s.copy_(p)
@@ -121,11 +184,26 @@ class ZOEngine:
 
     @torch.no_grad()
     def apply(self, seeds: list[int], grads: list[float], lr: float) -> None:
-        """``theta <- theta - lr * (mean_q p_q z_q + wd * theta)``, z regenerated from the seeds."""
+        """``theta <- theta - lr * (mean_q p_q z_q + wd * (theta - anchor))``, z regenerated from the seeds."""
         q = len(seeds)
-        for p, wd in zip(self.params, self.decay):
-            if wd:
+        if self.rounded:  # per chunk of each parameter: fp32 sum, one stochastic rounding
+            for i, p in enumerate(self.params):
+                flat = p.data.view(-1)
+                anchor = None if self.anchors[i] is None else self.anchors[i].reshape(-1)
+                for k, c in self._chunks(i):
+                    n = c.stop - c.start
+                    new = flat[c].float()
+                    if self.decay[i]:
+                        new = new - lr * self.decay[i] * (new if anchor is None else new - anchor[c].float())
+                    for seed, g in zip(seeds, grads):
+                        new = new - (lr * g / q) * self._draw(seed, i, Z, k, n, normal=True)
+                    flat[c] = stochastic_round(new, p.dtype, self._draw(seeds[0], i, ROUND_UPDATE, k, n, normal=False))
+            return
+        for p, wd, anchor in zip(self.params, self.decay, self.anchors):
+            if wd and anchor is None:
                 p.mul_(1 - lr * wd)
+            elif wd:
+                p.sub_(lr * wd * (p - anchor))
         if self.exact:  # accumulate in fp32, one rounding per parameter
             acc = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
             for seed, g in zip(seeds, grads):
@@ -158,7 +236,7 @@ class ZOEngine:
             self.rollback()
             record.rolled_back = True
             return record
-        if self.exact:
+        if self.good is not None:
             for g, p in zip(self.good, self.params):
                 g.copy_(p)
         self.apply(seeds, grads, record.lr)
@@ -173,7 +251,7 @@ class ZOEngine:
     @torch.no_grad()
     def rollback(self) -> None:
         """Back to the parameters before the last update (whose loss was still fine); halve the lr."""
-        if not self.exact:
+        if self.good is None:
             raise FloatingPointError(
                 f"zeroth-order training diverged (loss non-finite or above {self.blowup}x its running mean); "
                 f"{self.numel:,} trainable parameters are too many to keep a rollback copy: lower the lr or eps"
@@ -188,8 +266,53 @@ class ZOEngine:
             if r.rolled_back:
                 self.rollback()
                 continue
-            if self.exact:
+            if self.good is not None:
                 for g, p in zip(self.good, self.params):
                     g.copy_(p)
             self.apply(r.seeds, r.grads, r.lr)
             self.running_loss = r.loss if self.running_loss is None else 0.9 * self.running_loss + 0.1 * r.loss
+
+
+def _owners(model: torch.nn.Module, params: list[torch.Tensor]) -> list[tuple[torch.nn.Module, str, int]]:
+    """Every (module, attribute, parameter index) that holds a trainable parameter directly; a tied
+    weight appears once per module that holds it."""
+    index = {p: i for i, p in enumerate(params)}
+    return [(m, name, index[p]) for m in model.modules() for name, p in m._parameters.items()
+            if p is not None and p in index]
+
+
+@contextlib.contextmanager
+def _swapped(engine: ZOEngine, seed: int, sign: float):
+    """While the loss is computed, each module's trainable weights read as ``SR(theta +- eps z)`` during
+    its own forward; the original tensors are put back after it (and on any error)."""
+    held: dict[tuple[int, str], torch.Tensor] = {}
+    seen: set[int] = set()
+    by_module: dict[torch.nn.Module, list[tuple[str, int]]] = {}
+    for module, name, i in engine.owners:
+        by_module.setdefault(module, []).append((name, i))
+
+    def before(module, args):
+        for name, i in by_module[module]:
+            param = module._parameters[name]
+            held[id(module), name] = param.data
+            param.data = engine._rounded(seed, i, sign)
+            seen.add(i)
+
+    def after(module, args, output):
+        for name, _ in by_module[module]:
+            module._parameters[name].data = held.pop((id(module), name))
+
+    hooks = [h for m in by_module for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        for (module_id, name), data in held.items():  # a forward that raised midway
+            module = next(m for m in by_module if id(m) == module_id)
+            module._parameters[name].data = data
+    missing = [engine.named[i][0] for i in range(len(engine.params)) if i not in seen]
+    if missing:
+        raise ValueError(f"zeroth-order training in low precision perturbs each weight inside its module's forward, "
+                         f"and {len(missing)} trainable parameter(s) were used outside one (e.g. {missing[:3]}); "
+                         "train in float32 (--dtype float32) or with an adapter method")

@@ -62,7 +62,7 @@ from ..models import (
     model_kind,
     task_type,
 )
-from ..zo import ZOEngine
+from ..zo import CHUNK, ZOEngine
 from .steps import timed_steps, updater
 from .system import RssSampler, rss_mb
 
@@ -173,6 +173,10 @@ def _weight_bytes(model: nn.Module) -> int:
 def _zo_memory(trainable: list[nn.Parameter]) -> tuple[int, int]:
     """(held, transient) bytes of ``zo.ZOEngine`` beyond the model and its forward.
 
+    Low-precision trainable sets (full-model MeZO on a bfloat16 model): one rollback copy up to the copy
+    limit, and the update's temporaries of one chunk; the perturbed copies live inside the forward
+    (``_forward_backward_peak``).
+
     Up to the copy limit: two copies of the trainable set; perturbing one tensor of n elements holds z,
     eps z and their sum in fp32 (plus the snapshot in fp32 if the tensor is not); the update holds an fp32
     accumulator of all of them, the last tensor's z (still bound after the accumulation loop), lr a and the
@@ -185,6 +189,10 @@ def _zo_memory(trainable: list[nn.Parameter]) -> tuple[int, int]:
     def unless_fp32(p: nn.Parameter, size: int) -> int:
         return 0 if p.dtype == torch.float32 else size
 
+    if any(p.dtype != torch.float32 for p in trainable):  # low precision: stochastic rounding, no snapshot
+        held = _bytes(trainable) if sum(p.numel() for p in trainable) <= ZO_COPY_LIMIT else 0
+        update = _rounding_bytes_per_element(trainable[0].dtype)[1]
+        return held, int(max(update * min(p.numel(), CHUNK) for p in trainable))
     if sum(p.numel() for p in trainable) > ZO_COPY_LIMIT:
         return 0, max(2 * fp32(p) + unless_fp32(p, p.numel() * p.element_size()) for p in trainable)
     perturb = max(3 * fp32(p) + unless_fp32(p, fp32(p)) for p in trainable)
@@ -193,15 +201,51 @@ def _zo_memory(trainable: list[nn.Parameter]) -> tuple[int, int]:
     return 2 * _bytes(trainable), max(perturb, update)
 
 
+def _rounding_bytes_per_element(dtype: torch.dtype) -> tuple[float, float]:
+    """Temporary bytes per element of one chunk while ``zo.ZOEngine`` rounds a low-precision perturbation
+    (beyond the perturbed copy itself) and an update: counted on a real tensor of one chunk's length."""
+    n = 4096
+    module = nn.Linear(n, 1, bias=False).to(dtype)
+    engine = ZOEngine(module, eps=1e-3, copy_limit=0)
+    with LiveBytes() as live:
+        engine._rounded(0, 0, 1.0)
+    perturb = (live.peak - n * module.weight.element_size()) / n
+    with LiveBytes() as live:
+        engine.apply([0], [1.0], 1e-3)
+    return perturb, live.peak / n
+
+
 def _forward_backward_peak(model: nn.Module, ids: torch.Tensor, causal: bool, first_order: bool,
-                           device: str) -> int:
-    """Peak bytes created by one forward (and backward, for first-order methods), weights excluded."""
+                           device: str, rounding: float = 0.0) -> int:
+    """Peak bytes created by one forward (and backward, for first-order methods), weights excluded.
+
+    ``rounding`` > 0 (low-precision zeroth-order steps): during each module's forward its trainable weights
+    have a perturbed copy, made with ``rounding`` temporary bytes per element of one chunk, as ``zo`` does.
+    """
     model.train(first_order)  # zeroth-order steps run in eval mode (zo.py)
+    hooks = []
+    if rounding:
+        copies: dict[nn.Module, list[torch.Tensor]] = {}
+
+        def before(module, args):
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            temporary = [torch.empty(int(rounding * min(p.numel(), CHUNK)), dtype=torch.uint8, device=p.device)
+                         for p in own]
+            copies[module] = [torch.empty_like(p) for p in own]
+            del temporary
+
+        def after(module, args, out) -> None:
+            copies.pop(module, None)
+
+        hooks = [h for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))
+                 for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
     with LiveBytes() as live, FusedAttention(device), torch.set_grad_enabled(first_order):
         loss = step_loss(model, ids, causal)
         if first_order:
             loss.backward()
         del loss
+    for h in hooks:
+        h.remove()
     return live.peak
 
 
@@ -236,7 +280,9 @@ def estimate(model_name: str, method: str, batch_size: int, seq_len: int, dtype:
     trainable = [p for p in model.parameters() if p.requires_grad]
     ids = torch.ones(batch_size, seq_len, dtype=torch.long, device=trainable[0].device)
     zo = method in ZO_METHODS
-    peak = _forward_backward_peak(model, ids, causal, not zo, device)
+    rounded = zo and any(p.dtype != torch.float32 for p in trainable)
+    rounding = _rounding_bytes_per_element(trainable[0].dtype)[0] if rounded else 0.0
+    peak = _forward_backward_peak(model, ids, causal, not zo, device, rounding)
     weights = _weight_bytes(model)
     if zo:
         gradients = 0

@@ -14,6 +14,7 @@ import torch
 
 from .. import loading, methods, models, objectives, optim, tasks
 from ..config import TrainConfig
+from ..precision import Precision
 from ..tasks.collate import encode, to_device
 from .system import RssSampler, machine, release_freed_memory, rss_mb
 
@@ -33,12 +34,15 @@ def task_loss(decoder: bool) -> optim.Objective:
     return lambda net, batch: objectives.batch_loss(net, batch, decoder)[0]
 
 
-def updater(model, net, objective: optim.Objective, zeroth_order: bool, queries: int = 1):
+def updater(model, net, objective: optim.Objective, zeroth_order: bool, queries: int = 1,
+            precision: Precision = Precision()):
     """The step a measurement takes: one-batch SPSA at ``queries`` queries, or AdamW with the method's own
-    schedule held still (so each phase of LaMDA is measured on its own)."""
+    schedule held still (so each phase of LaMDA is measured on its own), computing as ``precision`` says."""
     if zeroth_order:
-        return optim.ZerothOrder(model, net, objective, 1e-6, queries=lambda epoch: queries)
-    return optim.FirstOrder(model, net, objective, 1e-5, method_schedule=False)
+        return optim.ZerothOrder(model, net, objective, 1e-6, queries=lambda epoch: queries,
+                                 autocast=precision.autocast)
+    return optim.FirstOrder(model, net, objective, 1e-5, method_schedule=False, autocast=precision.autocast,
+                            scaler=precision.scaler())
 
 
 def timed_steps(step_with, batches: list) -> list[float]:
@@ -136,7 +140,8 @@ def memory_child(model_name: str, method: str, mode: str, task_name: str, batch_
     net = objectives.network(model, decoder)
     if mode == "frozen":
         model.base_model.update_freezing(1, 1)
-    step_with = None if mode == "inference" else updater(model, net, task_loss(decoder), mode == "zo")
+    precision = Precision(dtype, device.type)
+    step_with = None if mode == "inference" else updater(model, net, task_loss(decoder), mode == "zo", 1, precision)
     release_freed_memory()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -147,7 +152,7 @@ def memory_child(model_name: str, method: str, mode: str, task_name: str, batch_
     t0 = time.perf_counter()
     if step_with is None:
         net.eval()
-        with torch.no_grad():
+        with torch.no_grad(), precision.autocast():
             for _ in range(steps):
                 objectives.batch_loss(net, batch, decoder)
     else:

@@ -1,0 +1,198 @@
+"""Right in every precision: bfloat16/float16 runs train every trainable tensor in float32 under autocast,
+full-model MeZO in low precision estimates what it claims, weight decay pulls towards the start."""
+
+import pytest
+import torch
+from torch import nn
+
+from leanft import loading, methods, objectives, optim, tasks
+from leanft.config import TrainConfig
+from leanft.precision import Precision, stochastic_round
+from leanft.tasks.collate import encode
+from leanft.zo import ZOEngine
+
+LOW = ["bfloat16", "float16"]
+EPS = 1e-3  # MeZO's perturbation: below half a bfloat16 unit in the last place of weights near 1
+OPTIONS = {"loretta-adp": {"bottleneck": 8}, "adazeta": {"bottleneck": 8}}
+
+
+def one_step(model_dir: str, method: str, dtype: str, lr: float = 1e-2, weight_decay: float = 0.0):
+    """The model as ``leanft train`` builds it, its trainable tensors before, and the last of two steps."""
+    cfg = TrainConfig(model=model_dir, method=method, dtype=dtype, method_options=OPTIONS.get(method, {}))
+    task = tasks.get_task("sst2")
+    model, tokenizer, decoder = loading.build_model(cfg, [task])
+    net = objectives.network(model, decoder)
+    batch = encode(task, tasks.load_splits("sst2", 4, 0, 0).train, tokenizer, 64, decoder, training=True)
+    precision = Precision(dtype, "cpu")
+    objective = lambda net, b: objectives.batch_loss(net, b, decoder)[0]  # noqa: E731
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    if method in methods.ZO_METHODS:
+        step = optim.ZerothOrder(model, net, objective, lr, eps=1e-2, weight_decay=weight_decay,
+                                 autocast=precision.autocast)
+    else:
+        step = optim.FirstOrder(model, net, objective, lr, weight_decay=weight_decay, autocast=precision.autocast,
+                                scaler=precision.scaler())
+    taken, rows = 0, []
+    for i in range(20):  # two steps taken (LoRA's A moves from the second); float16 may skip while it scales
+        rows.append(step.step(i, 0, [batch]))
+        taken += not rows[-1].get("skipped")
+        if taken == 2:
+            break
+    assert taken == 2, rows
+    return model, before, rows[-1]
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("method", methods.METHODS)
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_two_steps_move_every_trainable_tensor_and_they_are_float32(family, method, dtype, request):
+    model, before, row = one_step(request.getfixturevalue(f"tiny_{family}_dir"), method, dtype)
+    assert torch.isfinite(torch.tensor(row["loss"]))
+    after = dict(model.named_parameters())
+    still = [n for n, p in before.items() if torch.equal(p, after[n].detach())]
+    assert not still, f"{len(still)} trainable tensors did not move, e.g. {still[:3]}"
+    expected = getattr(torch, dtype) if method == "mezo" else torch.float32  # full MeZO keeps its weights
+    assert {p.dtype for p in before.values()} == {expected}
+    if method not in ("mezo", "full"):  # the frozen base keeps the dtype it was loaded in
+        assert any(p.dtype == getattr(torch, dtype) for p in model.parameters() if not p.requires_grad)
+
+
+def test_norms_and_heads_train_in_float32_on_a_bfloat16_base(tiny_bert_dir):
+    model, before, _ = one_step(tiny_bert_dir, "loretta-rep", "bfloat16")
+    names = list(before)
+    assert any("LayerNorm" in n for n in names) and any("classifier" in n for n in names)
+
+
+class Linear(nn.Module):
+    """``loss = sum(c * weight)`` read through the module's forward, as a model reads its weights."""
+
+    def __init__(self, weight: torch.Tensor, c: torch.Tensor) -> None:
+        super().__init__()
+        self.weight, self.c = nn.Parameter(weight), c
+
+    def forward(self) -> torch.Tensor:
+        return (self.c * self.weight.float()).sum()
+
+
+def test_stochastic_rounding_is_unbiased_where_rounding_to_nearest_drops_the_change():
+    value = torch.full((100_000,), 1.0 + 1e-3)  # bfloat16's neighbours of 1.0 are 1.0 and 1.0078125
+    assert torch.all(value.to(torch.bfloat16) == 1.0)
+    rounded = stochastic_round(value, torch.bfloat16, torch.rand(value.shape, generator=torch.Generator().manual_seed(0)))
+    p = 1e-3 / 2**-7
+    stderr = 2**-7 * (p * (1 - p) / value.numel()) ** 0.5
+    assert abs(rounded.float().mean().item() - (1.0 + 1e-3)) < 4 * stderr  # 4 standard errors
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_zo_update_is_unbiased_over_many_seeds(dtype):
+    """A linear loss has gradient ``c`` everywhere: the mean SPSA update over seeds must be ``-lr c`` within
+    4 standard errors, although each step's change (1e-3) is below half a unit in the last place."""
+    c = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0, -1.0, 1.5, -0.5])
+    lr, trials = 1e-3, 3000
+    deltas = torch.empty(trials, len(c))
+    for seed in range(trials):
+        module = Linear(torch.ones(len(c), dtype=dtype), c)
+        engine = ZOEngine(module, eps=1e-3, seed=seed)
+        assert engine.rounded
+        engine.step(0, lambda: float(module()), 1, lr)
+        deltas[seed] = module.weight.detach().float() - 1.0
+    mean, stderr = deltas.mean(0), deltas.std(0) / trials**0.5
+    assert torch.all((mean + lr * c).abs() <= 4 * stderr + 1e-9), (mean, -lr * c, stderr)
+
+
+def test_low_precision_perturbation_changes_the_loss_as_float32_does(tiny_llama_dir):
+    """The projected gradient of a bfloat16 full model along its seeds' directions tracks the float32 model's
+    slope along the same directions (correlation over seeds), and is as large: the perturbation takes
+    effect. Rounding ``theta + eps z`` to nearest instead would leave most weights where they were."""
+    task = tasks.get_task("sst2")
+    build = lambda dtype: loading.build_model(TrainConfig(model=tiny_llama_dir, method="mezo", dtype=dtype), [task])  # noqa: E731
+    low, tokenizer, _ = build("bfloat16")
+    batch = encode(task, tasks.load_splits("sst2", 8, 0, 0).train, tokenizer, 64, True, training=True)
+    full = build("float32")[0].eval()
+    loss = lambda model: float(objectives.batch_loss(objectives.network(model, True), batch, True)[0])  # noqa: E731
+    engine = ZOEngine(low.eval(), eps=EPS)
+    assert engine.rounded
+    params = [p for p in full.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    ours, reference = [], []
+    for seed in range(12):
+        ours.append(engine.projected_gradient(seed, lambda: loss(low))[0])
+        losses = []
+        for sign in (1.0, -1.0):
+            with torch.no_grad():
+                for i, (p, p0) in enumerate(zip(params, start)):
+                    p.copy_(p0 + sign * EPS * engine.direction(seed, i))
+            losses.append(loss(full))
+        reference.append((losses[0] - losses[1]) / (2 * EPS))
+    ours, reference = torch.tensor(ours), torch.tensor(reference)
+    assert torch.corrcoef(torch.stack([ours, reference]))[0, 1] > 0.9, (ours, reference)
+    assert (ours.norm() / reference.norm() - 1).abs() < 0.3
+
+
+def test_low_precision_zo_restores_the_weights_exactly_and_replays(tiny_llama_dir):
+    task = tasks.get_task("sst2")
+    model, tokenizer, _ = loading.build_model(TrainConfig(model=tiny_llama_dir, method="mezo", dtype="bfloat16"), [task])
+    net = objectives.network(model.eval(), True)
+    batch = encode(task, tasks.load_splits("sst2", 4, 0, 0).train, tokenizer, 64, True, training=True)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = ZOEngine(model, eps=1e-3)
+    engine.projected_gradient(7, lambda: float(objectives.batch_loss(net, batch, True)[0]))
+    assert all(torch.equal(start[n], p) for n, p in model.named_parameters())
+    records = [engine.step(s, lambda: float(objectives.batch_loss(net, batch, True)[0]), 2, 1e-2) for s in range(3)]
+    trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(start[n])
+    ZOEngine(model, eps=1e-3).replay(records)
+    assert all(torch.equal(trained[n], p) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("method", ["loretta-rep", "loretta-adp", "lamda", "adazeta"])
+def test_weight_decay_at_zero_loss_leaves_the_outputs_at_the_base_models(tiny_llama_dir, method):
+    """With no gradient only weight decay acts: it must pull towards the start (the base model's outputs),
+    not towards zero, which for a start kept as a frozen copy or an SVD start moves the model."""
+    cfg = TrainConfig(model=tiny_llama_dir, method=method, method_options=OPTIONS.get(method, {}))
+    task = tasks.get_task("sst2")
+    model, tokenizer, decoder = loading.build_model(cfg, [task])
+    net = objectives.network(model, decoder)
+    batch = encode(task, tasks.load_splits("sst2", 4, 0, 0).train, tokenizer, 64, decoder, training=True)
+    zero = lambda net, b: 0.0 * objectives.batch_loss(net, b, decoder)[0]  # noqa: E731
+    assert optim.start_anchors(model), "the method's start is a frozen copy: decay needs an anchor"
+    model.eval()
+    with torch.no_grad():
+        base = net(batch["input_ids"], batch["attention_mask"], batch["rows"], batch["cols"], batch["targets"])
+    if method in methods.ZO_METHODS:
+        step = optim.ZerothOrder(model, net, zero, 1e-2, weight_decay=0.1)
+    else:
+        step = optim.FirstOrder(model, net, zero, 1e-2, weight_decay=0.1, method_schedule=False)
+    for i in range(20):
+        step.step(i, 0, [batch])
+    model.eval()
+    with torch.no_grad():
+        after = net(batch["input_ids"], batch["attention_mask"], batch["rows"], batch["cols"], batch["targets"])
+    torch.testing.assert_close(after, base, rtol=0, atol=1e-6)
+
+
+def test_low_precision_perturbation_of_weights_near_one_takes_effect_on_average(tiny_llama_dir):
+    """The final norm's weights are 1.0, where bfloat16's unit in the last place is 2**-7: a perturbation of
+    1e-3 z rounded to nearest would vanish. What the module reads during the perturbed forward must be
+    ``1 + eps z`` on average (slope 1 against z)."""
+    task = tasks.get_task("sst2")
+    model, tokenizer, _ = loading.build_model(TrainConfig(model=tiny_llama_dir, method="mezo", dtype="bfloat16"), [task])
+    batch = encode(task, tasks.load_splits("sst2", 2, 0, 0).train, tokenizer, 64, True, training=True)
+    net, norm = objectives.network(model.eval(), True), model.model.norm
+    assert torch.all(norm.weight == 1.0)
+    seen = []
+    norm.register_forward_hook(lambda module, args, out: seen.append(module.weight.detach().float().clone()))
+    engine = ZOEngine(model, eps=EPS)
+    index = next(i for i, p in enumerate(engine.params) if p is norm.weight)
+    moved, directions = [], []
+    for seed in range(40):
+        seen.clear()
+        engine.projected_gradient(seed, lambda: float(objectives.batch_loss(net, batch, True)[0]))
+        moved.append((seen[0] - 1.0) / EPS)  # the + forward
+        directions.append(engine.direction(seed, index))
+    moved, z = torch.cat(moved), torch.cat(directions)
+    assert torch.all(norm.weight == 1.0)  # restored exactly
+    slope = (moved * z).mean() / (z * z).mean()
+    assert abs(slope - 1) < 0.15, slope  # rounding to nearest gives about 0.27
