@@ -9,6 +9,8 @@ from conftest import FAMILIES, out, perturb, tiny_bert, tiny_llama, tiny_opt
 from peft import PeftModel, get_peft_model
 
 from leanft import LamdaConfig, LorettaAdpConfig, LorettaRepConfig
+from leanft.optim import start_anchors
+from leanft.tt import TTMatrix
 
 # Adapter configs per family: defaults where the architecture has them, explicit targets for OPT.
 ADP = {"llama": {"bottleneck_size": 16}, "bert": {"bottleneck_size": 16},
@@ -35,6 +37,65 @@ def test_noise_free_start_equals_base_and_reference_start_does_not(family, metho
     assert (out(model, tokens) - base).abs().max() > 1e-4  # the adapter is live
 
 
+def zeroed_tensors(model) -> dict[str, torch.Tensor]:
+    """The tensors the zero-core start zeroes: LoRETTA_rep's last core of B, LoRETTA_adp's last core and
+    bias of the up-projection."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, TTMatrix) and m.trainable and (".loretta_rep_B." in name or name.endswith(".up")):
+            out[f"{name}.core_{len(m.shape) - 1}"] = m.cores[-1]
+            if m.bias is not None:
+                out[f"{name}.bias"] = m.bias
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["adp", "rep"])
+def test_zero_core_start_equals_base_and_one_step_moves_it(family, method, tokens):
+    """As LoRA's zero B: exactly the base model at the start, and the zeroed core (with the up bias) gets a
+    gradient through the other, random cores, so one AdamW step on the adapter alone changes the output."""
+    build = FAMILIES[family][0]
+    base = out(build(), tokens)
+    model = get_peft_model(build(), configs(family, init_mode="zero_core")[method])
+    assert torch.equal(out(model, tokens), base)
+    zeroed = zeroed_tensors(model)
+    layers = sum(hasattr(m, "start_copies") for m in model.modules())
+    assert len(zeroed) == layers * {"rep": 1, "adp": 2}[method]  # one core per adapted layer (adp: + bias)
+    assert all(not t.any() for t in zeroed.values())
+    adapter = {n: p for n, p in model.named_parameters() if f"loretta_{method}_" in n}
+    assert all(p.any() for n, p in adapter.items() if n not in zeroed)  # the other cores are random
+    optimizer = torch.optim.AdamW(adapter.values(), lr=1e-2)  # the adapter only: norms and heads stay put
+    logits = model.train()(input_ids=tokens).logits
+    (logits * torch.randn(logits.shape, generator=torch.Generator().manual_seed(2))).sum().backward()
+    for name, t in zeroed.items():
+        assert t.grad is not None and t.grad.any(), name
+    # like LoRA's A at B = 0, the other cores get no gradient until the zeroed one has moved
+    assert all(p.grad is None or not p.grad.any() for n, p in adapter.items() if n not in zeroed)
+    optimizer.step()
+    assert all(t.any() for t in zeroed.values())
+    assert (out(model.eval(), tokens) - base).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["adp", "rep"])
+def test_zero_core_keeps_no_frozen_copies_and_saves_less(family, method, tmp_path):
+    build = FAMILIES[family][0]
+    sizes = {}
+    for init_mode in ("noise_free", "zero_core"):
+        model = get_peft_model(build(), configs(family, init_mode=init_mode)[method])
+        copies = [(m, c) for m in model.modules() if hasattr(m, "start_copies") for c in m.start_copies.values()]
+        assert copies
+        adapter_buffers = [n for n, _ in model.named_buffers() if f"loretta_{method}_" in n]
+        anchors = start_anchors(model)  # what weight decay pulls towards, other than zero
+        if init_mode == "zero_core":
+            assert not adapter_buffers and all(len(getattr(m, c)) == 0 for m, c in copies) and not anchors
+        else:
+            assert adapter_buffers and all(len(getattr(m, c)) == 1 for m, c in copies) and anchors
+        model.save_pretrained(tmp_path / init_mode)
+        sizes[init_mode] = (tmp_path / init_mode / "adapter_model.safetensors").stat().st_size
+    assert sizes["zero_core"] < sizes["noise_free"]
+
+
 def test_placement_follows_the_architecture():
     llama = get_peft_model(tiny_llama(), configs("llama")["adp"])
     mlp = llama.base_model.model.model.layers[0].mlp
@@ -46,11 +107,17 @@ def test_placement_follows_the_architecture():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_merge_equals_unmerged_and_unmerge_restores_base(family, tokens):
+@pytest.mark.parametrize("init_mode", ["noise_free", "zero_core"])
+def test_merge_equals_unmerged_and_unmerge_restores_base(family, init_mode, tokens):
     build = FAMILIES[family][0]
     base_model = build()
     base_weights = {k: v.clone() for k, v in base_model.state_dict().items()}
-    model = get_peft_model(base_model, configs(family)["rep"]).eval()
+    model = get_peft_model(base_model, configs(family, init_mode=init_mode)["rep"]).eval()
+    if init_mode == "zero_core":  # delta W is exactly zero at the start: merging changes no weight
+        model.merge_adapter()
+        assert all(torch.equal(v, base_weights[k.removeprefix("base_model.model.").replace(".base_layer", "")])
+                   for k, v in model.state_dict().items() if k.endswith("base_layer.weight"))
+        model.unmerge_adapter()
     perturb(model)
     adapted = out(model, tokens)
     model.merge_adapter()
@@ -92,9 +159,10 @@ def test_gradients_reach_only_adapter_and_norm_parameters(family, method, tokens
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", ["adp", "rep"])
-def test_save_and_load_gives_the_same_outputs(family, method, tokens, tmp_path):
+@pytest.mark.parametrize("init_mode", ["noise_free", "zero_core"])
+def test_save_and_load_gives_the_same_outputs(family, method, init_mode, tokens, tmp_path):
     build = FAMILIES[family][0]
-    model = get_peft_model(build(), configs(family)[method]).eval()
+    model = get_peft_model(build(), configs(family, init_mode=init_mode)[method]).eval()
     perturb(model)
     expected = out(model, tokens)
     model.save_pretrained(tmp_path / "adapter")
@@ -163,7 +231,8 @@ def test_bf16_model_keeps_fp32_adapters(tokens):
      "bottleneck_size 64 is not smaller than the hidden size 64"),
     (lambda: get_peft_model(tiny_opt(), LorettaAdpConfig()), "no default target modules for model type 'opt'"),
     (lambda: LorettaAdpConfig(non_linearity="rleu"), "unknown non_linearity"),
-    (lambda: LorettaRepConfig(init_mode="zero"), "init_mode"),
+    (lambda: LorettaRepConfig(init_mode="zero"), "init_mode must be one of 'noise_free', 'zero_core', 'reference'"),
+    (lambda: LorettaAdpConfig(init_mode="zeros"), "init_mode must be one of 'noise_free', 'zero_core', 'reference'"),
 ])
 def test_bad_input_gets_a_clear_error(make, match):
     with pytest.raises(ValueError, match=match):

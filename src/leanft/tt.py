@@ -187,6 +187,16 @@ class TTMatrix(nn.Module):
             bound = 1.0 / self.out_features**0.5
             self.bias.uniform_(-bound, bound)
 
+    @torch.no_grad()
+    def zero_last_core(self) -> TTMatrix:
+        """Zero the last core (and the bias): ``x W + b`` is then exactly 0 for every ``x``, as LoRA's zero
+        ``B``. One zero core suffices; the gradient of that core goes through the other, still random cores,
+        so it is not zero (with two zero cores every gradient would be zero). Returns ``self``."""
+        self.cores[-1].zero_()
+        if self.bias is not None:
+            self.bias.zero_()
+        return self
+
     def frozen_copy(self) -> "TTMatrix":
         """A copy whose cores and bias are buffers (saved, never trained)."""
         copy = TTMatrix(self.in_features, self.out_features, self.rank, self.shape, bias=self.bias is not None,

@@ -1,7 +1,9 @@
 """Micro-benchmarks of single adapter layers and of the TT contractions inside them.
 
-``layer_bench`` times one square linear layer adapted by each method (forward, forward+backward) and
-measures the memory its training step needs, against PEFT LoRA at the same shapes; ``contraction_bench``
+``layer_bench`` times one square linear layer adapted by each method (forward, forward+backward),
+measures the memory its training step needs and counts the adapter's multiply-adds per token, against
+PEFT LoRA at the same shapes (LoRETTA's starts compare as ``loretta-rep`` against ``loretta-rep-zero``,
+see ``START_VARIANTS``); ``contraction_bench``
 times every TT matrix those layers build with each contraction forced and with the automatic choice, to
 check that ``TTMatrix.choose_contraction`` picks a contraction within 10% of the fastest. Both run on the
 current device and return plain dicts (JSON-ready) that ``to_markdown`` turns into tables.
@@ -18,6 +20,7 @@ from typing import Callable
 import torch
 from peft import get_peft_model
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from .. import methods as methods_lib
 from ..models import default_device
@@ -27,6 +30,12 @@ from .system import machine
 HIDDEN_SIZES = (576, 1024, 2048, 4096, 8192)
 LAYER_METHODS = ("lora", "loretta-rep", "loretta-adp", "lamda")
 TT_METHODS = ("loretta-rep", "loretta-adp")
+# Layer-bench names for a method with another start: name -> (method, init_mode). The plain names keep the
+# default start (noise_free: a frozen copy of the initial factors, evaluated every forward).
+START_VARIANTS = {
+    "loretta-rep-zero": ("loretta-rep", "zero_core"), "loretta-adp-zero": ("loretta-adp", "zero_core"),
+    "loretta-rep-reference": ("loretta-rep", "reference"), "loretta-adp-reference": ("loretta-adp", "reference"),
+}
 TOKEN_COUNTS = (1, 64, 512, 4096)
 AUTO_TOLERANCE = 1.10  # the automatic contraction may be at most this much slower than the fastest
 MIN_ROUNDS, MAX_ROUNDS = 5, 100  # bounds on the rounds that layer_bench fits into its time per size
@@ -34,6 +43,9 @@ MIN_ROUNDS, MAX_ROUNDS = 5, 100  # bounds on the rounds that layer_bench fits in
 CPU_MEMORY = ("bytes autograd saves for backward (each storage once; parameters and buffers not counted, the "
               "input counted when a method saves it) plus the gradients of the trainable parameters")
 CUDA_MEMORY = "peak allocated bytes of one forward+backward above what was allocated before it"
+FLOPS = ("adapter multiply-adds per token: matrix-product FLOPs that torch.utils.flop_counter.FlopCounterMode "
+         "counts in the adapted layer's call minus those of the bare layer, halved, divided by the tokens (so the "
+         "token-independent TT core products are spread over the tokens; element-wise operations not counted)")
 
 
 class Block(nn.Module):
@@ -50,19 +62,48 @@ class Block(nn.Module):
 def build(method: str, base: nn.Linear) -> Block:
     """A ``Block`` around a frozen linear sharing ``base``'s weights, adapted by ``method``'s defaults.
 
-    ``"base"`` leaves it bare: the reference. Weights are shared, not copied, so every method sees the same
-    matrix at no extra memory. LoRETTA_adp gets an output adapter (its placement for explicit targets):
-    in series after the linear, as on a BERT output dense. The inner model of the PeftModel is returned so
-    that every method is called the same way, without PeftModel's forward wrapper.
+    ``"base"`` leaves it bare: the reference. A name of ``START_VARIANTS`` is its method with that start.
+    Weights are shared, not copied, so every method sees the same matrix at no extra memory. LoRETTA_adp
+    gets an output adapter (its placement for explicit targets): in series after the linear, as on a BERT
+    output dense. The inner model of the PeftModel is returned so that every method is called the same
+    way, without PeftModel's forward wrapper.
     """
     linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
     linear.weight, linear.bias = base.weight, base.bias
     block = Block(linear.requires_grad_(False))
     if method == "base":
         return block
+    method, init_mode = START_VARIANTS.get(method, (method, None))
     torch.manual_seed(0)
-    config = methods_lib.make_config(method, None, target_modules=["proj"])
+    config = methods_lib.make_config(method, None, target_modules=["proj"], init_mode=init_mode)
     return get_peft_model(block, config).get_base_model()
+
+
+def _matmul_flops(fn: Callable[[], object]) -> int:
+    """Matrix-product FLOPs (2 per multiply-add) that ``fn`` runs, as FlopCounterMode counts them."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def adapter_macs(block: nn.Module, bare: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Adapter multiply-adds per token of ``block`` over ``bare`` (the same layer unadapted), for the
+    forward (eval mode, no autograd) and the forward+backward (loss ``sum``, ``x`` requiring grad): see
+    ``FLOPS``. The counts are of what the layer really runs, whichever TT contraction it picks."""
+    tokens = x.reshape(-1, x.shape[-1]).shape[0]
+    x_grad = x.detach().clone().requires_grad_()
+
+    def forward(b: nn.Module) -> int:
+        with torch.no_grad():
+            return _matmul_flops(lambda: b.eval()(x))
+
+    def both(b: nn.Module) -> int:
+        flops = _matmul_flops(lambda: b.train()(x_grad).sum().backward())
+        b.zero_grad(set_to_none=True)
+        return flops
+
+    return {"fwd": (forward(block) - forward(bare)) / (2 * tokens),
+            "fwdbwd": (both(block) - both(bare)) / (2 * tokens)}
 
 
 def tt_matrices(model: nn.Module) -> dict[str, TTMatrix]:
@@ -193,13 +234,14 @@ def layer_bench(
     backward also goes through the base layer; gradients accumulate across calls, as in gradient
     accumulation. Times are medians over ``repeats`` rounds (``None``: as many as fit in
     ``seconds_per_size``, within ``MIN_ROUNDS`` and ``MAX_ROUNDS``); each round runs all methods in turn,
-    each sample lasting at least ``min_sample_s``. Memory is described in the result's ``memory`` field.
-    Ratios are against LoRA's row.
+    each sample lasting at least ``min_sample_s``. Memory is described in the result's ``memory`` field,
+    the adapter's multiply-adds per token (forward, forward+backward) in its ``flops`` field. Ratios are
+    against LoRA's row. ``methods`` may name ``START_VARIANTS`` (e.g. ``loretta-rep-zero``).
     """
     device = _device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     result = {**_header("layers", device, dtype), "statistic": "median", "tokens": tokens, "rounds": {},
-              "memory": CUDA_MEMORY if device.type == "cuda" else CPU_MEMORY, "rows": []}
+              "memory": CUDA_MEMORY if device.type == "cuda" else CPU_MEMORY, "flops": FLOPS, "rows": []}
     for d in hidden_sizes:
         torch.manual_seed(0)
         base = nn.Linear(d, d, device=device, dtype=dtype)
@@ -216,6 +258,7 @@ def layer_bench(
         both_fns = {name: (lambda b=b: b(x_grad).sum().backward()) for name, b in blocks.items()}
         both, both_rounds = _times(both_fns, device, repeats, min_sample_s, budget_s=budget)
         memory = {name: _train_memory(b, x, device) for name, b in blocks.items()}
+        macs = {name: adapter_macs(b, blocks["base"], x) for name, b in blocks.items()}
         result["rounds"][d] = {"fwd": fwd_rounds, "fwdbwd": both_rounds}
         fwd_ms = {name: round(1000 * t, 4) for name, t in forward.items()}
         both_ms = {name: round(1000 * t, 4) for name, t in both.items()}
@@ -224,6 +267,8 @@ def layer_bench(
                 "d": d, "method": name, "trainable": methods_lib.count_parameters(block)["trainable"],
                 "fwd_ms": fwd_ms[name], "fwdbwd_ms": both_ms[name],
                 "mem_bytes": memory[name], "mem_mb": round(memory[name] / 2**20, 3),
+                "fwd_macs_per_token": round(macs[name]["fwd"], 1),
+                "fwdbwd_macs_per_token": round(macs[name]["fwdbwd"], 1),
                 "fwd_vs_lora": _ratio(fwd_ms[name], fwd_ms.get("lora")),
                 "fwdbwd_vs_lora": _ratio(both_ms[name], both_ms.get("lora")),
                 "mem_vs_lora": _ratio(memory[name], memory.get("lora")),
@@ -302,12 +347,15 @@ def _layers_markdown(result: dict) -> list[str]:
              f"{result['dtype']}, {result['tokens']} tokens; torch {result['torch']}, {result['date']}", "",
              "Median of the rounds (forward/forward+backward) per size: "
              + ", ".join(f"{d}: {n['fwd']}/{n['fwdbwd']}" for d, n in result["rounds"].items())
-             + f". Memory: {result['memory']}.", "",
-             "| d | method | trainable | fwd ms | fwd+bwd ms | mem MB | fwd vs LoRA | fwd+bwd vs LoRA | mem vs LoRA |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             + f". Memory: {result['memory']}. MACs/token: {result.get('flops', FLOPS)}.", "",
+             ("| d | method | trainable | fwd ms | fwd+bwd ms | mem MB | fwd MACs/token | fwd+bwd MACs/token "
+              "| fwd vs LoRA | fwd+bwd vs LoRA | mem vs LoRA |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        macs = [f"{r[k]:,.0f}" if k in r else "" for k in ("fwd_macs_per_token", "fwdbwd_macs_per_token")]
         lines.append(f"| {r['d']} | {r['method']} | {r['trainable']:,} | {r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | "
-                     f"{r['mem_mb']:.3f} | {r['fwd_vs_lora']} | {r['fwdbwd_vs_lora']} | {r['mem_vs_lora']} |")
+                     f"{r['mem_mb']:.3f} | {macs[0]} | {macs[1]} | {r['fwd_vs_lora']} | {r['fwdbwd_vs_lora']} | "
+                     f"{r['mem_vs_lora']} |")
     return lines
 
 

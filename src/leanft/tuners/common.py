@@ -87,7 +87,8 @@ class LeanftConfig(PeftConfig):
         if not 0 <= dropout < 1:
             raise ValueError(f"{type(self).__name__}: dropout must be in [0, 1), got {dropout}")
         if getattr(self, "init_mode", None) not in init_modes:
-            raise ValueError(f"init_mode must be one of {init_modes}, got {getattr(self, 'init_mode', None)!r}")
+            raise ValueError(f"{type(self).__name__}: init_mode must be one of {', '.join(map(repr, init_modes))}; "
+                             f"got {getattr(self, 'init_mode', None)!r}")
 
 
 class LeanftTuner(BaseTuner):

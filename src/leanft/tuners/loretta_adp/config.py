@@ -7,6 +7,8 @@ from typing import Literal
 
 from ..common import LeanftConfig, LeanftPeftType
 
+INIT_MODES = ("noise_free", "zero_core", "reference")
+
 
 @dataclass
 class LorettaAdpConfig(LeanftConfig):
@@ -19,10 +21,16 @@ class LorettaAdpConfig(LeanftConfig):
     need ``target_modules`` (output adapters; list ``input_modules`` for input ones).
 
     Defaults are the paper's (bottleneck 64, TT rank 5, ReLU, scaling 1, trainable norms: the LLaMA-2-7B
-    count of 876,800). ``init_mode="noise_free"`` (default) subtracts a frozen copy of the initial
-    adapter, ``A(u) - A0(u)``, so the adapted model starts equal to the base model (about twice the
-    adapter FLOPs, still small next to the base layer); ``"reference"`` keeps the reference code's
-    random start.
+    count of 876,800). The adapted model starts equal to the base model with ``init_mode="noise_free"``
+    (default) or ``"zero_core"``:
+
+    * ``"noise_free"`` subtracts a frozen copy of the initial adapter, ``A(u) - A0(u)`` (random
+      projections, as the paper; but twice the adapter's forward FLOPs, and the copies double the saved adapter);
+    * ``"zero_core"`` zeroes the last TT core and the bias of the up-projection ``U``, as LoRA zeroes its
+      ``B``: ``A(u) = 0`` exactly, no copies, no extra cost. ``U``'s last core and bias get non-zero
+      gradients at once (``D`` and ``U``'s other cores are random), ``D`` once they have moved; weight decay
+      pulls towards zero, their start.
+    * ``"reference"`` keeps the reference code's random start.
     """
 
     bottleneck_size: int = field(default=64, metadata={"help": "Adapter bottleneck width b"})
@@ -34,14 +42,16 @@ class LorettaAdpConfig(LeanftConfig):
         default=None,
         metadata={"help": "Targets that get an input (pre-linear) adapter; None = architecture default"},
     )
-    init_mode: Literal["noise_free", "reference"] = field(default="noise_free")
+    init_mode: Literal["noise_free", "zero_core", "reference"] = field(
+        default="noise_free", metadata={"help": f"Start: one of {INIT_MODES} (see the class docstring)"}
+    )
     tt_shapes: dict[str, list[int]] | None = field(default=None, metadata={"help": "Explicit shapes by 'INxOUT'"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = LeanftPeftType.LORETTA_ADP
         self._check_positive(bottleneck_size=self.bottleneck_size, tt_rank=self.tt_rank)
-        self._check_dropout_and_init(self.adapter_dropout, ("noise_free", "reference"))
+        self._check_dropout_and_init(self.adapter_dropout, INIT_MODES)
         from transformers.activations import ACT2FN
 
         if self.non_linearity not in ACT2FN:

@@ -39,7 +39,8 @@ class TTAdapter(nn.Module):
 class LorettaAdpLayer(BaseTunerLayer):
     adapter_layer_names = ("loretta_adp_adapter",)
     other_param_names = ("loretta_adp_adapter0", "loretta_adp_dropout", "placement")
-    # trainable adapters -> their frozen start (when the start is not zero): weight decay pulls towards it
+    # trainable adapters -> their frozen start, towards which weight decay pulls. Only the noise-free start
+    # keeps copies; without them (zero_core, reference) decay pulls towards zero, the zeroed core's start.
     start_copies = {"loretta_adp_adapter": "loretta_adp_adapter0"}
 
     def __init__(self, base_layer: nn.Module, name: str = "") -> None:
@@ -64,6 +65,8 @@ class LorettaAdpLayer(BaseTunerLayer):
         self.loretta_adp_adapter[adapter_name] = adapter
         if config.init_mode == "noise_free":
             self.loretta_adp_adapter0[adapter_name] = adapter.frozen_copy()
+        elif config.init_mode == "zero_core":  # U maps everything to 0, so A(u) = 0: no copy needed
+            adapter.up.zero_last_core()
         p = config.adapter_dropout
         self.loretta_adp_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
         self.placement[adapter_name] = placement
@@ -79,7 +82,7 @@ class LorettaAdpLayer(BaseTunerLayer):
         pass
 
     def adapter_output(self, name: str, u: torch.Tensor) -> torch.Tensor:
-        """``A(u) - A0(u)`` (or ``A(u)`` without a frozen start), computed in fp32."""
+        """``A(u) - A0(u)`` (or ``A(u)`` without a frozen start: zero_core, reference), computed in fp32."""
         u = self.loretta_adp_dropout[name](u.float())
         out = self.loretta_adp_adapter[name](u)
         if name in self.loretta_adp_adapter0:

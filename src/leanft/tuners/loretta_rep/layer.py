@@ -14,7 +14,8 @@ from .config import LorettaRepConfig
 class LorettaRepLayer(BaseTunerLayer):
     adapter_layer_names = ("loretta_rep_A", "loretta_rep_B")
     other_param_names = ("loretta_rep_A0", "loretta_rep_B0", "loretta_rep_dropout", "r", "scaling")
-    # trainable factors -> their frozen start (when the start is not zero): weight decay pulls towards it
+    # trainable factors -> their frozen start, towards which weight decay pulls. Only the noise-free start
+    # keeps copies; without them (zero_core, reference) decay pulls towards zero, the zeroed core's start.
     start_copies = {"loretta_rep_A": "loretta_rep_A0", "loretta_rep_B": "loretta_rep_B0"}
 
     def __init__(self, base_layer: nn.Module, name: str = "") -> None:
@@ -36,6 +37,8 @@ class LorettaRepLayer(BaseTunerLayer):
         self.loretta_rep_A[adapter_name], self.loretta_rep_B[adapter_name] = a, b
         if config.init_mode == "noise_free":
             self.loretta_rep_A0[adapter_name], self.loretta_rep_B0[adapter_name] = a.frozen_copy(), b.frozen_copy()
+        elif config.init_mode == "zero_core":  # W_B = 0, so delta W = 0: no copies needed (as LoRA's B = 0)
+            b.zero_last_core()
         p = config.lora_dropout
         self.loretta_rep_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
         self.r[adapter_name] = r
@@ -50,7 +53,7 @@ class LorettaRepLayer(BaseTunerLayer):
         return (self.scaling[adapter_name] * delta).T
 
     def adapter_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """The update ``(alpha/r) * (B(A(x)) - B0(A0(x)))`` in fp32.
+        """The update ``(alpha/r) * (B(A(x)) - B0(A0(x)))`` in fp32 (``(alpha/r) * B(A(x))`` without copies).
 
         With the noise-free start, ``x`` meets both input factors in one ``2r``-wide product
         ``x [W_A | W_A0]`` (the dense factors, ``in x r``, are cheap to rebuild from the cores) instead of
