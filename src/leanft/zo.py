@@ -58,7 +58,7 @@ def query_seed(run_seed: int, step: int, query: int) -> int:
 
 # streams drawn per parameter in low precision, from (query seed, parameter index, stream, chunk)
 Z, ROUND_PLUS, ROUND_MINUS, ROUND_UPDATE = range(4)
-CHUNK = 1 << 20
+CHUNK = 1 << 18
 
 
 @dataclass

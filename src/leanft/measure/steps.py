@@ -131,7 +131,9 @@ def memory_child(model_name: str, method: str, mode: str, task_name: str, batch_
     The model, its head and the batch are built as ``leanft train`` builds them, decoders and encoders alike.
     """
     device = models.default_device()
-    cfg = TrainConfig(model=model_name, method=method, task=task_name, dtype=dtype, batch_size=batch_size)
+    # inference: the model as loaded, in its dtype (full-model MeZO's build is the one that upcasts nothing)
+    built = "mezo" if mode == "inference" else method
+    cfg = TrainConfig(model=model_name, method=built, task=task_name, dtype=dtype, batch_size=batch_size)
     task = tasks.get_task(task_name)
     model, tokenizer, decoder = loading.build_model(cfg, [task])
     model.to(device)
