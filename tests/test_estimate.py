@@ -7,6 +7,7 @@ from conftest import FAMILIES, tiny_bert, tiny_llama
 
 from leanft import methods
 from leanft.measure import estimate as est
+from leanft.measure import estimate_check as check
 from leanft.measure import report
 
 MB = 2**20
@@ -29,8 +30,8 @@ def measured_mb(family: str, method: str, batch: int, seq_len: int, dtype=torch.
     """Weights plus the CPU allocator's peak over two real training steps (the estimate's steady state)."""
     build, task_type = FAMILIES[family]
     model = methods.apply_method(build().to(dtype), method, task_type, **options(family, method))
-    ids = est.random_ids(model.config.vocab_size, model.config.pad_token_id, batch, seq_len)
-    peak = est.cpu_allocated_peak(lambda: est.train_steps(model, method, ids, task_type == "CAUSAL_LM", 2))
+    ids = check.random_ids(model.config.vocab_size, model.config.pad_token_id, batch, seq_len)
+    peak = check.cpu_allocated_peak(lambda: check.train_steps(model, method, ids, task_type == "CAUSAL_LM", 2))
     weights = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
     return (sum(weights.values()) + peak) / MB
 
@@ -129,7 +130,7 @@ def test_lamda_plus_plus_needs_weights():
 
 def test_check_measures_a_fresh_process_and_states_the_error(tiny_bert_dir):
     result = {"device": "cpu", "batch_size": 2, "seq_len": 16, "steps": 2,
-              "rows": [est.check(tiny_bert_dir, "lora", 2, 16)]}
+              "rows": [check.check(tiny_bert_dir, "lora", 2, 16)]}
     row = result["rows"][0]
     assert row["measured_mb"] > 0 and row["measured_error"] == pytest.approx(
         (row["total_mb"] - row["measured_mb"]) / row["measured_mb"], abs=1e-3)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from leanft.measure import micro
+from leanft.measure import micro, report
 
 SIZES, TOKENS, RANK = (96, 128), 16, 8  # above the 64 bottleneck of LoRETTA_adp; LoRA and LaMDA rank 8
 
@@ -85,9 +85,9 @@ def test_contractions_agree_on_real_matrices():
 
 
 def test_markdown_tables(layers, contractions):
-    text = micro.to_markdown(layers)
+    text = report.micro_markdown(layers)
     assert "on cpu" in text and "float32" in text and text.count("\n| 96 |") == 5
-    text = micro.to_markdown(contractions)
+    text = report.micro_markdown(contractions)
     assert "on cpu" in text and "float32" in text and text.count("\n| 128 |") == 8
     header, rule = text.splitlines()[4:6]
     assert header.count("|") == rule.count("|")
@@ -108,4 +108,4 @@ def test_zero_core_start_costs_fewer_adapter_flops_than_the_noise_free_one():
         for key in ("fwd_macs_per_token", "fwdbwd_macs_per_token"):
             assert 0 < zero[key] < noise_free[key], (method, key)
     assert rows[128, "loretta-rep-zero"]["fwd_macs_per_token"] == rows[128, "loretta-rep-reference"]["fwd_macs_per_token"]
-    assert "fwd MACs/token" in micro.to_markdown(result)
+    assert "fwd MACs/token" in report.micro_markdown(result)

@@ -196,3 +196,13 @@ def test_low_precision_perturbation_of_weights_near_one_takes_effect_on_average(
     assert torch.all(norm.weight == 1.0)  # restored exactly
     slope = (moved * z).mean() / (z * z).mean()
     assert abs(slope - 1) < 0.15, slope  # rounding to nearest gives about 0.27
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_full_fine_tuning_in_low_precision_is_refused_with_what_to_use(tiny_llama_dir, tmp_path, dtype):
+    """Its float32 master weights would move below the resolution of the copies the forward computes with:
+    the model that trains would not be the one saved."""
+    from leanft import train
+
+    with pytest.raises(ValueError, match=f"full fine-tuning with --dtype {dtype} is refused.*Use --dtype float32"):
+        train.train(TrainConfig(model=tiny_llama_dir, method="full", dtype=dtype, output_dir=str(tmp_path)))

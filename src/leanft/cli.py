@@ -15,9 +15,9 @@ import yaml
 
 from . import methods, models
 from .config import TrainConfig
-from .precision import DTYPES
 from .measure import bench, budget, params, report, steps
 from .measure.system import save
+from .precision import DTYPES
 from .train import train
 
 
@@ -73,13 +73,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_estimate(args: argparse.Namespace) -> None:
-    from .measure import estimate
+    from .measure import estimate, estimate_check
 
     names = lambda spec: tuple(spec.split(",")) if spec else None  # noqa: E731
     if args.check:
-        result = estimate.check_all(names(args.models) or ("smollm2-135m", "minilm-l6"),
-                                    names(args.methods) or estimate.CHECK_METHODS, args.batch_size or 8,
-                                    args.seq_len or 128)
+        result = estimate_check.check_all(names(args.models) or ("smollm2-135m", "minilm-l6"),
+                                          names(args.methods) or estimate_check.CHECK_METHODS,
+                                          args.batch_size or 8, args.seq_len or 128)
     else:
         result = estimate.paper_scale(names(args.models) or estimate.PAPER_MODELS,
                                       names(args.methods) or estimate.PAPER_METHODS, args.batch_size, args.seq_len,
@@ -100,7 +100,7 @@ def cmd_micro(args: argparse.Namespace) -> None:
     if args.contractions:
         results["contractions"] = micro.contraction_bench(sizes, tuple(int(t) for t in args.contraction_tokens.split(",")))
     for kind, result in results.items():
-        print(micro.to_markdown(result) + "\n")
+        print(report.micro_markdown(result) + "\n")
         if args.output_dir:
             path = Path(args.output_dir) / f"micro-{kind}-{models.default_device().type}.json"
             save(result, path)

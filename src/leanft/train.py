@@ -76,6 +76,14 @@ class Run:
 def train(cfg: TrainConfig) -> dict:
     """Fine-tune, evaluate, and return (and write) the final metrics."""
     cfg.method = methods.resolve_method(cfg.method)
+    if cfg.method == "full" and not cfg.zeroth_order and cfg.dtype != "float32":
+        raise ValueError(
+            f"full fine-tuning with --dtype {cfg.dtype} is refused: it would keep float32 master weights and compute "
+            f"with {cfg.dtype} copies of them, and updates as small as full fine-tuning's stay below {cfg.dtype}'s "
+            "resolution, so the model that trains is not the one saved (measured on SmolLM2-135M SST-2: 7 points "
+            "below float32, the saved weights at chance in float32; BENCHMARKS.md section 6). Use --dtype float32 "
+            f"for full fine-tuning, an adapter method in {cfg.dtype}, or --method mezo, which trains {cfg.dtype} "
+            "weights themselves")
     accel = accelerator()
     out = Path(cfg.output_dir)
     if accel.is_main_process:

@@ -6,7 +6,7 @@ PEFT LoRA at the same shapes (LoRETTA's starts compare as ``loretta-rep`` agains
 see ``START_VARIANTS``); ``contraction_bench``
 times every TT matrix those layers build with each contraction forced and with the automatic choice, to
 check that ``TTMatrix.choose_contraction`` picks a contraction within 10% of the fastest. Both run on the
-current device and return plain dicts (JSON-ready) that ``to_markdown`` turns into tables.
+current device and return plain dicts (JSON-ready) that ``report.micro_markdown`` turns into tables.
 """
 
 from __future__ import annotations
@@ -340,46 +340,3 @@ def contraction_bench(
                                                            min_sample_s=min_sample_s))
     result["all_ok"] = all(row["ok"] for row in result["rows"])
     return result
-
-
-def _layers_markdown(result: dict) -> list[str]:
-    lines = [f"### Adapter layers vs PEFT LoRA on {result['device']} ({result['machine']}), base dtype "
-             f"{result['dtype']}, {result['tokens']} tokens; torch {result['torch']}, {result['date']}", "",
-             "Median of the rounds (forward/forward+backward) per size: "
-             + ", ".join(f"{d}: {n['fwd']}/{n['fwdbwd']}" for d, n in result["rounds"].items())
-             + f". Memory: {result['memory']}. MACs/token: {result.get('flops', FLOPS)}.", "",
-             ("| d | method | trainable | fwd ms | fwd+bwd ms | mem MB | fwd MACs/token | fwd+bwd MACs/token "
-              "| fwd vs LoRA | fwd+bwd vs LoRA | mem vs LoRA |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        macs = [f"{r[k]:,.0f}" if k in r else "" for k in ("fwd_macs_per_token", "fwdbwd_macs_per_token")]
-        lines.append(f"| {r['d']} | {r['method']} | {r['trainable']:,} | {r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | "
-                     f"{r['mem_mb']:.3f} | {macs[0]} | {macs[1]} | {r['fwd_vs_lora']} | {r['fwdbwd_vs_lora']} | "
-                     f"{r['mem_vs_lora']} |")
-    return lines
-
-
-def _contractions_markdown(result: dict) -> list[str]:
-    modes = list(dict.fromkeys(m for r in result["rows"] for m in r["fwd_ms"]))
-    passing = sum(r["ok"] for r in result["rows"])
-    header = ["d", "matrix", "shape", "tokens", *(f"{m} ms" for m in modes), "auto", "fastest", "choice/fastest",
-              "auto/fastest", "ok", *(f"fwd+bwd {m} ms" for m in modes), "fwd+bwd auto/fastest", "ok"]
-    lines = [f"### TT contractions on {result['device']} ({result['machine']}), dtype {result['dtype']}; "
-             f"torch {result['torch']}, {result['date']}", "",
-             f"Fastest of {result['repeats']} samples. Automatic choice within {result['tolerance']:.2f}x of the "
-             f"fastest (forward): {passing} of {len(result['rows'])} cases.", "",
-             "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    for r in result["rows"]:
-        cells = [r["d"], f"{r['matrix']} {r['in']}x{r['out']}", r["shape"], r["tokens"],
-                 *(f"{r['fwd_ms'][m]:.3f}" if m in r["fwd_ms"] else "" for m in modes),
-                 r["auto"], r["fastest"], r["choice_vs_fastest"], r["auto_vs_fastest"], "yes" if r["ok"] else "**no**",
-                 *(f"{r['fwdbwd_ms'][m]:.3f}" if m in r["fwdbwd_ms"] else "" for m in modes),
-                 r["fwdbwd_auto_vs_fastest"], "yes" if r["fwdbwd_ok"] else "**no**"]
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
-    return lines
-
-
-def to_markdown(result: dict) -> str:
-    """A Markdown table of a ``layer_bench`` or ``contraction_bench`` result, device and dtype in the heading."""
-    lines = _layers_markdown(result) if result["kind"] == "layers" else _contractions_markdown(result)
-    return "\n".join(lines) + "\n"
