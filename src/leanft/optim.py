@@ -58,11 +58,10 @@ def start_anchors(model: nn.Module) -> dict[int, torch.Tensor]:
     return anchors
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, anchored: dict[int, torch.Tensor]) -> list[dict]:
     """AdamW groups: trainable tensors that decay towards zero; those that decay towards their start
-    (AdamW's own decay off, ``towards_start`` applied by ``FirstOrder``); those that do not decay."""
+    (``anchored``; AdamW's own decay off, ``towards_start`` applied by ``FirstOrder``); those that do not."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    anchored = start_anchors(model) if weight_decay else {}
     return [{"params": [p for p in trainable if decays(p) and id(p) not in anchored], "weight_decay": weight_decay},
             {"params": [p for p in trainable if decays(p) and id(p) in anchored], "weight_decay": 0.0,
              "towards_start": weight_decay},
@@ -99,8 +98,8 @@ class FirstOrder:
                  scheduler: str = "constant", warmup_steps: int = 0, total_steps: int = 1, accelerator=None,
                  method_schedule: bool = True, autocast: Callable = contextlib.nullcontext,
                  scaler: torch.amp.GradScaler | None = None) -> None:
-        optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
         self.anchors = start_anchors(model) if weight_decay else {}
+        optimizer = torch.optim.AdamW(param_groups(model, weight_decay, self.anchors), lr=lr)
         self.autocast, self.scaler = autocast, scaler
         self.scheduler = get_scheduler(scheduler, optimizer, warmup_steps, total_steps)
         if accelerator is not None:

@@ -285,7 +285,7 @@ def _owners(model: torch.nn.Module, params: list[torch.Tensor]) -> list[tuple[to
 def _swapped(engine: ZOEngine, seed: int, sign: float):
     """While the loss is computed, each module's trainable weights read as ``SR(theta +- eps z)`` during
     its own forward; the original tensors are put back after it (and on any error)."""
-    held: dict[tuple[int, str], torch.Tensor] = {}
+    held: dict[tuple[torch.nn.Module, str], torch.Tensor] = {}
     seen: set[int] = set()
     by_module: dict[torch.nn.Module, list[tuple[str, int]]] = {}
     for module, name, i in engine.owners:
@@ -294,13 +294,13 @@ def _swapped(engine: ZOEngine, seed: int, sign: float):
     def before(module, args):
         for name, i in by_module[module]:
             param = module._parameters[name]
-            held[id(module), name] = param.data
+            held[module, name] = param.data
             param.data = engine._rounded(seed, i, sign)
             seen.add(i)
 
     def after(module, args, output):
         for name, _ in by_module[module]:
-            module._parameters[name].data = held.pop((id(module), name))
+            module._parameters[name].data = held.pop((module, name))
 
     hooks = [h for m in by_module for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
     try:
@@ -308,8 +308,7 @@ def _swapped(engine: ZOEngine, seed: int, sign: float):
     finally:
         for h in hooks:
             h.remove()
-        for (module_id, name), data in held.items():  # a forward that raised midway
-            module = next(m for m in by_module if id(m) == module_id)
+        for (module, name), data in held.items():  # a forward that raised midway
             module._parameters[name].data = data
     missing = [engine.named[i][0] for i in range(len(engine.params)) if i not in seen]
     if missing:

@@ -36,6 +36,7 @@ spectra; it has LaMDA's total rank). ``estimate_check`` measures real steps to s
 
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 from datetime import date
@@ -191,6 +192,7 @@ def _zo_memory(trainable: list[nn.Parameter]) -> tuple[int, int]:
     return 2 * _bytes(trainable), max(perturb, update)
 
 
+@functools.cache
 def _rounding_bytes_per_element(dtype: torch.dtype) -> tuple[float, float]:
     """Temporary bytes per element of one chunk while ``zo.ZOEngine`` rounds a low-precision perturbation
     (beyond the perturbed copy itself) and an update: counted on a real tensor of one chunk's length."""
