@@ -96,14 +96,15 @@ def test_markdown_tables(layers, contractions):
 def test_zero_core_start_costs_fewer_adapter_flops_than_the_noise_free_one():
     """The noise-free start evaluates a frozen copy of the adapter every call; the zero-core start does not,
     so its multiply-adds are those of the reference (random) start, which has no copy either."""
-    methods = ("lora", "loretta-rep", "loretta-rep-zero", "loretta-rep-reference", "loretta-adp", "loretta-adp-zero")
+    methods = ("lora", "loretta-rep-noise-free", "loretta-rep-zero", "loretta-rep-reference", "loretta-adp-noise-free",
+               "loretta-adp-zero")
     result = micro.layer_bench(hidden_sizes=(128,), methods=methods, tokens=TOKENS, repeats=1, device="cpu",
                                min_sample_s=0)
     rows = rows_by_key(result)
     assert rows[128, "base"]["fwd_macs_per_token"] == rows[128, "base"]["fwdbwd_macs_per_token"] == 0
     assert rows[128, "lora"]["fwd_macs_per_token"] == 2 * RANK * 128  # x A (d x r), then B (r x d)
     for method in micro.TT_METHODS:
-        zero, noise_free = rows[128, f"{method}-zero"], rows[128, method]
+        zero, noise_free = rows[128, f"{method}-zero"], rows[128, f"{method}-noise-free"]
         assert zero["trainable"] == noise_free["trainable"]
         for key in ("fwd_macs_per_token", "fwdbwd_macs_per_token"):
             assert 0 < zero[key] < noise_free[key], (method, key)

@@ -317,8 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "PEFT LoRA at equal shapes, and the TT contractions against the automatic choice")
     p.add_argument("--hidden-sizes", default="576,1024,2048,4096,8192", help="square layer sizes d (d x d)")
     p.add_argument("--methods", default="lora,loretta-rep,loretta-adp,lamda",
-                   help="layers to time (LoRA is the reference); loretta-rep-zero, loretta-adp-zero (and "
-                        "-reference) are LoRETTA with that start instead of the default noise-free one")
+                   help="layers to time (LoRA is the reference); a LoRETTA name with -zero, -noise-free or "
+                        "-reference uses that start instead of the method's default")
     p.add_argument("--tokens", type=int, default=512, help="tokens per layer call (batch x sequence)")
     p.add_argument("--contraction-tokens", default="1,64,512,4096", help="token counts of the contraction timing")
     p.add_argument("--layers", action=argparse.BooleanOptionalAction, default=True)

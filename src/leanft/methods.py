@@ -19,7 +19,8 @@ from .tuners import LamdaConfig, LorettaAdpConfig, LorettaRepConfig
 
 METHODS = ("full", "lora", "loretta-adp", "loretta-rep", "lamda", "lamda++", "mezo", "mezo-lora", "adazeta")
 # Zeroth-order methods: the trainable set of another method, trained by SPSA (leanft.zo).
-# AdaZeta is LoRETTA_adp with norms frozen (ZO noise on scale parameters hurts) and its query schedule.
+# AdaZeta is LoRETTA_adp with norms frozen (ZO noise on scale parameters hurts) and its query schedule; it
+# keeps the paper's noise-free start (LoRETTA_adp's zero-core default was measured under AdamW only).
 ZO_METHODS = {"mezo": "full", "mezo-lora": "lora", "adazeta": "loretta-adp"}
 
 # Common option -> config field of each method (options a method does not know are an error).
@@ -62,7 +63,7 @@ def make_config(method: str, task_type: str, **options: Any) -> PeftConfig | Non
         raise ValueError(f"method {method!r} does not take option(s) {unknown}; it takes {sorted(fields)}")
     kwargs = {fields[k]: v for k, v in options.items() if v is not None}
     if method == "adazeta":
-        kwargs = {"train_norms": False, **kwargs}
+        kwargs = {"train_norms": False, "init_mode": "noise_free", **kwargs}
     method = ZO_METHODS.get(method, method)
     if method == "full":
         return None

@@ -30,11 +30,11 @@ from .system import machine
 HIDDEN_SIZES = (576, 1024, 2048, 4096, 8192)
 LAYER_METHODS = ("lora", "loretta-rep", "loretta-adp", "lamda")
 TT_METHODS = ("loretta-rep", "loretta-adp")
-# Layer-bench names for a method with another start: name -> (method, init_mode). The plain names keep the
-# default start (noise_free: a frozen copy of the initial factors, evaluated every forward).
+# Layer-bench names for a method with a named start: name -> (method, init_mode). The plain names keep the
+# method's default start (LoRETTA_rep: noise_free, LoRETTA_adp: zero_core).
 START_VARIANTS = {
-    "loretta-rep-zero": ("loretta-rep", "zero_core"), "loretta-adp-zero": ("loretta-adp", "zero_core"),
-    "loretta-rep-reference": ("loretta-rep", "reference"), "loretta-adp-reference": ("loretta-adp", "reference"),
+    f"{method}-{suffix}": (method, mode) for method in ("loretta-rep", "loretta-adp")
+    for suffix, mode in (("zero", "zero_core"), ("noise-free", "noise_free"), ("reference", "reference"))
 }
 TOKEN_COUNTS = (1, 64, 512, 4096)
 AUTO_TOLERANCE = 1.10  # the automatic contraction may be at most this much slower than the fastest
@@ -334,7 +334,8 @@ def contraction_bench(
     for d in hidden_sizes:
         base = nn.Linear(d, d, device=device)
         for method in methods:
-            for name, tt in tt_matrices(build(method, base)).items():
+            # the reference (random) start: same shapes, and no zeroed core to make the outputs vanish
+            for name, tt in tt_matrices(build(f"{method}-reference", base)).items():
                 for n in tokens:
                     result["rows"].append(_contraction_row(d, method, name, tt, n, device=device, repeats=repeats,
                                                            min_sample_s=min_sample_s))
