@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_llama
 from safetensors.torch import load_file
 
 from leanft import cli, models, objectives, optim, tasks, train
@@ -62,6 +63,97 @@ def test_long_prompts_are_cut_from_the_left_keeping_the_answer(tiny_llama_dir):
     assert batch["input_ids"].shape[1] == n_answer + 3 < len(tokenizer(task.prompt(ex)).input_ids)
     targets = batch["targets"][batch["slots"] == 0]
     assert tokenizer.decode(targets) == task.candidates(ex)[0]
+
+
+def llama2_style_tokenizer(append_eos: bool = False):
+    """A SentencePiece-like tokenizer as LLaMA-2 ships it: '▁' prepended and spaces made '▁' by the
+    normalizer, so " great" alone is ['▁', '▁great'] but after "It was" it is ['▁great']."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, normalizers, processors
+    from tokenizers import models as tok_models
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["▁It", "▁was", "▁great", "▁terrible", "▁the", "▁movie", "▁so", "Yes", "No", "▁Yes", "▁No", "▁A"]
+    pieces = ([(p, 0.0) for p in ["<unk>", "<pad>", "<s>", "</s>"]] + [(w, -1.0) for w in words]
+              + [(c, -5.0) for c in ["▁", "\n", *".?,:\"[]", *string.ascii_letters]])
+    tok = Tokenizer(tok_models.Unigram(pieces, unk_id=0))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>" if append_eos else "<s> $A",
+                                                       special_tokens=[("<s>", 2), ("</s>", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>")
+
+
+SP_EXAMPLES = {
+    "sst2": {"sentence": "the movie", "label": 1},
+    "rte": {"premise": "the movie", "hypothesis": "It was great", "label": "entailment"},
+    "copa": {"premise": "the movie.", "choice1": "The movie.", "choice2": "It was great.", "question": "effect",
+             "label": 0},
+    "e2e": {"mr": "name[A]", "ref": "A great movie.", "refs": ["A great movie."]},
+}
+
+
+@pytest.mark.parametrize("name", list(SP_EXAMPLES))
+def test_candidates_are_scored_as_tokenised_after_the_prompt(name):
+    """Every scored token, and the context it is scored in, comes from ``tokenizer(prompt + option)``:
+    the tokens the model reads at inference, not those of the option tokenised alone."""
+    tokenizer, task, ex = llama2_style_tokenizer(), tasks.get_task(name), SP_EXAMPLES[name]
+    assert len(tokenizer) <= 128  # fits the tiny model's vocabulary
+    prompt = tokenizer(task.prompt(ex)).input_ids
+    eos = [tokenizer.eos_token_id] if name == "e2e" else []
+    fulls, spans = [], []
+    for cand in task.candidates(ex):
+        full = tokenizer(task.prompt(ex) + cand).input_ids + eos
+        assert full[:len(prompt)] == prompt  # no token straddles the boundary in these examples
+        fulls.append(full), spans.append(full[len(prompt):])
+        alone = tokenizer(cand, add_special_tokens=False).input_ids + eos
+        assert alone != spans[-1]  # the old way scored tokens the model never sees here
+    batch = encode_candidates(task, [ex], tokenizer, max_length=1024)
+    assert batch["input_ids"].shape[0] == (1 if name in ("sst2", "rte") else len(fulls))  # one-token answers share
+    for row, col, target, slot in zip(*(batch[k].tolist() for k in ("rows", "cols", "targets", "slots"))):
+        assert batch["input_ids"][row, :col].tolist() == fulls[slot][:col] and target == fulls[slot][col]
+    for j, span in enumerate(spans):
+        assert batch["targets"][batch["slots"] == j].tolist() == span
+    model = tiny_llama()
+    with torch.no_grad():
+        scores = candidate_scores(CandidateLogProbs(model)(*(batch[k] for k in ("input_ids", "attention_mask", "rows",
+                                                                                 "cols", "targets"))), batch)
+        for j, full in enumerate(fulls):
+            logp = model(input_ids=torch.tensor([full])).logits.log_softmax(-1)[0]
+            expected = logp[len(prompt) - 1:-1].gather(-1, torch.tensor(full[len(prompt):])[:, None]).mean()
+            torch.testing.assert_close(scores[j], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_tokens_straddling_the_prompt_end_belong_to_the_option():
+    """A prompt ending mid-word ("It was gr" + "eat") is tokenised differently alone; the merged token
+    is the option's, scored after the prompt tokens the joint text keeps."""
+    tokenizer = llama2_style_tokenizer()
+    task = tasks.Task("partial", "classification", lambda ex: "the movie It was gr", lambda ex: ["eat", "eatgr"],
+                      lambda ex: 0, lambda ex: ("", None), 2)
+    batch = encode_candidates(task, [{}], tokenizer, max_length=1024)
+    great = tokenizer.convert_tokens_to_ids("▁great")
+    assert batch["input_ids"].shape[0] == 2  # "eatgr" is three tokens: no shared sequence
+    assert batch["targets"][batch["slots"] == 0].tolist() == [great]
+    assert batch["input_ids"][0, :batch["cols"][0]].tolist() == tokenizer("the movie It was").input_ids
+    single = tasks.Task("partial", "classification", lambda ex: "the movie It was gr", lambda ex: ["eat"],
+                        lambda ex: 0, lambda ex: ("", None), 1)
+    batch = encode_candidates(single, [{}], tokenizer, max_length=1024)
+    assert batch["input_ids"].tolist() == [tokenizer("the movie It was").input_ids]
+    assert batch["targets"].tolist() == [great] and batch["cols"].tolist() == [batch["input_ids"].shape[1]]
+
+
+def test_a_trailing_special_token_is_not_scored_and_an_empty_option_is_an_error():
+    tokenizer = llama2_style_tokenizer(append_eos=True)  # "<s> $A </s>"
+    task, ex = tasks.get_task("sst2"), SP_EXAMPLES["sst2"]
+    batch = encode_candidates(task, [ex], tokenizer, max_length=1024)
+    assert tokenizer.convert_ids_to_tokens(batch["targets"].tolist()) == ["▁terrible", "▁great"]
+    assert tokenizer.eos_token_id not in batch["input_ids"][0].tolist()
+    empty = tasks.Task("blank", "classification", lambda ex: "It was", lambda ex: [" great", ""], lambda ex: 0,
+                       lambda ex: ("", None), 2)
+    with pytest.raises(ValueError, match=r"task blank: answer option '' adds no tokens"):
+        encode_candidates(empty, [{}], llama2_style_tokenizer(), max_length=1024)
 
 
 def test_end_to_end_train_writes_metrics_curves_and_a_loadable_adapter(tiny_llama_dir, tmp_path, capsys):

@@ -13,41 +13,66 @@ import torch
 from .base import Task
 
 
+def _in_context(tokenizer, prompt: list[int], text: str, option: str, where: str) -> tuple[list[int], int]:
+    """The ids of ``text + option`` as the model reads them, and where the option's tokens start.
+
+    Tokenising the option on its own can give tokens the model never sees after the prompt
+    (SentencePiece prepends '▁': " great" alone is ['▁', '▁great'], after "It was" it is ['▁great']),
+    so the joint text is tokenised and the prompt part is its longest common prefix with the prompt's
+    own ids: a token straddling the boundary belongs to the option. Special tokens a tokenizer appends
+    (a trailing EOS) are dropped, since the option follows the prompt directly.
+    """
+    full = tokenizer(text + option).input_ids
+    start = 0
+    while start < min(len(prompt), len(full)) and prompt[start] == full[start]:
+        start += 1
+    tail = prompt[start:]
+    if tail and len(tail) < len(full) - start and full[-len(tail):] == tail \
+            and all(t in tokenizer.all_special_ids for t in tail):
+        full = full[:-len(tail)]
+    if start == len(full):
+        raise ValueError(f"{where}: answer option {option!r} adds no tokens after the prompt")
+    return full, start
+
+
 def encode_candidates(
     task: Task, examples: list[dict], tokenizer, max_length: int, gold_only: bool = False
 ) -> dict[str, Any]:
     """Token ids of the prompts and candidates, padded on the right, with every candidate token located.
 
     Each candidate is a *slot*; each of its tokens is a ``(row, col, target, slot)`` entry: the model's
-    prediction at ``col - 1`` of sequence ``row`` is scored against ``target``. When all candidates of
-    an example are single tokens (most classification verbalisers), they share one sequence, the
-    prompt alone, scored at its last position: the same numbers at a fraction of the compute.
-    Otherwise each candidate gets its own ``prompt + candidate`` sequence. Prompts are cut from the
-    left so that candidates always fit; generation targets end with EOS so the model learns to stop.
+    prediction at ``col - 1`` of sequence ``row`` is scored against ``target``. Candidate tokens are
+    those of ``prompt + candidate`` tokenised together (see ``_in_context``). When all candidates of
+    an example are single tokens after the same prompt tokens (most classification verbalisers), they
+    share one sequence, the prompt alone, scored at its last position: the same numbers at a fraction
+    of the compute. Otherwise each candidate gets its own ``prompt + candidate`` sequence. Prompts are
+    cut from the left so that candidates always fit; generation targets end with EOS so the model
+    learns to stop.
     """
     seqs, rows, cols, targets, slots, first, golds = [], [], [], [], [], [], []
     n_slots = 0
+    eos = [tokenizer.eos_token_id] if task.kind == "generation" and tokenizer.eos_token_id is not None else []
     for ex in examples:
-        prompt = tokenizer(task.prompt(ex)).input_ids
+        text = task.prompt(ex)
+        prompt = tokenizer(text).input_ids
         candidates, gold = task.candidates(ex), task.label(ex)
         chosen = [gold] if gold_only else list(range(len(candidates)))
-        cand_ids = [tokenizer(candidates[i], add_special_tokens=False).input_ids for i in chosen]
-        if task.kind == "generation" and tokenizer.eos_token_id is not None:
-            cand_ids = [c + [tokenizer.eos_token_id] for c in cand_ids]
+        joint = [_in_context(tokenizer, prompt, text, candidates[i], f"task {task.name}") for i in chosen]
+        joint = [(full + eos, start) for full, start in joint]
         first.append(n_slots)
-        if all(len(c) == 1 for c in cand_ids):
-            ids = prompt[-(max_length - 1):]
-            for j, c in enumerate(cand_ids):
-                rows.append(len(seqs)), cols.append(len(ids)), targets.append(c[0]), slots.append(n_slots + j)
+        if all(len(full) - start == 1 for full, start in joint) and len({start for _, start in joint}) == 1:
+            ids = prompt[:joint[0][1]][-(max_length - 1):]
+            for j, (full, _) in enumerate(joint):
+                rows.append(len(seqs)), cols.append(len(ids)), targets.append(full[-1]), slots.append(n_slots + j)
             seqs.append(ids)
         else:
-            for j, c in enumerate(cand_ids):
-                ids = (prompt + c)[-max_length:]
-                n = min(len(c), len(ids) - 1)
+            for j, (full, start) in enumerate(joint):
+                ids = full[-max_length:]
+                n = min(len(full) - start, len(ids) - 1)
                 for k in range(len(ids) - n, len(ids)):
                     rows.append(len(seqs)), cols.append(k), targets.append(ids[k]), slots.append(n_slots + j)
                 seqs.append(ids)
-        n_slots += len(cand_ids)
+        n_slots += len(joint)
         golds.append(0 if gold_only else gold)
     first.append(n_slots)
     width = max(map(len, seqs))
