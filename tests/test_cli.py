@@ -3,6 +3,8 @@ import json
 import pytest
 
 from leanft import cli, methods
+from leanft.config import TrainConfig
+from leanft.train import train
 
 PAPER_COUNTS = [("loretta-adp", 876_800), ("loretta-rep", 516_096), ("lora", 4_194_304)]
 
@@ -76,3 +78,34 @@ def test_micro_command_writes_both_results(tmp_path, capsys):
     layers = json.loads(layers_file.read_text())
     assert [r["method"] for r in layers["rows"]] == ["base", "lora", "loretta-rep"]
     assert json.loads(next(tmp_path.glob("micro-contractions-*.json")).read_text())["rows"]
+
+
+@pytest.mark.parametrize("flag,value,valid", [
+    ("--optimizer", "sgd", "adamw, zo"), ("--zo-schedule", "adaptive", "auto, fixed, adazeta"),
+    ("--dtype", "fp16", "float32, bfloat16, float16"), ("--scheduler", "cosin", "linear, cosine"),
+])
+def test_unknown_flag_values_are_refused_with_the_valid_ones(flag, value, valid, tmp_path, capsys):
+    """Any value but ``zo`` once meant AdamW, any schedule but ``adazeta`` a fixed one: now each is checked,
+    on the command line and in a YAML config alike."""
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["train", flag, value])
+    assert "invalid choice" in capsys.readouterr().err
+    config = tmp_path / "run.yaml"
+    config.write_text(f"{flag[2:].replace('-', '_')}: {value}\n")
+    with pytest.raises(ValueError, match=f"is not one of: {valid}"):
+        cli.train_config(cli.build_parser().parse_args(["train", "--config", str(config)]))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("batch_size", 0, "batch_size must be positive"), ("zo_eps", 0.0, "zo_eps must be positive"),
+    ("weight_decay", -0.1, "weight_decay must not be negative"), ("save_every", "5x", "save_every '5x' is not"),
+])
+def test_impossible_numbers_are_refused(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{key: value})
+
+
+def test_lamda_under_zeroth_order_training_is_refused(tmp_path):
+    """LaMDA's freezing follows optimiser steps; under --optimizer zo P_B was silently never frozen."""
+    with pytest.raises(ValueError, match="lamda with --optimizer zo is refused.*mezo-lora or adazeta"):
+        train(TrainConfig(method="lamda", optimizer="zo", output_dir=str(tmp_path)))

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForCausalLM
 
 from leanft import models
@@ -223,3 +224,17 @@ def test_minilm_seq_cls_forward():
     with torch.no_grad():
         hidden = base(**batch).last_hidden_state
     assert hidden.shape[0] == 2 and hidden.shape[-1] == 384
+
+
+@pytest.mark.parametrize("config,kind", [
+    (lambda: transformers.GPT2Config(n_layer=1, architectures=["GPT2LMHeadModel"]), "causal"),
+    (lambda: transformers.LlamaConfig(num_hidden_layers=1), "causal"),  # no architectures: by model_type
+    (lambda: transformers.BertConfig(num_hidden_layers=1), "encoder"),
+    (lambda: transformers.BertConfig(num_hidden_layers=1, architectures=["BertForSequenceClassification"]), "encoder"),
+])
+def test_a_local_models_kind_comes_from_its_own_config(tmp_path, config, kind):
+    """A folder given as --model is a decoder or an encoder by its config.json, never by a default (GPT-2's
+    ``GPT2LMHeadModel`` was once taken for an encoder, a folder without ``architectures`` for one too)."""
+    config().save_pretrained(tmp_path)
+    assert models.model_kind(str(tmp_path)) == kind
+    assert models.task_type(str(tmp_path)) == ("CAUSAL_LM" if kind == "causal" else "SEQ_CLS")

@@ -96,6 +96,60 @@ def test_divergence_rolls_back_and_halves_the_learning_rate(tokens):
     assert engine.step(3, fn, queries=1, lr=1e-3).lr == pytest.approx(5e-4)
 
 
+def scripted(losses):
+    """A loss function that returns ``losses`` in turn (one value per query: l+ then l- get the same)."""
+    values = iter(losses)
+    current = {}
+
+    def fn() -> float:
+        if not current:
+            current["v"] = next(values)
+            return current["v"]
+        return current.pop("v") + 1e-6  # l-: a small, finite projected gradient
+    return fn
+
+
+def test_outlier_batches_are_not_divergence_but_an_opt_in_threshold_rolls_them_back(tokens):
+    """A running loss of 0.03 and two batches at 0.35-0.4 once halved the lr for good; by default only a
+    non-finite loss or projected gradient is divergence, and ``blowup`` makes the old test opt-in."""
+    sequence = [0.03] * 6 + [0.35, 0.4] + [0.03] * 4
+    for blowup, expected in ((0.0, []), (10.0, [6, 7])):
+        engine = ZOEngine(lora_model(), eps=1e-3, blowup=blowup, recover=3)
+        fn = scripted(sequence)
+        records = [engine.step(s, fn, queries=1, lr=1e-3) for s in range(len(sequence))]
+        assert [r.step for r in records if r.rolled_back] == expected
+        lrs = [r.lr / 1e-3 for r in records]
+        assert lrs == ([1.0] * 12 if not blowup else [1.0] * 7 + [0.5, 0.25, 0.25, 0.25, 0.5])
+        assert engine.lr_scale == (1.0 if not blowup else 0.5)  # recovering: doubles after every 3 good steps
+
+
+def test_a_nan_is_rolled_back_the_lr_recovers_and_replay_agrees(tokens):
+    sequence = [1.0, 1.0, float("nan"), 1.0, 1.0, 1.0, 1.0]
+    engine = ZOEngine(lora_model(), eps=1e-3, recover=2)
+    start = [p.detach().clone() for p in engine.params]
+    fn = scripted(sequence)
+    records = [engine.step(s, fn, queries=1, lr=1e-3) for s in range(len(sequence))]
+    assert [r.rolled_back for r in records] == [False, False, True, False, False, False, False]
+    assert [r.lr / 1e-3 for r in records] == [1.0, 1.0, 1.0, 0.5, 0.5, 1.0, 1.0]
+    again = ZOEngine(lora_model(), eps=1e-3, recover=2)
+    with torch.no_grad():
+        for p, s in zip(again.params, start):
+            p.copy_(s)
+    again.replay(records)
+    assert (again.lr_scale, again.good_steps, again.rollbacks) == (engine.lr_scale, engine.good_steps, engine.rollbacks)
+    assert all(torch.equal(a, b) for a, b in zip(again.params, engine.params))
+
+
+def test_divergence_that_persists_stops_with_a_clear_error(tokens):
+    engine = ZOEngine(lora_model(), eps=1e-3, max_rollbacks=3)
+    fn = scripted([1.0] + [float("inf")] * 10)
+    engine.step(0, fn, queries=1, lr=1e-3)
+    for s in range(1, 4):
+        assert engine.step(s, fn, queries=1, lr=1e-3).rolled_back
+    with pytest.raises(FloatingPointError, match="rolled back 3 steps in a row"):
+        engine.step(4, fn, queries=1, lr=1e-3)
+
+
 def test_replay_rebuilds_the_exact_state(tokens):
     model = lora_model()
     start = {n: p.detach().clone() for n, p in model.named_parameters()}

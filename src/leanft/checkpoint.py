@@ -33,12 +33,15 @@ class CheckpointError(ValueError):
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What training changes or a resume needs: trainable parameters and the adapter's own buffers
-    (e.g. the frozen initial factors of a noise-free start)."""
+    """What training changes or a resume needs: trainable parameters and the adapter's own persistent
+    buffers (e.g. the frozen initial factors of a noise-free start). Non-persistent buffers (LaMDA's copy
+    of P_B's frozen columns) are working state that a resume rebuilds, as a fresh model lacks them."""
     state = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if isinstance(model, PeftModel):  # adapter tensors frozen during training (LaMDA's P_B) count too
         prefix = PEFT_TYPE_TO_PREFIX_MAPPING[model.peft_config[model.active_adapter].peft_type]
-        state.update({n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if prefix in n})
+        persistent = model.state_dict(keep_vars=True).keys()
+        state.update({n: t for n, t in [*model.named_parameters(), *model.named_buffers()]
+                      if prefix in n and n in persistent})
     return {n: t.detach().cpu().contiguous() for n, t in state.items()}
 
 

@@ -14,7 +14,7 @@ import transformers
 import yaml
 
 from . import methods, models
-from .config import TrainConfig
+from .config import CHOICES, TrainConfig
 from .measure import bench, budget, params, report, steps
 from .measure.system import save
 from .precision import DTYPES
@@ -151,10 +151,13 @@ TRAIN_HELP = {
     "zo_eps": "ZO perturbation size", "zo_queries": "ZO queries per step (fixed schedule)",
     "zo_schedule": "fixed, adazeta (Q = min(max(floor(alpha e^beta), 1), q_max) per epoch e), or auto",
     "zo_alpha": "AdaZeta schedule alpha", "zo_beta": "AdaZeta schedule beta", "zo_q_max": "AdaZeta query cap",
-    "zo_blowup": "ZO: roll back when the loss exceeds this multiple of its running mean",
+    "zo_blowup": "ZO: > 0 also rolls back a loss above this multiple of its running mean (non-finite always does)",
+    "zo_recover": "ZO: good steps after a rollback before the halved lr doubles back",
+    "save_every": "checkpoint every N steps (20) or N s/m/h of training (90s, 2m, 1h), besides evaluations; 0 = "
+                  "only with evaluations",
     "dataset": "a hub dataset name (needs network and `pip install datasets`)", "dataset_config": "its config name",
 }
-TRAIN_CHOICES = {"dtype": list(DTYPES)}
+TRAIN_CHOICES = {name: list(valid) for name, valid in CHOICES.items()}
 METHOD_FLAGS = {"rank": int, "tt_rank": int, "bottleneck": int, "alpha": float, "dropout": float, "init_mode": str}
 
 

@@ -6,6 +6,36 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .methods import ZO_METHODS
+from .precision import DTYPES
+
+# The values a field takes; anything else is refused, listing these (flags, YAML and Python alike).
+CHOICES = {
+    "dtype": tuple(DTYPES),
+    "optimizer": ("adamw", "zo"),
+    "zo_schedule": ("auto", "fixed", "adazeta"),
+    "scheduler": ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                  "inverse_sqrt"),
+}
+# Fields that must be positive (> 0) and those that must not be negative.
+POSITIVE = ("num_train", "epochs", "batch_size", "grad_accum", "eval_every", "max_length", "max_new_tokens",
+            "eval_batch_size", "zo_eps", "zo_queries", "zo_q_max", "zo_recover")
+NON_NEGATIVE = ("num_dev", "num_eval", "max_steps", "max_forwards", "lr", "weight_decay", "warmup_ratio", "patience",
+                "zo_blowup", "zo_alpha", "zo_beta")
+SAVE_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def save_cadence(value: str) -> tuple[int, float]:
+    """``--save-every``: ``"N"`` steps or ``"Ns"``/``"Nm"``/``"Nh"`` of training time -> (steps, seconds),
+    the unused one 0; ``"0"`` saves only with evaluations and at the end."""
+    text = str(value).strip().lower()
+    unit = text[-1:] if text[-1:] in SAVE_UNITS else ""
+    try:
+        number = float(text[: len(text) - len(unit)]) if unit else int(text)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise ValueError(f"save_every {value!r} is not a step count (e.g. 20) or a time (e.g. 90s, 2m, 1h)")
+    return (0, number * SAVE_UNITS[unit]) if unit else (int(number), 0.0)
 
 # Default learning rates per method, for decoder LMs and for encoders (whose fresh classification head
 # needs more); how they were picked is in BENCHMARKS.md.
@@ -38,6 +68,7 @@ class TrainConfig:
     scheduler: str = "linear"
     warmup_ratio: float = 0.0
     eval_every: int = 50
+    save_every: str = "2m"  # checkpoint cadence besides evaluations: steps ("20") or training time ("2m")
     patience: int = 0  # evaluations without dev improvement before stopping; 0 = never stop early
     eval_before: bool = True
     max_length: int = 256
@@ -54,7 +85,8 @@ class TrainConfig:
     zo_alpha: float = 0.85
     zo_beta: float = 0.45
     zo_q_max: int = 20
-    zo_blowup: float = 10.0  # roll back when the loss exceeds this multiple of its running mean
+    zo_blowup: float = 0.0  # > 0: also roll back when the loss exceeds this multiple of its running mean
+    zo_recover: int = 10  # good steps after a rollback before the halved lr doubles back
     method_options: dict[str, Any] = field(default_factory=dict)  # rank, tt_rank, bottleneck, ...
     # users' own data instead of built-in tasks
     train_file: str | None = None
@@ -73,6 +105,18 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown configuration key(s) {unknown}; known keys: {sorted(known)}")
         return cls(**values)
+
+    def __post_init__(self) -> None:
+        for name, valid in CHOICES.items():
+            if getattr(self, name) not in valid:
+                raise ValueError(f"{name} {getattr(self, name)!r} is not one of: {', '.join(valid)}")
+        for name in POSITIVE:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        for name in NON_NEGATIVE:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)!r}")
+        save_cadence(self.save_every)
 
     @property
     def zeroth_order(self) -> bool:

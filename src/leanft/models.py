@@ -144,14 +144,35 @@ def _unknown(name: str) -> ValueError:
 
 def model_kind(name: str) -> str:
     """``"causal"`` (decoder LM) or ``"encoder"``: from the table for named models, else from the
-    checkpoint's ``config.json`` (architectures ending in ``ForCausalLM`` are decoders)."""
+    checkpoint's own ``config.json`` (``kind_of_config``)."""
     if name in MODEL_KIND:
         return MODEL_KIND[name]
     if Path(name).is_dir() or "/" in name:
-        config = AutoConfig.from_pretrained(name)
-        causal = any(a.endswith("ForCausalLM") for a in config.architectures or []) or config.is_decoder
-        return "causal" if causal else "encoder"
+        return kind_of_config(AutoConfig.from_pretrained(name), name)
     raise _unknown(name)
+
+
+def kind_of_config(config: PretrainedConfig, name: str = "the model") -> str:
+    """Decoder or encoder by the config's ``architectures`` (``...ForCausalLM``, ``...LMHeadModel``), else by
+    its ``model_type``: types that only exist as causal LMs are decoders, those with a masked-LM head are
+    encoders (BERT-likes also list a causal head in transformers' tables)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    architectures = config.architectures or []
+    if architectures:
+        causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) or config.is_decoder
+        return "causal" if causal else "encoder"
+    kind = config.model_type
+    if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "causal" if config.is_decoder else "encoder"
+    if kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "causal"
+    raise ValueError(f"cannot tell whether {name} (model_type {kind!r}, no architectures in its config.json) is a "
+                     "decoder LM or an encoder: add \"architectures\": [\"...ForCausalLM\"] or "
+                     "[\"...ForSequenceClassification\"] to its config.json")
 
 
 def task_type(name: str) -> str:

@@ -19,13 +19,16 @@ scale the loss with a ``GradScaler``.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from transformers import get_scheduler
 
 from . import checkpoint
@@ -86,10 +89,14 @@ def after_step(model: nn.Module, total_steps: int) -> Callable[[int], None]:
 
 
 class FirstOrder:
-    """AdamW with a learning-rate schedule and gradient accumulation; data-parallel through accelerate.
+    """AdamW with a learning-rate schedule and gradient accumulation; data-parallel through DDP.
 
-    ``net`` computes the objective (it is what DDP wraps); ``model`` owns the trainable parameters.
-    ``method_schedule=False`` keeps a method's own schedule still (a measurement of one phase of LaMDA).
+    ``net`` computes the objective; ``model`` owns the trainable parameters. With several processes
+    (``accelerator.num_processes > 1``) ``net`` is wrapped in DDP, gradients are all-reduced on the last
+    micro-batch of a step only (``no_sync`` before it), and the wrapper is rebuilt when the method changes
+    which parameters train (LaMDA's fully frozen P_B), since DDP expects a gradient for every parameter it
+    was built with. ``method_schedule=False`` keeps a method's own schedule still (a measurement of one
+    phase of LaMDA).
     """
 
     shard = True  # each process trains on its own slice of the global batch
@@ -99,31 +106,62 @@ class FirstOrder:
                  method_schedule: bool = True, autocast: Callable = contextlib.nullcontext,
                  scaler: torch.amp.GradScaler | None = None) -> None:
         self.anchors = start_anchors(model) if weight_decay else {}
-        optimizer = torch.optim.AdamW(param_groups(model, weight_decay, self.anchors), lr=lr)
+        self.optimizer = torch.optim.AdamW(param_groups(model, weight_decay, self.anchors), lr=lr)
         self.autocast, self.scaler = autocast, scaler
-        self.scheduler = get_scheduler(scheduler, optimizer, warmup_steps, total_steps)
-        if accelerator is not None:
-            net, optimizer = accelerator.prepare(net, optimizer)
-        self.backward = accelerator.backward if accelerator is not None else torch.Tensor.backward
-        self.model, self.net, self.objective, self.optimizer = model, net, objective, optimizer
+        self.scheduler = get_scheduler(scheduler, self.optimizer, warmup_steps, total_steps)
+        self.world = accelerator.num_processes if accelerator is not None else 1
+        self.device = accelerator.device if accelerator is not None else None
+        self.model, self.objective, self.net = model, objective, net
+        self._wrap()
         self.after_step = after_step(model, total_steps) if method_schedule else (lambda done: None)
+
+    def _wrap(self) -> None:
+        """(Re)build the DDP wrapper over the parameters that train now (several processes only)."""
+        self.training = tuple(n for n, p in self.model.named_parameters() if p.requires_grad)
+        if self.world == 1:
+            return
+        module = self.net.module if isinstance(self.net, DistributedDataParallel) else self.net
+        self.net = None  # the old wrapper's gradient hooks go with it
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.net = DistributedDataParallel(module, device_ids=ids)
+
+    def _method_schedule(self, done: int) -> None:
+        self.after_step(done)
+        if tuple(n for n, p in self.model.named_parameters() if p.requires_grad) != self.training:
+            self._wrap()
+
+    def _losses_everywhere(self, loss: torch.Tensor) -> list[float]:
+        """This micro-batch's loss on every process (one scalar all-gather), so that all stop together."""
+        if self.world == 1:
+            return [float(loss.detach())]
+        mine = loss.detach().float().reshape(1)
+        every = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(every, mine)
+        return [float(x) for x in every]
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
     def step(self, step: int, epoch: int, micro_batches: list) -> dict:
         """Forward and backward of every micro-batch (gradients averaged), then one AdamW update. A
-        non-finite loss stops before any update and is returned as the step's loss."""
+        non-finite loss on any process stops every process before any update: the row then has the
+        ``nonfinite`` processes and their losses."""
         self.net.train()
         losses = []
-        for batch in micro_batches:
-            with self.autocast():
-                loss = self.objective(self.net, batch)
-            if not torch.isfinite(loss.detach()):
-                return {"loss": float(loss.detach())}
-            scaled = loss / len(micro_batches)
-            self.backward(self.scaler.scale(scaled) if self.scaler else scaled)
-            losses.append(float(loss.detach()))
+        for m, batch in enumerate(micro_batches):
+            last = m == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or self.world == 1 else self.net.no_sync()
+            with sync:
+                with self.autocast():
+                    loss = self.objective(self.net, batch)
+                everywhere = self._losses_everywhere(loss)
+                bad = {rank: x for rank, x in enumerate(everywhere) if not math.isfinite(x)}
+                if bad:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    return {"loss": next(iter(bad.values())), "nonfinite": bad, "micro_batch": m}
+                scaled = loss / len(micro_batches)
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            losses.append(sum(everywhere) / len(everywhere))
         if self.scaler is None:
             self.optimizer.step()
             stepped = True
@@ -138,7 +176,7 @@ class FirstOrder:
         self._decay_towards_start()
         self.scheduler.step()
         updated = trainable_now(self.model)
-        self.after_step(step + 1)
+        self._method_schedule(step + 1)
         return {"loss": sum(losses) / len(losses), "updated_params": updated}
 
     @torch.no_grad()
@@ -161,7 +199,7 @@ class FirstOrder:
         self.scheduler.load_state_dict(extra["scheduler"])
         if self.scaler is not None and "scaler" in extra:
             self.scaler.load_state_dict(extra["scaler"])
-        self.after_step(state["step"])  # re-apply what the schedule had reached (LaMDA's freezing)
+        self._method_schedule(state["step"])  # re-apply what the schedule had reached (LaMDA's freezing)
         return state
 
 
@@ -177,14 +215,15 @@ class ZerothOrder:
     shard = False
 
     def __init__(self, model: nn.Module, net: nn.Module, objective: Objective, lr: float, *, eps: float = 1e-3,
-                 weight_decay: float = 0.0, seed: int = 0, blowup: float = 10.0,
+                 weight_decay: float = 0.0, seed: int = 0, blowup: float = 0.0, recover: int = 10,
                  queries: Callable[[int], int] = lambda epoch: 1, max_forwards: int = 0, scheduler: str = "constant",
                  warmup_steps: int = 0, total_steps: int = 1, log: checkpoint.ZOLog | None = None,
                  resuming: bool = False, autocast: Callable = contextlib.nullcontext) -> None:
         if max_forwards % 2:
             raise ValueError(f"--max-forwards {max_forwards} is odd: each zeroth-order query costs 2 forward "
                              "passes, so only an even budget can be spent exactly")
-        self.engine = ZOEngine(model, eps=eps, weight_decay=weight_decay, seed=seed, blowup=blowup, decays=decays,
+        self.engine = ZOEngine(model, eps=eps, weight_decay=weight_decay, seed=seed, blowup=blowup, recover=recover,
+                               decays=decays,
                                anchors=start_anchors(model) if weight_decay else None)
         self.autocast = autocast
         self.dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)  # carries the lr schedule

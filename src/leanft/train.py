@@ -16,11 +16,12 @@ step:
    at ``theta + eps z`` and ``theta - eps z`` with ``z`` regenerated from a seed, then
    ``theta -= lr * mean_q((l+ - l-) / (2 eps) z_q)``: forward passes only, no gradients;
 4. logs a row to ``metrics.jsonl``; every ``eval_every`` steps evaluates on dev (``leanft.evaluate``),
-   keeps the best adapter in ``best/``, stops early after ``patience`` evaluations without progress, and
-   checkpoints atomically (``leanft.checkpoint``) so that ``resume`` continues exactly where it stopped.
+   keeps the best adapter in ``best/``, stops early after ``patience`` evaluations without progress; at
+   evaluations and every ``save_every`` steps or minutes it checkpoints atomically (``leanft.checkpoint``)
+   so that ``resume`` continues exactly where it stopped.
 
-A non-finite first-order loss stops the run with the last good checkpoint kept; a zeroth-order step
-that diverges is rolled back by the engine. The best adapter is evaluated at the end.
+A non-finite first-order loss on any process stops every process with the last good checkpoint kept; a
+zeroth-order step that diverges is rolled back by the engine. The best adapter is evaluated at the end.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint, methods, objectives, optim, tasks
-from .config import DEFAULT_LR, TrainConfig
+from .config import DEFAULT_LR, TrainConfig, save_cadence
 from .evaluate import evaluate
 from .loading import Loaded, accelerator, load, load_tasks
 from .measure.report import plot_curves
@@ -84,6 +85,11 @@ def train(cfg: TrainConfig) -> dict:
             "below float32, the saved weights at chance in float32; BENCHMARKS.md section 6). Use --dtype float32 "
             f"for full fine-tuning, an adapter method in {cfg.dtype}, or --method mezo, which trains {cfg.dtype} "
             "weights themselves")
+    if cfg.zeroth_order and cfg.method in ("lamda", "lamda++"):
+        raise ValueError(
+            f"{cfg.method} with --optimizer zo is refused: LaMDA freezes P_B's columns on a schedule of optimiser "
+            "steps, which zeroth-order training (it perturbs every trainable tensor whole) does not follow. Use "
+            f"--optimizer adamw for {cfg.method}, or --method mezo-lora or adazeta for zeroth-order training")
     accel = accelerator()
     out = Path(cfg.output_dir)
     if accel.is_main_process:
@@ -163,7 +169,7 @@ def make_updater(run: Run, total_steps: int, out: Path, resuming: bool):
     queries = (partial(query_schedule, alpha=cfg.zo_alpha, beta=cfg.zo_beta, q_max=cfg.zo_q_max)
                if schedule == "adazeta" else lambda epoch: cfg.zo_queries)
     updater = optim.ZerothOrder(loaded.model, loaded.net, objective, run.lr, eps=cfg.zo_eps, seed=cfg.seed,
-                                blowup=cfg.zo_blowup, queries=queries, max_forwards=cfg.max_forwards,
+                                blowup=cfg.zo_blowup, recover=cfg.zo_recover, queries=queries, max_forwards=cfg.max_forwards,
                                 log=checkpoint.ZOLog(out, run.main), resuming=resuming, **common)
     loaded.accelerator.wait_for_everyone()
     return updater
@@ -201,6 +207,8 @@ def run_stage(run: Run, stage_no: int, stage: list[int], out: Path) -> dict:
     shown = min(total_steps, math.ceil(cfg.max_forwards / 2)) if zo and cfg.max_forwards else total_steps  # Q=1 steps
     bar = tqdm(total=shown, initial=state["step"], disable=not run.main, desc="train", dynamic_ncols=True)
     orders: dict[int, list[int]] = {}
+    save_steps, save_seconds = save_cadence(cfg.save_every)
+    last_save = time.perf_counter()
     while state["step"] < total_steps and not state["stopped"]:
         t0 = time.perf_counter()
         # 1-2. the step's micro-batches, encoded
@@ -221,10 +229,14 @@ def run_stage(run: Run, stage_no: int, stage: list[int], out: Path) -> dict:
         lr_now = updater.lr()
         row = {"stage": stage_no, "step": state["step"] + 1, "lr": lr_now,
                **updater.step(state["step"], epoch, micro_batches)}
-        if not math.isfinite(row["loss"]) and not zo:
+        if row.get("nonfinite"):
+            where = "" if world == 1 else f" on process(es) {sorted(row['nonfinite'])} of {world}"
+            kept = (f"the last good checkpoint is in {out / 'checkpoint'}" if checkpoint.exists(out)
+                    else "no checkpoint was written yet")
             raise FloatingPointError(
-                f"the training loss became {row['loss']} at step {state['step']} (lr {lr_now:.2e}); "
-                f"the last good checkpoint is in {out / 'checkpoint'}: lower the learning rate and resume")
+                f"the training loss became {row['loss']} at step {state['step']}{where} (micro-batch "
+                f"{row['micro_batch']}, lr {lr_now:.2e}); every process stops; {kept}: lower the learning rate "
+                "and resume")
         # 4. bookkeeping, evaluation, checkpoint
         state["step"] += 1
         state["forwards"] = state.get("forwards", 0) + (2 * row["queries"] if zo else len(micro_batches))
@@ -242,8 +254,8 @@ def run_stage(run: Run, stage_no: int, stage: list[int], out: Path) -> dict:
                         **({"q": row["queries"]} if zo else {}))
         if row.get("rolled_back") and run.main:
             bar.write(f"step {state['step']}: loss {row['loss']} diverged; rolled back and halved the learning rate")
-        at_checkpoint = state["step"] % cfg.eval_every == 0 or state["step"] == total_steps
-        if dev_tasks and at_checkpoint:
+        at_eval = state["step"] % cfg.eval_every == 0 or state["step"] == total_steps
+        if dev_tasks and at_eval:
             dev = run.evaluate("dev", dev_tasks, net=updater.net)
             row["dev"] = dev
             score = sum(next(iter(m.values())) for m in dev.values()) / len(dev)
@@ -262,8 +274,10 @@ def run_stage(run: Run, stage_no: int, stage: list[int], out: Path) -> dict:
         if run.main:
             with open(run.log, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            if at_checkpoint:
+            if at_eval or (save_steps and state["step"] % save_steps == 0) or (
+                    save_seconds and time.perf_counter() - last_save >= save_seconds):
                 updater.save(out, state)
+                last_save = time.perf_counter()
         loaded.accelerator.wait_for_everyone()
     bar.close()
     if state["best"] is not None:  # evaluate the best adapter, not the last one

@@ -26,8 +26,11 @@ Choices where the sources leave room (all configurable):
   so ``E[p z] = E[z (z + r)^T] grad = grad``: unbiased (moving along ``z + r`` would scale each
   coordinate by ``1 + var(r)``). Random numbers are drawn per parameter in chunks of ``CHUNK``
   elements from seeds, so no full-size float32 temporary exists and replay stays exact.
-* Divergence: a step whose loss is non-finite or exceeds ``blowup`` times its running mean rolls back to
-  the last good parameters and halves the learning rate (small sets; large ones stop with an error).
+* Divergence: a step whose loss or projected gradient is non-finite rolls back to the last good
+  parameters and halves the learning rate; after ``recover`` good steps the lr doubles back, up to the
+  schedule's. ``blowup > 0`` also rolls back a loss above ``blowup`` times its running mean (off by
+  default: one hard batch is not divergence). ``max_rollbacks`` rollbacks in a row stop the run with an
+  error; full-model sets too large to keep a rollback copy stop at the first.
 * Replay: every step is logged as (seeds, projected gradients, lr); the start state plus the log
   rebuilds the exact parameters (``replay``), which is how a ZO run resumes.
 """
@@ -88,7 +91,9 @@ class ZOEngine:
         weight_decay: float = 0.0,
         seed: int = 0,
         copy_limit: int = 50_000_000,
-        blowup: float = 10.0,
+        blowup: float = 0.0,
+        recover: int = 10,
+        max_rollbacks: int = 5,
         decays: Callable[[torch.Tensor], bool] = lambda param: True,
         anchors: dict[int, torch.Tensor] | None = None,
     ) -> None:
@@ -98,7 +103,7 @@ class ZOEngine:
         self.params = [p for _, p in self.named]
         self.decay = [weight_decay if decays(p) else 0.0 for p in self.params]
         self.anchors = [(anchors or {}).get(id(p)) for p in self.params]
-        self.eps, self.seed, self.blowup = eps, seed, blowup
+        self.eps, self.seed, self.blowup, self.recover, self.max_rollbacks = eps, seed, blowup, recover, max_rollbacks
         self.numel = sum(p.numel() for p in self.params)
         self.rounded = any(p.dtype != torch.float32 for p in self.params)
         self.exact = self.numel <= copy_limit and not self.rounded
@@ -106,7 +111,9 @@ class ZOEngine:
         self.good = [p.detach().clone() for p in self.params] if self.numel <= copy_limit else None
         self.owners = _owners(model, self.params) if self.rounded else None
         self.running_loss: float | None = None
-        self.lr_scale = 1.0  # halved at every rollback
+        self.lr_scale = 1.0  # halved at every rollback, doubled back after ``recover`` good steps
+        self.good_steps = 0  # good steps since the last rollback or recovery
+        self.rollbacks = 0  # rollbacks in a row
 
     # -- perturbation ------------------------------------------------------------------------------
 
@@ -236,41 +243,53 @@ class ZOEngine:
             self.rollback()
             record.rolled_back = True
             return record
-        if self.good is not None:
-            for g, p in zip(self.good, self.params):
-                g.copy_(p)
-        self.apply(seeds, grads, record.lr)
-        self.running_loss = loss if self.running_loss is None else 0.9 * self.running_loss + 0.1 * loss
+        self._update(record)
         return record
 
     def _healthy(self, loss: float, grads: list[float]) -> bool:
         if not (math.isfinite(loss) and all(map(math.isfinite, grads))):
             return False
-        return self.running_loss is None or loss <= self.blowup * max(self.running_loss, 1e-8)
+        return not self.blowup or self.running_loss is None or loss <= self.blowup * max(self.running_loss, 1e-8)
+
+    def _update(self, record: ZOStep) -> None:
+        """Apply a healthy step (keeping the parameters before it for a rollback) and keep the books."""
+        if self.good is not None:
+            for g, p in zip(self.good, self.params):
+                g.copy_(p)
+        self.apply(record.seeds, record.grads, record.lr)
+        self.running_loss = record.loss if self.running_loss is None else 0.9 * self.running_loss + 0.1 * record.loss
+        self.rollbacks, self.good_steps = 0, self.good_steps + 1
+        if self.lr_scale < 1.0 and self.good_steps >= self.recover:
+            self.lr_scale, self.good_steps = min(1.0, 2 * self.lr_scale), 0
 
     @torch.no_grad()
     def rollback(self) -> None:
         """Back to the parameters before the last update (whose loss was still fine); halve the lr."""
+        why = "non-finite loss or projected gradient" + (f", or a loss above {self.blowup}x its running mean"
+                                                         if self.blowup else "")
         if self.good is None:
             raise FloatingPointError(
-                f"zeroth-order training diverged (loss non-finite or above {self.blowup}x its running mean); "
-                f"{self.numel:,} trainable parameters are too many to keep a rollback copy: lower the lr or eps"
-            )
+                f"zeroth-order training diverged ({why}); {self.numel:,} trainable parameters are too many to keep "
+                "a rollback copy, so the run stops here (its checkpoint is from before this step): lower the lr or "
+                "eps and resume")
+        self.rollbacks += 1
+        if self.rollbacks > self.max_rollbacks:
+            raise FloatingPointError(
+                f"zeroth-order training rolled back {self.max_rollbacks} steps in a row ({why}) and diverged again: "
+                "the run stops (its checkpoint is from before these steps); lower the lr or eps and resume")
         for g, p in zip(self.good, self.params):
             p.copy_(g)
         self.lr_scale *= 0.5
+        self.good_steps = 0
 
     def replay(self, records: list[ZOStep]) -> None:
-        """Re-apply logged steps to the start state: the exact parameters of the logged run."""
+        """Re-apply logged steps to the start state: the exact parameters, lr scale and counters of the
+        logged run."""
         for r in records:
             if r.rolled_back:
                 self.rollback()
-                continue
-            if self.good is not None:
-                for g, p in zip(self.good, self.params):
-                    g.copy_(p)
-            self.apply(r.seeds, r.grads, r.lr)
-            self.running_loss = r.loss if self.running_loss is None else 0.9 * self.running_loss + 0.1 * r.loss
+            else:
+                self._update(r)
 
 
 def _owners(model: torch.nn.Module, params: list[torch.Tensor]) -> list[tuple[torch.nn.Module, str, int]]:

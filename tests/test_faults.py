@@ -1,0 +1,223 @@
+"""The fault matrix: every method killed (SIGKILL) mid-run and resumed, run on two processes, given a
+NaN on one process, or resumed from a damaged checkpoint, ends where it should or says why.
+
+Children run ``tests/fault_driver.py``: a real SIGKILL in a chosen step and micro-batch, and a ``torchrun``
+process group (gloo on CPU) that runs every data-parallel case in turn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from leanft import checkpoint, train
+from leanft.checkpoint import CheckpointError
+from leanft.config import TrainConfig
+from leanft.methods import OPTION_FIELDS
+
+DRIVER = Path(__file__).with_name("fault_driver.py")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+
+OPTIONS = {
+    "full": {}, "mezo": {},
+    "lora": {"rank": 4}, "mezo-lora": {"rank": 4},
+    "loretta-rep": {"rank": 4, "tt_rank": 2}, "loretta-adp": {"bottleneck": 8, "tt_rank": 2},
+    "adazeta": {"bottleneck": 8, "tt_rank": 2}, "lamda": {"rank": 4}, "lamda++": {"rank": 4},
+}
+ZO = ("mezo", "mezo-lora", "adazeta")
+LR = {"full": 1e-3, "mezo": 1e-3}
+
+
+def config(model_dir: str, out: Path, method: str, **kw) -> TrainConfig:
+    """8 steps on 16 examples; first-order methods take 2 micro-batches a step. AdaZeta's query count
+    goes from 1 to 2 at step 4 (epoch 1, alpha 2); LaMDA's P_B (r 4) is partly frozen after steps 1-2
+    and wholly after step 3."""
+    zo = method in ZO
+    base = dict(model=model_dir, method=method, task="sst2", num_train=16, num_dev=8, num_eval=8, max_steps=8,
+                batch_size=4 if zo else 2, grad_accum=1 if zo else 2, eval_every=4, save_every="1",
+                eval_before=False, output_dir=str(out), lr=LR.get(method, 1e-2), max_length=64,
+                method_options=dict(OPTIONS[method]), zo_alpha=2.0)
+    return TrainConfig(**{**base, **kw})
+
+
+# where each method is killed: (step, micro-batch), the checkpoint it resumes from is the step before
+KILL_AT = {m: (3, 1) for m in OPTIONS}
+KILL_AT.update({"lamda": (2, 1), "lamda++": (2, 1), "adazeta": (4, -1), "mezo": (3, -1), "mezo-lora": (3, -1)})
+
+
+def final_state(out: Path, zo: bool) -> dict:
+    """What a run ends with: the steps' logged losses, the best adapter's tensors, and the final
+    trainable tensors (first-order) or the zeroth-order log that rebuilds them."""
+    rows = [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    best = {k: v for f in sorted((out / "best").glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    last = ((out / "zo_log.jsonl").read_text() if zo
+            else load_file(str(out / "checkpoint" / "trainable.safetensors")))
+    return {"rows": rows, "best": best, "last": last}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a["rows"] == b["rows"]
+    for key in ("best", "last"):
+        if isinstance(a[key], str):
+            assert a[key] == b[key]
+            continue
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+
+
+def damage(run: Path, zo: bool) -> tuple[Path, str]:
+    """A copy of ``run`` with its checkpoint's tensor file truncated: the file the error must name."""
+    copy = run.with_name(run.name + "-damaged")
+    shutil.copytree(run, copy)
+    target = copy / ("zo_start.safetensors" if zo else "checkpoint/trainable.safetensors")
+    target.write_bytes(target.read_bytes()[:100])
+    return copy, str(target)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(OPTIONS))
+def test_killed_run_resumes_to_the_uninterrupted_result(tiny_llama_dir, tmp_path, method):
+    zo = method in ZO
+    train.train(config(tiny_llama_dir, tmp_path / "whole", method))
+    whole = final_state(tmp_path / "whole", zo)
+
+    cut = tmp_path / "cut"
+    cfg = config(tiny_llama_dir, cut, method)
+    (tmp_path / "cfg.json").write_text(json.dumps(asdict(cfg)))
+    step, micro = KILL_AT[method]
+    killed = subprocess.run([sys.executable, str(DRIVER), "kill", str(tmp_path / "cfg.json"), str(step), str(micro)],
+                            env=ENV, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL: no handler, no cleanup ran
+    state, _ = checkpoint.load(cut)
+    assert state["step"] == step  # the checkpoint of the step before the one killed
+
+    broken, named = damage(cut, zo)
+    with pytest.raises((CheckpointError, FileNotFoundError), match="damaged checkpoint") as error:
+        train.train(config(tiny_llama_dir, broken, method, resume=True))
+    assert named in str(error.value)
+
+    train.train(config(tiny_llama_dir, cut, method, resume=True))
+    assert_same(whole, final_state(cut, zo))
+
+
+def test_lamda_resumes_from_inside_the_partial_freeze(tiny_llama_dir, tmp_path, monkeypatch):
+    """The copy of P_B's frozen columns is working state: a checkpoint taken while only some columns are
+    frozen resumes (it once held the copy, which a fresh model lacks) and ends as the whole run does."""
+    train.train(config(tiny_llama_dir, tmp_path / "whole", "lamda"))
+    from leanft import optim
+
+    real_save = optim.FirstOrder.save
+
+    def crash_after_save(self, out, state):
+        real_save(self, out, state)
+        if state["step"] == 2:
+            raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(optim.FirstOrder, "save", crash_after_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(config(tiny_llama_dir, tmp_path / "cut", "lamda"))
+    monkeypatch.setattr(optim.FirstOrder, "save", real_save)
+    train.train(config(tiny_llama_dir, tmp_path / "cut", "lamda", resume=True))
+    assert_same(final_state(tmp_path / "whole", False), final_state(tmp_path / "cut", False))
+
+
+def _plan(model_dir: str, root: Path) -> list[dict]:
+    """Every method on two processes (half the batch each), then the NaN cases."""
+    plan = []
+    for method in OPTIONS:
+        # no dropout: two processes draw other masks than one, and the runs are to be compared
+        options = {**OPTIONS[method], **({"dropout": 0.0} if "dropout" in OPTION_FIELDS[method] else {})}
+        cfg = config(model_dir, root / "ddp" / method, method, max_steps=6, method_options=options)
+        if method not in ZO:
+            cfg.batch_size //= 2
+        plan.append({"name": f"ddp-{method}", "config": asdict(cfg)})
+    nan = config(model_dir, root / "nan-adamw", "loretta-rep", batch_size=1)
+    plan.append({"name": "nan-adamw", "config": asdict(nan),
+                 "fault": {"kind": "nan", "steps": [2], "micro": 1, "ranks": [1]}})
+    for name, steps in (("nan-zo-once", [2]), ("nan-zo-always", list(range(2, 8)))):
+        cfg = config(model_dir, root / name, "mezo-lora", zo_queries=2, zo_recover=2, scheduler="constant")
+        plan.append({"name": name, "config": asdict(cfg), "fault": {"kind": "nan", "steps": steps, "ranks": [1]}})
+    return plan
+
+
+@pytest.mark.slow
+def test_data_parallel_matrix_and_a_nan_on_one_process(tiny_llama_dir, tmp_path):
+    plan = _plan(tiny_llama_dir, tmp_path)
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+           str(DRIVER), "plan", str(tmp_path / "plan.json"), str(tmp_path)]
+    ran = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=1200)
+    assert ran.returncode == 0, ran.stderr[-4000:]
+    result = {e["name"]: [json.loads((tmp_path / f"{e['name']}.rank{r}.json").read_text()) for r in (0, 1)]
+              for e in plan}
+
+    for method in OPTIONS:  # the same run on one process, with the whole batch
+        ddp = result[f"ddp-{method}"]
+        assert all(r["ok"] for r in ddp), ddp
+        zo = method in ZO
+        if not zo:  # gradients all-reduced once per step, on its last micro-batch only
+            assert ddp[0]["syncs"] and set(ddp[0]["syncs"]) == {1}, ddp[0]["syncs"]
+        single = config(tiny_llama_dir, tmp_path / "single" / method, method, max_steps=6,
+                        method_options=plan[list(OPTIONS).index(method)]["config"]["method_options"])
+        train.train(single)
+        a, b = final_state(tmp_path / "ddp" / method, zo), final_state(tmp_path / "single" / method, zo)
+        if zo:  # same seeds, projected gradients equal to float tolerance
+            logs = [[json.loads(x) for x in s["last"].splitlines()] for s in (a, b)]
+            assert [r["seeds"] for r in logs[0]] == [r["seeds"] for r in logs[1]]
+            for x, y in zip(*logs):
+                assert x["grads"] == pytest.approx(y["grads"], rel=1e-3, abs=1e-4)
+        else:  # AdamW normalises each element's step, so summation-order noise in a near-zero gradient
+            # can move that element by up to ~lr per step: tolerance 1e-4 against a total movement of ~1e-2
+            for name in b["last"]:
+                torch.testing.assert_close(a["last"][name], b["last"][name], rtol=1e-3, atol=1e-4, msg=name)
+        assert [s for s, _ in a["rows"]] == [s for s, _ in b["rows"]]
+        assert [x for _, x in a["rows"]] == pytest.approx([x for _, x in b["rows"]], rel=1e-5)
+
+    stopped = result["nan-adamw"]
+    assert not any(r["ok"] for r in stopped)
+    assert stopped[0]["error"] == stopped[1]["error"]
+    assert "loss became nan at step 2 on process(es) [1] of 2 (micro-batch 1" in stopped[0]["error"]
+    state, _ = checkpoint.load(tmp_path / "nan-adamw")
+    assert state["step"] == 2  # the checkpoint before the NaN, whole
+
+    once = result["nan-zo-once"]
+    assert all(r["ok"] for r in once)
+    rows = [json.loads(x) for x in (tmp_path / "nan-zo-once" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("rolled_back")] == [3]
+    lrs = [r["lr"] for r in (json.loads(x) for x in (tmp_path / "nan-zo-once" / "zo_log.jsonl").read_text().splitlines())]
+    assert lrs[2] == lrs[1] and lrs[3] == lrs[4] == lrs[1] / 2 and lrs[5] == lrs[1]  # back after 2 good steps
+
+    always = result["nan-zo-always"]
+    assert not any(r["ok"] for r in always) and always[0]["error"] == always[1]["error"]
+    assert "rolled back 5 steps in a row" in always[0]["error"]
+
+
+@pytest.mark.parametrize("save_every,saved_at", [("2", 4), ("0.001s", 5), ("0", 0)])
+def test_checkpoints_come_at_their_own_cadence_not_only_with_evaluations(tiny_llama_dir, tmp_path, monkeypatch,
+                                                                        save_every, saved_at):
+    """A run that evaluates every 50 steps and is stopped at step 6 once resumed from step 0; with
+    ``save_every`` in steps or time it resumes from the last checkpoint of that cadence."""
+    from leanft import optim
+
+    real_step = optim.FirstOrder.step
+
+    def crash_at_6(self, step, epoch, micro_batches):
+        if step == 5:
+            raise KeyboardInterrupt("simulated crash")
+        return real_step(self, step, epoch, micro_batches)
+
+    monkeypatch.setattr(optim.FirstOrder, "step", crash_at_6)
+    cfg = config(tiny_llama_dir, tmp_path, "lora", eval_every=50, save_every=save_every)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg)
+    assert (checkpoint.load(tmp_path)[0]["step"] if saved_at else checkpoint.exists(tmp_path)) == saved_at
