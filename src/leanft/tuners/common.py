@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 from peft.config import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner, check_adapters_to_merge, check_target_module_exists
+from peft.tuners.tuners_utils import BaseTuner, check_adapters_to_merge
 from torch import nn
+
+from .targets import attention_targets, check_targets
 
 
 class LeanftPeftType(str, enum.Enum):
@@ -35,10 +37,6 @@ def register(peft_type: LeanftPeftType, config_cls: type, model_cls: type, prefi
     PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
     PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = prefix
 
-
-# Architectures whose MLP is gate/up/down (LoRETTA_adp puts input adapters before gate and up).
-LLAMA_LIKE = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite", "phi3")
-BERT_LIKE = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "deberta", "deberta-v2")
 
 FINGERPRINT_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
 
@@ -135,25 +133,19 @@ class LeanftTuner(BaseTuner):
                     "Load it onto the base model it was trained on."
                 )
         self._prepare_adapter_config(config, {"model_type": fp.get("model_type")})
-        names = [name for name, m in model.named_modules() if name]
-        if not any(check_target_module_exists(config, name) for name in names):
-            linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-            raise ValueError(
-                f"target_modules={config.target_modules!r} matches no module of this "
-                f"{fp.get('model_type', type(model).__name__)} model; its linear layers are named {linears}"
-            )
+        check_targets(model, config.target_modules, str(config.peft_type))
         if config.train_norms:
             config.modules_to_save = sorted(set(config.modules_to_save or []) | set(norm_module_names(model)))
 
+    def _default_targets(self, model: nn.Module, config: LeanftConfig) -> None:
+        """Fill in ``config.target_modules`` from ``model``'s module names (the attention query and value
+        projections; LoRETTA_adp overrides this)."""
+        config.target_modules = attention_targets(model, str(config.peft_type))
+
     def _prepare_adapter_config(self, peft_config: LeanftConfig, model_config: dict) -> LeanftConfig:
+        # Called by the injection hook and again by PEFT's inject_adapter (add_adapter skips the hook).
         if peft_config.target_modules is None:
-            targets = self.target_module_mapping.get(model_config.get("model_type"))
-            if targets is None:
-                raise ValueError(
-                    f"{peft_config.peft_type} has no default target modules for model type "
-                    f"{model_config.get('model_type')!r}; pass target_modules explicitly"
-                )
-            peft_config.target_modules = targets if isinstance(targets, str) else list(targets)
+            self._default_targets(self.model, peft_config)
         return peft_config
 
 

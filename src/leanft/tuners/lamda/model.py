@@ -7,13 +7,12 @@ from torch import nn
 from ..common import LeanftTuner
 from .config import LamdaConfig
 from .layer import LamdaLayer, Linear
-from .schedule import TARGETS, frozen_count, lamda_ranks
+from .schedule import frozen_count, lamda_ranks
 
 
 class LamdaModel(LeanftTuner):
     prefix = "lamda_"
     tuner_layer_cls = LamdaLayer
-    target_module_mapping = TARGETS
     layer_cls = Linear
 
     def _pre_injection_hook(self, model: nn.Module, config: LamdaConfig, adapter_name: str) -> None:

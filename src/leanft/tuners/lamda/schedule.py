@@ -11,17 +11,9 @@ import torch
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
-from ..common import BERT_LIKE, LLAMA_LIKE, linear_features
+from ..common import linear_features
+from ..targets import attention_targets
 from .config import LamdaConfig
-
-# Default targets: LoRA's q and v projections, so that comparisons with LoRA are at equal placement
-# (phi3 fuses them into qkv_proj; DeBERTa v1: its fused in_proj).
-TARGETS: dict[str, list[str]] = {
-    **{t: ["q_proj", "v_proj"] for t in (*LLAMA_LIKE, "opt") if t != "phi3"},
-    **{t: ["query", "value"] for t in BERT_LIKE},
-    "deberta": ["in_proj"],
-    "deberta-v2": ["query_proj", "value_proj"],
-}
 
 
 def frozen_count(r: int, step: int, total_steps: int, freeze_fraction: float) -> int:
@@ -77,12 +69,8 @@ def lamda_ranks(model: nn.Module, config: LamdaConfig) -> dict[str, int]:
     from the weight spectra (``"spectrum"``; needs real weights). Injects nothing, changes no config.
     """
     config = copy.copy(config)
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if config.target_modules is None:
-        if model_type not in TARGETS:
-            raise ValueError(f"LaMDA has no default target modules for model type {model_type!r}; "
-                             "pass target_modules explicitly")
-        config.target_modules = TARGETS[model_type]
+    if config.target_modules is None:  # LoRA's q and v, so that comparisons with LoRA are at equal placement
+        config.target_modules = attention_targets(model, "LaMDA")
     targets = {name: m for name, m in model.named_modules() if name and check_target_module_exists(config, name)}
     if config.rank_pattern is not None or config.rank_allocation == "uniform":
         return {name: (config.rank_pattern or {}).get(name, config.r) for name in targets}

@@ -17,8 +17,10 @@ class LorettaAdpConfig(LeanftConfig):
     Placement follows the reference: an *output* adapter adds ``A(v)`` to a layer's output ``v``; an
     *input* adapter feeds ``x + A(x)`` to the layer. LLaMA-like models get input adapters on ``gate_proj``
     and ``up_proj`` and an output adapter on ``down_proj`` (3 per layer); BERT-like models get output
-    adapters after the attention-output and FFN-output dense layers (2 per layer). Other architectures
-    need ``target_modules`` (output adapters; list ``input_modules`` for input ones).
+    adapters after the attention-output and FFN-output dense layers (2 per layer); other architectures the
+    same after their attention and feed-forward outputs where these are recognisably named (OPT's
+    ``out_proj`` and ``fc2``, ...). Defaults come from module names (``tuners.targets``); else pass
+    ``target_modules`` (output adapters; list ``input_modules`` for input ones).
 
     Defaults are the paper's (bottleneck 64, TT rank 5, ReLU, scaling 1, trainable norms: the LLaMA-2-7B
     count of 876,800). The adapted model starts equal to the base model with ``init_mode="zero_core"``

@@ -2,28 +2,24 @@
 
 from __future__ import annotations
 
-from ..common import BERT_LIKE, LLAMA_LIKE, LeanftTuner
+from torch import nn
+
+from ..common import LeanftTuner
+from ..targets import adapter_targets
 from .config import LorettaAdpConfig
 from .layer import Linear, LorettaAdpLayer
-
-TARGETS: dict[str, list[str] | str] = {
-    **{t: ["gate_proj", "up_proj", "down_proj"] for t in LLAMA_LIKE},
-    **{t: r".*\.output\.dense" for t in BERT_LIKE},
-}
-INPUT_TARGETS: dict[str, list[str]] = {t: ["gate_proj", "up_proj"] for t in LLAMA_LIKE}
 
 
 class LorettaAdpModel(LeanftTuner):
     prefix = "loretta_adp_"
     tuner_layer_cls = LorettaAdpLayer
-    target_module_mapping = TARGETS
     layer_cls = Linear
 
-    def _prepare_adapter_config(self, peft_config: LorettaAdpConfig, model_config: dict) -> LorettaAdpConfig:
-        if peft_config.input_modules is None:
-            default_targets = peft_config.target_modules is None
-            peft_config.input_modules = INPUT_TARGETS.get(model_config.get("model_type"), []) if default_targets else []
-        return super()._prepare_adapter_config(peft_config, model_config)
+    def _default_targets(self, model: nn.Module, config: LorettaAdpConfig) -> None:
+        """Targets and input placements from the model's module names (``targets.adapter_targets``)."""
+        config.target_modules, inputs = adapter_targets(model)
+        if config.input_modules is None:
+            config.input_modules = inputs
 
     def _layer_kwargs(self, config: LorettaAdpConfig, key: str) -> dict[str, str]:
         inputs = config.input_modules or []
