@@ -125,7 +125,8 @@ def show(result: dict, columns: list[str], output: str | None) -> None:
 TRAIN_HELP = {
     "model": "model name (smollm2-135m, minilm-l6), local folder, hub id or .gguf file (converted once, cached)",
     "method": f"fine-tuning method: {', '.join(methods.METHODS)}",
-    "task": "built-in task(s), comma-separated for a mixture: sst2, rte, cb, boolq, copa, wsc, multirc, e2e",
+    "task": "built-in task(s), comma-separated for a mixture: sst2, rte, cb, boolq, copa, wsc, multirc, e2e; an "
+            "entry ending in .jsonl/.csv/.tsv is your own file, read with the column flags (e.g. sst2,notes.jsonl)",
     "sequential": "train the comma-separated tasks one after another and report forgetting",
     "num_train": "training examples sampled per task", "num_dev": "dev examples (model selection)",
     "num_eval": "evaluation examples (from the labelled validation split)",
@@ -156,6 +157,11 @@ TRAIN_HELP = {
     "save_every": "checkpoint every N steps (20) or N s/m/h of training (90s, 2m, 1h), besides evaluations; 0 = "
                   "only with evaluations",
     "dataset": "a hub dataset name (needs network and `pip install datasets`)", "dataset_config": "its config name",
+    "prompt_column": "instruction data: the prompt column of your files (with --completion-column; loss on the "
+                     "completion only, scored by generation: token F1, exact match, ROUGE-L, loss, perplexity)",
+    "completion_column": "instruction data: the completion column (the answer to learn after the prompt)",
+    "messages_column": "chat data: a column of [{role, content}, ...] messages rendered with the tokenizer's chat "
+                       "template; the last assistant message is the completion, the messages before it the prompt",
 }
 TRAIN_CHOICES = {name: list(valid) for name, valid in CHOICES.items()}
 def comma_list(value: str) -> list[str]:

@@ -97,6 +97,10 @@ class TrainConfig:
     label_words: list[str] | None = None
     dataset: str | None = None  # a hub dataset name (needs network and the datasets package)
     dataset_config: str | None = None
+    # instruction data in users' files, instead of text_columns and label_column
+    prompt_column: str | None = None
+    completion_column: str | None = None
+    messages_column: str | None = None  # a conversation, rendered with the tokenizer's chat template
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
@@ -117,6 +121,25 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)!r}")
         save_cadence(self.save_every)
+        self._check_instruction_columns()
+
+    def _check_instruction_columns(self) -> None:
+        """Instruction files take either prompt and completion columns or a messages column, and none
+        of the classification settings."""
+        if self.messages_column and (self.prompt_column or self.completion_column):
+            raise ValueError("give messages_column, or prompt_column and completion_column, not both")
+        if bool(self.prompt_column) != bool(self.completion_column):
+            raise ValueError("prompt_column and completion_column go together")
+        if not self.instruction:
+            return
+        clash = [k for k in ("text_columns", "label_column", "template", "label_words", "dataset") if getattr(self, k)]
+        if clash:
+            raise ValueError(f"{', '.join(clash)} do not apply to instruction data (prompt_column/completion_column "
+                             "or messages_column), which reads --train-file or files in --task")
+
+    @property
+    def instruction(self) -> bool:
+        return bool(self.messages_column or self.prompt_column)
 
     @property
     def zeroth_order(self) -> bool:

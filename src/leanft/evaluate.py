@@ -4,12 +4,14 @@ for generation tasks; sharded over data-parallel processes and gathered on every
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate.utils import gather_object
 from peft import PeftModel
+from torch.nn.parallel import DistributedDataParallel
 
 from . import models, objectives, tasks
 from .config import TrainConfig
@@ -32,6 +34,8 @@ def evaluate(run: Loaded, task: tasks.Task, examples: list[dict]) -> dict[str, f
         with run.precision.autocast():
             if task.kind == "generation":
                 out = generate(run, task, chunk)
+                if task.answer_loss:
+                    out = list(zip(out, *answer_nll(run, task, chunk)))
             else:
                 batch = encode(task, chunk, run.tokenizer, cfg.max_length, run.decoder)
                 _, scores = objectives.batch_loss(run.net, to_device(batch, run.device), run.decoder)
@@ -41,12 +45,30 @@ def evaluate(run: Loaded, task: tasks.Task, examples: list[dict]) -> dict[str, f
     run.net.train(was_training)
     values = [p for _, p in preds]
     if task.kind == "generation":
-        return tasks.score_generation(values, [task.references(ex) for ex in examples])
+        texts = [v[0] for v in values] if task.answer_loss else values
+        metrics = (task.scorer or tasks.score_generation)(texts, [task.references(ex) for ex in examples])
+        if task.answer_loss:
+            loss = sum(v[1] for v in values) / sum(v[2] for v in values)
+            metrics.update(loss=loss, perplexity=math.exp(loss) if loss < 700 else math.inf)
+        return metrics
     return tasks.classification_metrics(values, [task.label(ex) for ex in examples], task.num_labels)
 
 
+def answer_nll(run: Loaded, task: tasks.Task, examples: list[dict]) -> tuple[list[float], list[int]]:
+    """Per example, the negative log-likelihood summed over the gold answer's tokens (EOS included) and
+    their count, as training scores them: a token-weighted loss and perplexity come from the sums."""
+    batch = to_device(encode(task, examples, run.tokenizer, run.cfg.max_length, run.decoder, training=True),
+                      run.device)
+    net = run.net.module if isinstance(run.net, DistributedDataParallel) else run.net  # ranks run unequal counts
+    token_logp = net(batch["input_ids"], batch["attention_mask"], batch["rows"], batch["cols"], batch["targets"])
+    n = len(examples)
+    nll = torch.zeros(n, device=token_logp.device).index_add(0, batch["slots"], -token_logp.float())
+    count = torch.zeros(n, device=token_logp.device).index_add(0, batch["slots"], torch.ones_like(token_logp))
+    return nll.tolist(), [int(c) for c in count.tolist()]
+
+
 def generate(run: Loaded, task: tasks.Task, examples: list[dict]) -> list[str]:
-    """Greedy generation from the prompts (left-padded), cut at the first newline."""
+    """Greedy generation from the prompts (left-padded), cut at the first newline for one-line tasks."""
     tokenizer = run.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     enc = tokenizer([task.prompt(ex) for ex in examples], return_tensors="pt", padding=True).to(run.device)
@@ -54,7 +76,7 @@ def generate(run: Loaded, task: tasks.Task, examples: list[dict]) -> list[str]:
     out = run.model.generate(**enc, max_new_tokens=run.cfg.max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [t.strip().split("\n")[0] for t in texts]
+    return [t.strip().split("\n")[0] if task.first_line else t.strip() for t in texts]
 
 
 def evaluate_saved(adapter_dir: str | Path, cfg: TrainConfig) -> dict[str, dict[str, float]]:

@@ -40,18 +40,40 @@ def accelerator() -> Accelerator:
 
 
 def load_tasks(cfg: TrainConfig) -> list[tuple[tasks.Task, tasks.Splits]]:
-    """The built-in tasks of ``cfg.task``, or one task from the user's files or a hub dataset."""
-    if cfg.train_file or cfg.dataset:
-        if not cfg.text_columns or not cfg.label_column:
-            raise ValueError("users' data needs text_columns and label_column (--text-columns, --label-column)")
-        kw = dict(text_columns=cfg.text_columns, label_column=cfg.label_column, template=cfg.template,
-                  label_words=cfg.label_words)
-        if cfg.dataset:
-            return [tasks.hub_task(cfg.dataset, config=cfg.dataset_config, num_train=cfg.num_train, num_dev=cfg.num_dev,
-                                   num_eval=cfg.num_eval, seed=cfg.seed, **kw)]
-        return [tasks.user_task(cfg.train_file, cfg.eval_file, num_dev=cfg.num_dev, seed=cfg.seed, **kw)]
-    return [(tasks.get_task(name), tasks.load_splits(name, cfg.num_train, cfg.num_dev, cfg.num_eval, cfg.seed))
-            for name in cfg.task.split(",")]
+    """The tasks of a run: a hub dataset, the user's ``train_file``, or the comma-separated ``cfg.task``,
+    whose entries are built-in task names or users' files (one mixture, e.g. ``sst2,notes.jsonl``)."""
+    if cfg.dataset:
+        return [tasks.hub_task(cfg.dataset, config=cfg.dataset_config, num_train=cfg.num_train, num_dev=cfg.num_dev,
+                               num_eval=cfg.num_eval, seed=cfg.seed, **_classification_columns(cfg))]
+    if cfg.train_file:
+        return [_users_task(cfg, cfg.train_file, cfg.eval_file)]
+    loaded = [_users_task(cfg, name, None) if tasks.is_data_file(name) else
+              (tasks.get_task(name), tasks.load_splits(name, cfg.num_train, cfg.num_dev, cfg.num_eval, cfg.seed))
+              for name in cfg.task.split(",")]
+    names = [t.name for t, _ in loaded]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"task name(s) {twice} appear more than once in --task {cfg.task!r} (a file is named by "
+                         "its stem): rename the file(s)")
+    return loaded
+
+
+def _classification_columns(cfg: TrainConfig) -> dict:
+    if not cfg.text_columns or not cfg.label_column:
+        raise ValueError("users' data needs text_columns and label_column (--text-columns, --label-column), or "
+                         "for instruction data --prompt-column and --completion-column, or --messages-column")
+    return {"text_columns": cfg.text_columns, "label_column": cfg.label_column, "template": cfg.template,
+            "label_words": cfg.label_words}
+
+
+def _users_task(cfg: TrainConfig, path: str, eval_file: str | None) -> tuple[tasks.Task, tasks.Splits]:
+    """A users' file as an instruction task when instruction columns are set, else as a classification task."""
+    if not cfg.instruction:
+        return tasks.user_task(path, eval_file, num_dev=cfg.num_dev, seed=cfg.seed, **_classification_columns(cfg))
+    tokenizer = models.load_tokenizer(cfg.model) if cfg.messages_column else None
+    return tasks.instruction_task(path, eval_file, prompt_column=cfg.prompt_column,
+                                  completion_column=cfg.completion_column, messages_column=cfg.messages_column,
+                                  tokenizer=tokenizer, num_dev=cfg.num_dev, seed=cfg.seed)
 
 
 def build_model(cfg: TrainConfig, task_list: list[tasks.Task]):

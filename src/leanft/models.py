@@ -292,15 +292,24 @@ def load_model(
     task: "causal", "seq_cls" or "base"; None picks the model's natural head
     (causal LM for decoders, sequence classification for encoders).
     """
+    return _from_folder(_folder(name), _default_task(name, task), num_labels, dtype)
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of ``load_model(name)`` alone: chat data is rendered before the model is loaded."""
+    return _ensure_pad(AutoTokenizer.from_pretrained(_folder(name)))
+
+
+def _folder(name: str) -> str | Path:
+    """Where the weights of a short name, local folder, hub id or GGUF file are."""
     if name == "smollm2-135m":
-        return _from_folder(smollm2_path(), _default_task(name, task), num_labels, dtype)
-    if name == "minilm-l6":
-        folder = package_dir(name) / "model"
-        return _from_folder(folder, _default_task(name, task), num_labels, dtype)
+        return smollm2_path()
     if convert.is_gguf(name):
-        return _from_folder(gguf_path(name), _default_task(name, task), num_labels, dtype)
+        return gguf_path(name)
+    if name == "minilm-l6":
+        return package_dir(name) / "model"
     if Path(name).is_dir() or "/" in name:
-        return _from_folder(name, _default_task(name, task), num_labels, dtype)
+        return name
     if name in BUILTIN_CONFIGS:
         raise ValueError(
             f"model {name!r} has no offline weights, only an architecture config "

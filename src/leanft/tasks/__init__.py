@@ -6,8 +6,9 @@ The benchmark files ship in ``data/`` (provenance and licences in ``data/SOURCES
 
 from .base import Splits, Task
 from .builtin import TASK_NAMES, get_task, load_splits
-from .metrics import classification_metrics, score_generation
-from .user import hub_task, user_task
+from .instruct import instruction_task, render_chat
+from .metrics import classification_metrics, score_generation, score_instruction
+from .user import hub_task, is_data_file, user_task
 
-__all__ = ["TASK_NAMES", "Splits", "Task", "classification_metrics", "get_task", "hub_task", "load_splits",
-           "score_generation", "user_task"]
+__all__ = ["TASK_NAMES", "Splits", "Task", "classification_metrics", "get_task", "hub_task", "instruction_task",
+           "is_data_file", "load_splits", "render_chat", "score_generation", "score_instruction", "user_task"]

@@ -26,6 +26,12 @@ class Task:
     num_labels: int
     references: Callable[[dict], list[str]] | None = None
     metric: str = "accuracy"
+    # generation only: the metrics of the outputs (None: BLEU and ROUGE-L); whether outputs are one line
+    # (E2E) or keep every line up to EOS (instruction answers); whether loss and perplexity on the gold
+    # answer's tokens are reported as well
+    scorer: Callable[[list[str], list[list[str]]], dict[str, float]] | None = None
+    first_line: bool = True
+    answer_loss: bool = False
 
 
 @dataclass

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import string
+from collections import Counter
+
 
 def score_generation(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
     """Corpus BLEU (sacrebleu, all references of each input) and mean best-reference ROUGE-L F1.
@@ -10,20 +13,62 @@ def score_generation(predictions: list[str], references: list[list[str]]) -> dic
     missing ones as None. The scorers are imported here: classification never needs them.
     """
     import sacrebleu
-    from rouge_score import rouge_scorer
 
+    _check_pairs(predictions, references)
+    depth = max(len(refs) for refs in references)
+    streams = [[refs[i] if i < len(refs) else None for refs in references] for i in range(depth)]
+    bleu = sacrebleu.corpus_bleu(predictions, streams).score
+    return {"bleu": bleu, "rouge_l": _rouge_l(predictions, references)}
+
+
+def _check_pairs(predictions: list[str], references: list[list[str]]) -> None:
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} reference lists")
     if not predictions:
         raise ValueError("no predictions to score")
     if any(not refs for refs in references):
         raise ValueError("every prediction needs at least one reference")
-    depth = max(len(refs) for refs in references)
-    streams = [[refs[i] if i < len(refs) else None for refs in references] for i in range(depth)]
-    bleu = sacrebleu.corpus_bleu(predictions, streams).score
+
+
+def _rouge_l(predictions: list[str], references: list[list[str]]) -> float:
+    """Mean best-reference ROUGE-L F1 in percent."""
+    from rouge_score import rouge_scorer
+
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     rouge = [scorer.score_multi(refs, pred)["rougeL"].fmeasure for pred, refs in zip(predictions, references)]
-    return {"bleu": bleu, "rouge_l": 100 * sum(rouge) / len(rouge)}
+    return 100 * sum(rouge) / len(rouge)
+
+
+def _normalise(text: str) -> list[str]:
+    """Lower-cased words without punctuation: "Paris." and "paris" are the same answer."""
+    return "".join(" " if c in string.punctuation else c for c in text.lower()).split()
+
+
+def _token_f1(prediction: list[str], reference: list[str]) -> float:
+    """F1 of the bags of words (SQuAD's answer F1); two empty answers agree."""
+    if not prediction or not reference:
+        return float(prediction == reference)
+    common = sum((Counter(prediction) & Counter(reference)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(prediction), common / len(reference)
+    return 2 * precision * recall / (precision + recall)
+
+
+def score_instruction(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+    """Token F1 (first: dev model selection needs a graded score), exact match and ROUGE-L, in percent.
+
+    F1 and exact match compare normalised words (``_normalise``) with the best reference of each input.
+    """
+    _check_pairs(predictions, references)
+    f1, exact = [], []
+    for pred, refs in zip(predictions, references):
+        words, gold = _normalise(pred), [_normalise(r) for r in refs]
+        f1.append(max(_token_f1(words, g) for g in gold))
+        exact.append(any(words == g for g in gold))
+    n = len(predictions)
+    return {"token_f1": 100 * sum(f1) / n, "exact_match": 100 * sum(exact) / n,
+            "rouge_l": _rouge_l(predictions, references)}
 
 
 def classification_metrics(predictions: list[int], labels: list[int], num_labels: int) -> dict[str, float]:

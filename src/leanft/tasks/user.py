@@ -28,6 +28,11 @@ class _Table:
     rows: list[tuple[str, dict]]
 
 
+def is_data_file(name: str | Path) -> bool:
+    """Whether ``name`` is a users' data file by its extension (a ``--task`` entry can be one)."""
+    return Path(name).suffix.lower() in _EXTENSIONS
+
+
 def _read_table(path: str | Path) -> _Table:
     path = Path(path)
     kind = _EXTENSIONS.get(path.suffix.lower())
@@ -163,15 +168,21 @@ def _build(name: str, train: _Table, eval_: _Table | None, *, text_columns: list
     words = list(label_words)
     task = Task(name, "classification", prompt, lambda ex: list(words),
                 lambda ex: index[_label_text(ex[label_column])], encoder_text, len(labels))
-    rows = [row for _, row in train.rows]
-    if eval_ is None:  # hold eval out of the training rows
+    return task, split_rows([row for _, row in train.rows], None if eval_ is None else [row for _, row in eval_.rows],
+                            num_train, num_dev, num_eval, seed)
+
+
+def split_rows(rows: list[dict], eval_rows: list[dict] | None, num_train: int, num_dev: int, num_eval: int,
+               seed: int) -> Splits:
+    """Seeded train/dev/eval samples; without eval rows, eval is held out of ``rows`` first."""
+    if eval_rows is None:
         held = set(sample_indices(len(rows), num_eval, seed))
         eval_rows = [rows[i] for i in sorted(held)]
         rows = [row for i, row in enumerate(rows) if i not in held]
     else:
-        eval_rows = [eval_.rows[i][1] for i in sample_indices(len(eval_.rows), num_eval, seed)]
+        eval_rows = [eval_rows[i] for i in sample_indices(len(eval_rows), num_eval, seed)]
     train_rows, dev_rows = split_train_dev(rows, num_train, num_dev, seed)
-    return task, Splits(train_rows, dev_rows, eval_rows)
+    return Splits(train_rows, dev_rows, eval_rows)
 
 
 def _held_out(n: int) -> int:
