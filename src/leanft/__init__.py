@@ -7,5 +7,16 @@ Importing leanft registers its methods with PEFT, so ``peft.get_peft_model``, ``
 from . import methods, models
 from .tuners import LamdaConfig, LorettaAdpConfig, LorettaRepConfig
 
-__all__ = ["LamdaConfig", "LorettaAdpConfig", "LorettaRepConfig", "methods", "models"]
+__all__ = ["LamdaCallback", "LamdaConfig", "LorettaAdpConfig", "LorettaRepConfig", "ZOSFTTrainer", "ZOTrainer",
+           "methods", "models"]
 __version__ = "0.1.0"
+HF = ("LamdaCallback", "ZOTrainer", "ZOSFTTrainer", "ZOTrainingMixin")
+
+
+def __getattr__(name: str):
+    """The Trainer integration (``leanft.hf``) loads on first use: ``import leanft`` stays light."""
+    if name in HF:
+        from . import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'leanft' has no attribute {name!r}")

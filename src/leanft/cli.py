@@ -164,6 +164,8 @@ TRAIN_HELP = {
                        "template; the last assistant message is the completion, the messages before it the prompt",
 }
 TRAIN_CHOICES = {name: list(valid) for name, valid in CHOICES.items()}
+
+
 def comma_list(value: str) -> list[str]:
     """A comma-separated flag value as a list (empty entries dropped)."""
     return [v.strip() for v in value.split(",") if v.strip()]
@@ -171,7 +173,6 @@ def comma_list(value: str) -> list[str]:
 
 METHOD_FLAGS = {"rank": int, "tt_rank": int, "bottleneck": int, "alpha": float, "dropout": float, "init_mode": str,
                 "target_modules": comma_list}
-
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:

@@ -123,7 +123,9 @@ class FirstOrder:
         module = self.net.module if isinstance(self.net, DistributedDataParallel) else self.net
         self.net = None  # the old wrapper's gradient hooks go with it
         ids = [self.device.index] if self.device.type == "cuda" else None
-        self.net = DistributedDataParallel(module, device_ids=ids)
+        # constant buffers (rotary tables, frozen start copies): no broadcast, which is a collective per
+        # forward and would hang when processes run different numbers of forwards (a mixed-task batch)
+        self.net = DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
 
     def _method_schedule(self, done: int) -> None:
         self.after_step(done)

@@ -7,6 +7,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import date
 
@@ -26,7 +27,23 @@ MEMORY_RUNS = (("inference", "full", "inference"), ("mezo (full)", "mezo", "zo")
                ("loretta-adp (AdamW)", "loretta-adp", "first-order"),
                ("lamda (AdamW)", "lamda", "first-order"),
                ("lamda, P_B frozen (AdamW)", "lamda", "frozen"), ("lamda++, P_B frozen (AdamW)", "lamda++", "frozen"),
-               ("full (AdamW)", "full", "first-order"))
+               ("full (AdamW)", "full", "first-order"),
+               # the user's-script path: transformers' LM loss over every token, against inference of that loss
+               ("inference, LM loss", "full", "lm-inference"), ("ZOTrainer, mezo (full)", "mezo", "zotrainer"),
+               ("ZOTrainer, adazeta", "adazeta", "zotrainer"))
+
+
+def zotrainer_step(model, lm_batch: dict, work_dir: str):
+    """One ``leanft.ZOTrainer`` training step on ``lm_batch`` (its Trainer set up, no data loader)."""
+    from transformers import TrainingArguments
+
+    from ..hf import ZOTrainer
+
+    args = TrainingArguments(output_dir=work_dir, per_device_train_batch_size=len(lm_batch["input_ids"]),
+                             report_to=[], use_cpu=not torch.cuda.is_available(), learning_rate=1e-6)
+    trainer = ZOTrainer(model=model, args=args)
+    trainer.create_optimizer_and_scheduler(num_training_steps=100)
+    return lambda: trainer.training_step(model, lm_batch)
 
 
 def task_loss(decoder: bool) -> optim.Objective:
@@ -132,7 +149,7 @@ def memory_child(model_name: str, method: str, mode: str, task_name: str, batch_
     """
     device = models.default_device()
     # inference: the model as loaded, in its dtype (full-model MeZO's build is the one that upcasts nothing)
-    built = "mezo" if mode == "inference" else method
+    built = "mezo" if mode in ("inference", "lm-inference") else method
     cfg = TrainConfig(model=model_name, method=built, task=task_name, dtype=dtype, batch_size=batch_size)
     task = tasks.get_task(task_name)
     model, tokenizer, decoder = loading.build_model(cfg, [task])
@@ -143,7 +160,12 @@ def memory_child(model_name: str, method: str, mode: str, task_name: str, batch_
     if mode == "frozen":
         model.base_model.update_freezing(1, 1)
     precision = Precision(dtype, device.type)
-    step_with = None if mode == "inference" else updater(model, net, task_loss(decoder), mode == "zo", 1, precision)
+    lm = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+          "labels": batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)}
+    if mode == "zotrainer":
+        step_with = zotrainer_step(model, lm, tempfile.mkdtemp(prefix="leanft-memory-"))
+    elif mode not in ("inference", "lm-inference"):
+        step_with = updater(model, net, task_loss(decoder), mode == "zo", 1, precision)
     release_freed_memory()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -152,11 +174,14 @@ def memory_child(model_name: str, method: str, mode: str, task_name: str, batch_
         baseline = rss_mb()
         sampler = RssSampler()
     t0 = time.perf_counter()
-    if step_with is None:
-        net.eval()
+    if mode in ("inference", "lm-inference"):
+        net.eval(), model.eval()
         with torch.no_grad(), precision.autocast():
             for _ in range(steps):
-                objectives.batch_loss(net, batch, decoder)
+                objectives.batch_loss(net, batch, decoder) if mode == "inference" else model(**lm)
+    elif mode == "zotrainer":
+        for _ in range(steps):
+            step_with()
     else:
         timed_steps(step_with, [batch] * steps)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else sampler.stop()
@@ -170,8 +195,10 @@ def memory_compare(model_name: str, task_name: str, batch_size: int, steps: int 
     inference, the reference), each in its own process (peaks never mix)."""
     rows, failed = [], []
     for label, method, mode in MEMORY_RUNS:
-        if method_names and mode != "inference" and method not in method_names:
+        if method_names and mode not in ("inference", "lm-inference") and method not in method_names:
             continue
+        if mode in ("lm-inference", "zotrainer") and models.model_kind(model_name) != "causal":
+            continue  # the Trainer path measured here is language modelling
         code = (f"import json, leanft.measure.steps as s; print(json.dumps(s.memory_child({model_name!r}, "
                 f"{method!r}, {mode!r}, {task_name!r}, {batch_size}, {steps}, dtype={dtype!r})))")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -184,8 +211,9 @@ def memory_compare(model_name: str, task_name: str, batch_size: int, steps: int 
     ref = next((r for r in rows if r["mode"] == "inference"), None)
     if ref is None:
         raise RuntimeError(f"inference of {model_name} failed, the reference of every peak: {failed[0]['error']}")
-    for r in rows:
-        r["peak_vs_inference"] = round(r["peak_mb"] / ref["peak_mb"], 3)
+    lm_ref = next((r for r in rows if r["mode"] == "lm-inference"), ref)
+    for r in rows:  # ZOTrainer's steps against inference of the same (LM) loss
+        r["peak_vs_inference"] = round(r["peak_mb"] / (lm_ref if r["mode"] == "zotrainer" else ref)["peak_mb"], 3)
     return {"model": model_name, "task": task_name, "batch_size": batch_size, "steps": steps, "dtype": dtype,
             "device": models.default_device().type, "machine": machine(), "date": date.today().isoformat(),
             "rows": rows, "failed": failed}

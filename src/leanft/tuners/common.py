@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, check_adapters_to_merge
+from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from .targets import attention_targets, check_targets
@@ -89,6 +90,18 @@ class LeanftConfig(PeftConfig):
                              f"got {getattr(self, 'init_mode', None)!r}")
 
 
+def _inputs_to_float32(module: nn.Module, args: tuple) -> tuple:
+    module._leanft_dtype = next((a.dtype for a in args if torch.is_tensor(a) and a.is_floating_point()), None)
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def _output_like_input(module: nn.Module, args: tuple, output):
+    dtype = getattr(module, "_leanft_dtype", None)
+    if dtype is not None and torch.is_tensor(output) and output.is_floating_point():
+        return output.to(dtype)
+    return output
+
+
 class LeanftTuner(BaseTuner):
     """BaseTuner with leanft's checks before injection (targets exist, base model matches, norms) and
     the one way its layers are created: ``layer_cls(target, adapter_name, config, name, **layer_kwargs)``.
@@ -119,6 +132,25 @@ class LeanftTuner(BaseTuner):
         if adapter_name not in self.active_adapters:
             new.requires_grad_(False)
         self._replace_module(parent, target_name, new, target)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT upcasts adapter weights; leanft upcasts every module that trains (norms, heads in
+        ``modules_to_save`` too), so ``get_peft_model`` on a bf16/fp16 model trains float32 parameters.
+        Such a module computes in float32 and hands its output back in its input's dtype, so the model
+        runs as before with or without autocast."""
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        if not autocast_adapter_dtype:
+            return
+        for module in self.model.modules():
+            if not isinstance(module, ModulesToSaveWrapper) or adapter_name not in module.modules_to_save:
+                continue
+            copy = module.modules_to_save[adapter_name]
+            low = [p for p in copy.parameters() if p.dtype in (torch.bfloat16, torch.float16)]
+            if low:
+                for p in low:
+                    p.data = p.data.float()
+                copy.register_forward_pre_hook(_inputs_to_float32)
+                copy.register_forward_hook(_output_like_input)
 
     def _pre_injection_hook(self, model: nn.Module, config: LeanftConfig, adapter_name: str) -> None:
         fp = model_fingerprint(model)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+
+import torch
 from torch import nn
 
 from ..common import LeanftTuner
@@ -23,6 +26,20 @@ class LamdaModel(LeanftTuner):
     def _layer_kwargs(self, config: LamdaConfig, key: str) -> dict[str, int]:
         return {"r": (config.rank_pattern or {}).get(key, config.r)}
 
+    # training forwards after which a LaMDA model whose schedule was never run says so, once
+    UNFROZEN_WARNING = 20
+
+    def forward(self, *args, **kwargs):
+        if self.training and torch.is_grad_enabled() and not getattr(self, "_schedule_ran", False):
+            self._unscheduled = getattr(self, "_unscheduled", 0) + 1
+            if self._unscheduled == self.UNFROZEN_WARNING:
+                warnings.warn(
+                    f"LaMDA has trained for {self.UNFROZEN_WARNING} forward passes and P_B was never frozen: without "
+                    "its schedule LaMDA is a plain SVD-initialised adapter. In a Trainer/SFTTrainer pass "
+                    "callbacks=[leanft.LamdaCallback()]; in your own loop call "
+                    "model.base_model.update_freezing(step, total_steps) after every optimiser step", stacklevel=2)
+        return super().forward(*args, **kwargs)
+
     def lamda_layers(self) -> list[LamdaLayer]:
         return [m for m in self.model.modules() if isinstance(m, LamdaLayer)]
 
@@ -35,6 +52,7 @@ class LamdaModel(LeanftTuner):
         T)))`` frozen columns. Frozen columns stay exactly as they were (see ``LamdaLayer.freeze_columns``).
         The schedule is not saved with the adapter: when resuming, call it once before the first step.
         """
+        self._schedule_ran = True
         frozen = 0
         for layer in self.lamda_layers():
             for name in self.active_adapters:

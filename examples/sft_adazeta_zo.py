@@ -1,0 +1,55 @@
+"""Zeroth-order SFT with TRL: AdaZeta (TT adapters + its query schedule) through ``leanft.ZOSFTTrainer``.
+
+    pip install 'leanft[trl]'
+    python examples/sft_adazeta_zo.py                           # SmolLM2-135M, E2E-style data, 40 steps
+
+Forward passes only: no gradients, no optimiser state, the memory of inference. TRL does the data
+(prompt-completion pairs, loss on the completion only); leanft's engine does the SPSA step, the same
+one ``leanft train --method adazeta`` runs. AdaZeta's adapters are LoRETTA_adp's with norms frozen and
+the noise-free start; ``zo_schedule="adazeta"`` raises the query count with the epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from datasets import Dataset
+from trl import SFTConfig
+
+import leanft
+from leanft import tasks
+
+
+def e2e_pairs(n: int) -> Dataset:
+    task = tasks.get_task("e2e")
+    rows = [{"prompt": task.prompt(ex), "completion": task.candidates(ex)[task.label(ex)]}
+            for ex in tasks.load_splits("e2e", n, 0, 0).train]
+    return Dataset.from_list(rows)
+
+
+def main(argv: list[str] | None = None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="a leanft model name, a local folder or a hub id")
+    p.add_argument("--output-dir", default="runs/example-sft-adazeta")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--examples", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--bottleneck", type=int, default=64)
+    p.add_argument("--epochs", type=float, default=0, help="> 0: train for epochs (AdaZeta's queries grow with them)")
+    args = p.parse_args(argv)
+
+    model, tokenizer = leanft.models.load_model(args.model)
+    config = leanft.LorettaAdpConfig(task_type="CAUSAL_LM", bottleneck_size=args.bottleneck, tt_rank=5, train_norms=False,
+                                     init_mode="noise_free")
+    training = SFTConfig(output_dir=args.output_dir, max_steps=-1 if args.epochs else args.steps,
+                         num_train_epochs=args.epochs or 1, per_device_train_batch_size=args.batch_size,
+                         learning_rate=1e-4, lr_scheduler_type="constant", logging_steps=10, save_steps=20,
+                         report_to=[], seed=0, max_length=256, bf16=False)  # TRL's default is bf16
+    trainer = leanft.ZOSFTTrainer(model=model, args=training, train_dataset=e2e_pairs(args.examples),
+                                  processing_class=tokenizer, peft_config=config, zo_schedule="adazeta", zo_eps=1e-3)
+    trainer.train()
+    return trainer
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""leanft in the user's own training script: ``ZOTrainer`` (SPSA inside ``transformers.Trainer``),
+``ZOSFTTrainer`` (the same for TRL's ``SFTTrainer``) and ``LamdaCallback`` (LaMDA's freezing).
+
+leanft's configs are PEFT configs, so ``Trainer(model=get_peft_model(m, LorettaRepConfig(...)))`` and
+``SFTTrainer(..., peft_config=LorettaAdpConfig(...))`` need nothing from here; their trainable tensors
+are float32 whatever the base model's dtype (train with ``bf16=True`` for bfloat16 compute).
+
+``ZOTrainingMixin`` replaces ``Trainer.training_step`` by one step of ``leanft.zo.ZOEngine``, the engine
+``leanft train`` uses: for each query, the loss of the batch at ``theta +- eps z`` (forward passes only,
+no autograd graph, eval mode), then ``theta -= lr * mean_q p_q z_q``. The Trainer keeps what it is good
+at (data, lr schedule, logging, checkpoints); its optimiser is a stateless stand-in that carries the lr.
+Under ``torchrun``/``accelerate launch`` every process gathers the whole global batch and evaluates its
+share of the queries, so a run equals a single-process run with the same global batch (the data order
+is a permutation drawn from the seed and epoch, ``EpochPermutation``, the same for any process count). Checkpoints hold
+the weights plus the engine's state (lr scale after rollbacks, its rollback copy), so
+``resume_from_checkpoint`` continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from accelerate.utils import DistributedType
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from .optim import decays, start_anchors
+from .tuners import LamdaModel
+from .zo import ZOEngine, query_schedule
+
+ZO_STATE, ZO_GOOD = "leanft_zo_state.json", "leanft_zo_good.safetensors"
+SCHEDULES = ("fixed", "adazeta")
+
+
+def _lamda(model) -> LamdaModel | None:
+    tuner = getattr(model, "base_model", None)
+    return tuner if isinstance(tuner, LamdaModel) else None
+
+
+class LamdaCallback(TrainerCallback):
+    """LaMDA's gradual freezing of P_B in a ``Trainer``/``SFTTrainer``: after every optimiser step,
+    ``update_freezing(global_step, max_steps)``. ``Trainer(..., callbacks=[leanft.LamdaCallback()])``."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        tuner = _lamda(model)
+        if tuner is None:
+            raise ValueError("LamdaCallback needs a model made with leanft.LamdaConfig (get_peft_model)")
+        tuner.update_freezing(state.global_step, state.max_steps)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        tuner = _lamda(model)
+        if tuner is not None and state.global_step:  # resumed: re-apply what the schedule had reached
+            tuner.update_freezing(state.global_step, state.max_steps)
+
+
+class _SaveZOState(TrainerCallback):
+    def __init__(self, trainer: ZOTrainingMixin) -> None:
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.trainer.engine is not None:
+            self.trainer.save_zo_state(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
+class EpochPermutation(torch.utils.data.Sampler):
+    """A permutation of the examples drawn from (seed, epoch) alone: the same on every process and after a
+    resume, so that the shards of ``num_processes`` processes make up a single process's batches."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+class ZOTrainingMixin:
+    """Zeroth-order training for a ``transformers.Trainer`` subclass (see the module docstring).
+
+    ``zo_schedule="fixed"`` takes ``zo_queries`` queries a step; ``"adazeta"`` takes AdaZeta's
+    ``min(max(floor(alpha * epoch**beta), 1), q_max)``. ``zo_blowup`` and ``zo_recover`` are the divergence
+    guard's (``leanft.zo``); the Trainer's ``weight_decay`` decays matrices towards their start.
+    """
+
+    def __init__(self, *args, zo_eps: float = 1e-3, zo_queries: int = 1, zo_schedule: str = "fixed",
+                 zo_alpha: float = 0.85, zo_beta: float = 0.45, zo_q_max: int = 20, zo_blowup: float = 0.0,
+                 zo_recover: int = 10, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if zo_schedule not in SCHEDULES:
+            raise ValueError(f"zo_schedule {zo_schedule!r} is not one of: {', '.join(SCHEDULES)}")
+        if not (zo_eps > 0 and zo_queries >= 1):
+            raise ValueError(f"zo_eps must be positive and zo_queries at least 1, got {zo_eps} and {zo_queries}")
+        if self.args.gradient_accumulation_steps != 1:
+            raise ValueError("zeroth-order training takes one batch per step: set gradient_accumulation_steps=1 "
+                             "and raise per_device_train_batch_size instead")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        alone = self.accelerator.num_processes == 1 or self.accelerator.distributed_type == DistributedType.NO
+        if world > 1 and alone:
+            raise ValueError(f"{world} processes were launched but the Trainer does not run them as one: each would train "
+                             "alone on its shard. On CPU pass use_cpu=True (transformers only sets up gloo then)")
+        if _lamda(self.model) is not None:
+            raise ValueError("LaMDA freezes P_B on a schedule of optimiser steps, which zeroth-order training does "
+                             "not follow: train LaMDA with Trainer (and leanft.LamdaCallback), or use LoRA/AdaZeta here")
+        self.zo_eps, self.zo_blowup, self.zo_recover = zo_eps, zo_blowup, zo_recover
+        self.zo_queries = ((lambda epoch: query_schedule(epoch, zo_alpha, zo_beta, zo_q_max)) if zo_schedule == "adazeta"
+                           else (lambda epoch: zo_queries))
+        self.engine: ZOEngine | None = None
+        self._resume_from: Path | None = None
+        self._stats: list[tuple[int, float, bool]] = []  # (queries, projected gradient, rolled back) since the last log
+        self.add_callback(_SaveZOState(self))
+
+    # -- the Trainer's optimiser: a stand-in that carries the lr schedule, no state --------------------
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            self._lr_carrier = torch.nn.Parameter(torch.zeros(1))
+            self.optimizer = torch.optim.SGD([self._lr_carrier], lr=self.args.learning_rate)
+        return self.optimizer
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return EpochPermutation(len(dataset), seed)
+
+    # -- one step ------------------------------------------------------------------------------------
+
+    def _engine(self, model) -> ZOEngine:
+        if self.engine is None:
+            wd = self.args.weight_decay
+            self.engine = ZOEngine(model, eps=self.zo_eps, weight_decay=wd, seed=self.args.seed, blowup=self.zo_blowup,
+                                   recover=self.zo_recover, decays=decays, anchors=start_anchors(model) if wd else None)
+            if self._resume_from is not None:
+                self.load_zo_state(self._resume_from)
+        return self.engine
+
+    def _whole_batch(self, inputs: dict) -> dict:
+        """The global batch on every process (each holds its shard): tensors padded to one length, gathered."""
+        if self.accelerator.num_processes == 1:
+            return inputs
+        tokenizer = getattr(self, "processing_class", None)
+        first = getattr(tokenizer, "padding_side", "right") == "left"
+        whole = {}
+        for key, value in inputs.items():
+            if torch.is_tensor(value) and value.dim() >= 2:
+                pad = -100 if key == "labels" else 0
+                value = self.accelerator.pad_across_processes(value, dim=1, pad_index=pad, pad_first=first)
+            whole[key] = self.accelerator.gather(value) if torch.is_tensor(value) and value.dim() >= 1 else value
+        return whole
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        net = self.accelerator.unwrap_model(model)
+        engine = self._engine(net)
+        batch = self._whole_batch(self._prepare_inputs(inputs))
+        net.eval()  # dropout off during the perturbed forwards
+
+        def loss_fn() -> float:
+            with torch.no_grad(), self.compute_loss_context_manager():
+                return float(self.compute_loss(net, batch))
+
+        epoch = int(self.state.epoch or 0)
+        record = engine.step(self.state.global_step, loss_fn, self.zo_queries(epoch), self._get_learning_rate())
+        self._stats.append((len(record.seeds), float(sum(record.grads) / len(record.grads)), record.rolled_back))
+        return torch.tensor(record.loss, device=self.args.device)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self._stats and "loss" in logs:
+            queries, grads, rolled = zip(*self._stats)
+            logs.update(zo_queries=sum(queries) / len(queries), zo_projected_grad=sum(grads) / len(grads),
+                        zo_rollbacks=sum(rolled))
+            self._stats.clear()
+        super().log(logs, *args, **kwargs)
+
+    # -- exact resume ---------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint:
+            folder = (get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True
+                      else resume_from_checkpoint)
+            self._resume_from = Path(folder) if folder else None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def save_zo_state(self, folder: Path) -> None:
+        e = self.engine
+        state = {"lr_scale": e.lr_scale, "good_steps": e.good_steps, "rollbacks": e.rollbacks,
+                 "running_loss": e.running_loss, "names": [n for n, _ in e.named]}
+        (folder / ZO_STATE).write_text(json.dumps(state, indent=1))
+        if e.good is not None:
+            save_file({n: g.detach().cpu().contiguous() for (n, _), g in zip(e.named, e.good)}, str(folder / ZO_GOOD))
+
+    def load_zo_state(self, folder: Path) -> None:
+        e, file = self.engine, folder / ZO_STATE
+        if not file.is_file():
+            warnings.warn(f"{folder} holds no {ZO_STATE}: the divergence guard restarts (lr scale 1, no rollback "
+                          "copy), so the resumed run may differ from an uninterrupted one", stacklevel=2)
+            return
+        state = json.loads(file.read_text())
+        if state["names"] != [n for n, _ in e.named]:
+            raise ValueError(f"{file} was written for other trainable parameters than this model's")
+        e.lr_scale, e.good_steps, e.rollbacks = state["lr_scale"], state["good_steps"], state["rollbacks"]
+        e.running_loss = state["running_loss"]
+        if e.good is not None and (folder / ZO_GOOD).is_file():
+            good = load_file(str(folder / ZO_GOOD))
+            with torch.no_grad():
+                for (n, _), g in zip(e.named, e.good):
+                    g.copy_(good[n])
+
+
+class ZOTrainer(ZOTrainingMixin, Trainer):
+    """``transformers.Trainer`` trained by zeroth-order SPSA (MeZO; AdaZeta with ``zo_schedule="adazeta"``
+    on a ``LorettaAdpConfig`` model): forward passes only, memory of inference."""
+
+
+def __getattr__(name: str):
+    """``ZOSFTTrainer`` needs TRL (``pip install leanft[trl]``): built on first use."""
+    if name == "ZOSFTTrainer":
+        try:
+            from trl import SFTTrainer
+        except ImportError as e:
+            raise ImportError("leanft.ZOSFTTrainer needs TRL: pip install 'leanft[trl]'") from e
+        cls = type("ZOSFTTrainer", (ZOTrainingMixin, SFTTrainer), {
+            "__doc__": "TRL's SFTTrainer trained by zeroth-order SPSA (see leanft.hf.ZOTrainingMixin).",
+            "__module__": __name__})
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+

@@ -1,0 +1,241 @@
+"""leanft in users' own scripts: Trainer/SFTTrainer with leanft configs, ZOTrainer, LamdaCallback, examples."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
+
+import leanft
+from leanft import models, tasks
+from leanft.zo import ZOEngine
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+
+def texts(tokenizer, n: int = 32) -> list[dict]:
+    task = tasks.get_task("sst2")
+    return [tokenizer(task.prompt(ex) + task.candidates(ex)[task.label(ex)]) for ex in tasks.load_splits("sst2", n, 0, 0).train]
+
+
+def trainer_of(cls, model, tokenizer, out: Path, steps: int = 4, callbacks=(), **kw):
+    settings = dict(output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2,
+                    lr_scheduler_type="linear", save_steps=2, logging_steps=1, report_to=[], seed=0)
+    args = TrainingArguments(**{**settings, **kw.pop("args", {})})
+    return cls(model=model, args=args, train_dataset=texts(tokenizer), callbacks=list(callbacks),
+               data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), **kw)
+
+
+def trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def stopped_and_resumed(make, out: Path) -> dict[str, torch.Tensor]:
+    """Train to step 2 (checkpoint), stop, and resume in a fresh trainer to the end."""
+    make(out, [StopAt(2)]).train()
+    resumed = make(out, [])
+    resumed.train(resume_from_checkpoint=True)
+    return trainable(resumed.model)
+
+
+def test_trainer_with_a_leanft_config_resumes_exactly_and_reloads(tiny_llama_dir, tmp_path):
+    def make(out, callbacks):
+        torch.manual_seed(0)  # the same random TT start in both runs
+        model, tokenizer = models.load_model(tiny_llama_dir)
+        model = get_peft_model(model, leanft.LorettaRepConfig(task_type="CAUSAL_LM", r=4, tt_rank=2))
+        return trainer_of(Trainer, model, tokenizer, out, callbacks=callbacks)
+
+    whole = make(tmp_path / "whole", [])
+    whole.train()
+    expected = trainable(whole.model)
+    assert all(torch.equal(expected[n], p) for n, p in stopped_and_resumed(make, tmp_path / "cut").items())
+    whole.model.save_pretrained(tmp_path / "adapter")
+    base, _ = models.load_model(tiny_llama_dir)
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, whole.model.eval()(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("config", [lambda: leanft.LorettaRepConfig(task_type="CAUSAL_LM", r=4, tt_rank=2),
+                                    lambda: leanft.LorettaAdpConfig(task_type="CAUSAL_LM", bottleneck_size=8, tt_rank=2),
+                                    lambda: leanft.LamdaConfig(task_type="CAUSAL_LM", r=4)])
+def test_a_bf16_model_in_the_trainer_moves_every_trainable_tensor(tiny_llama_dir, tmp_path, config):
+    """``get_peft_model`` on a bf16 base: adapters and the norms in modules_to_save are float32 (PEFT alone
+    would leave the norms in bf16, where AdamW's small steps round away); bf16=True computes in bf16."""
+    model, tokenizer = models.load_model(tiny_llama_dir, dtype=torch.bfloat16)
+    model = get_peft_model(model, config())
+    start = trainable(model)
+    assert start and all(t.dtype == torch.float32 for t in start.values())
+    trainer_of(Trainer, model, tokenizer, tmp_path, steps=2, args={"bf16": True, "use_cpu": not torch.cuda.is_available(), "learning_rate": 1e-3}).train()
+    unmoved = [n for n, p in trainable(model).items() if torch.equal(p, start[n]) and "lamda_B" not in n]
+    assert not unmoved  # LaMDA's P_B is frozen by then on purpose
+
+
+def test_lamda_freezes_on_schedule_with_the_callback_and_warns_without_it(tiny_llama_dir, tmp_path):
+    model, tokenizer = models.load_model(tiny_llama_dir)
+    model = get_peft_model(model, leanft.LamdaConfig(task_type="CAUSAL_LM", r=4))
+    trainer_of(Trainer, model, tokenizer, tmp_path / "cb", steps=10, callbacks=[leanft.LamdaCallback()]).train()
+    layers = model.base_model.lamda_layers()
+    assert all(layer.lamda_frozen["default"] == 4 and not layer.lamda_B["default"].requires_grad for layer in layers)
+
+    model, tokenizer = models.load_model(tiny_llama_dir)
+    model = get_peft_model(model, leanft.LamdaConfig(task_type="CAUSAL_LM", r=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer_of(Trainer, model, tokenizer, tmp_path / "none", steps=25).train()
+    said = [str(w.message) for w in caught if "P_B was never frozen" in str(w.message)]
+    assert len(said) == 1 and "LamdaCallback" in said[0]
+
+
+def zo_model(tiny_llama_dir):
+    torch.manual_seed(0)  # the same random TT start every time
+    model, tokenizer = models.load_model(tiny_llama_dir)
+    config = leanft.LorettaAdpConfig(task_type="CAUSAL_LM", bottleneck_size=8, tt_rank=2, train_norms=False,
+                                     init_mode="noise_free")
+    return get_peft_model(model, config), tokenizer
+
+
+def test_zo_trainer_resumes_exactly(tiny_llama_dir, tmp_path):
+    def make(out, callbacks):
+        model, tokenizer = zo_model(tiny_llama_dir)
+        return trainer_of(leanft.ZOTrainer, model, tokenizer, out, steps=6, callbacks=callbacks, zo_queries=2,
+                          args={"learning_rate": 1e-3})
+
+    whole = make(tmp_path / "whole", [])
+    whole.train()
+    expected = trainable(whole.model)
+    assert all(torch.equal(expected[n], p) for n, p in stopped_and_resumed(make, tmp_path / "cut").items())
+    logged = [h for h in whole.state.log_history if "zo_queries" in h]
+    assert logged and all(h["zo_queries"] == 2 and "zo_projected_grad" in h for h in logged)
+
+
+def test_zo_trainer_takes_the_steps_of_leanfts_engine(tiny_llama_dir, tmp_path):
+    """Same seeds, batches, lr and query count: ZOTrainer's parameters are those of ``leanft.zo.ZOEngine``
+    (the engine ``leanft train`` uses) stepped by hand on the batches the Trainer drew."""
+    model, tokenizer = zo_model(tiny_llama_dir)
+    start = trainable(model)
+    trainer = trainer_of(leanft.ZOTrainer, model, tokenizer, tmp_path, steps=4, zo_queries=3,
+                         args={"learning_rate": 1e-3, "lr_scheduler_type": "constant"})
+    batches, real_step = [], trainer.training_step
+
+    def recording(model, inputs, *args):
+        batches.append({k: v.clone() for k, v in inputs.items()})
+        return real_step(model, inputs, *args)
+
+    trainer.training_step = recording
+    trainer.train()
+
+    by_hand, _ = zo_model(tiny_llama_dir)
+    by_hand.load_state_dict(start, strict=False)
+    engine = ZOEngine(by_hand, eps=1e-3, seed=0)
+    by_hand.eval()
+    for step, batch in enumerate(batches):
+        def loss(batch=batch) -> float:
+            with torch.no_grad():
+                return float(by_hand(**batch).loss)
+        engine.step(step, loss, queries=3, lr=1e-3)
+    done = trainable(by_hand)
+    assert len(batches) == 4 and all(torch.equal(done[n], p) for n, p in trainable(trainer.model).items())
+
+
+def test_zo_trainer_refuses_lamda_and_gradient_accumulation(tiny_llama_dir, tmp_path):
+    model, tokenizer = models.load_model(tiny_llama_dir)
+    lamda = get_peft_model(model, leanft.LamdaConfig(task_type="CAUSAL_LM", r=4))
+    with pytest.raises(ValueError, match="LaMDA freezes P_B"):
+        trainer_of(leanft.ZOTrainer, lamda, tokenizer, tmp_path)
+    model, tokenizer = zo_model(tiny_llama_dir)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=1"):
+        trainer_of(leanft.ZOTrainer, model, tokenizer, tmp_path, args={"gradient_accumulation_steps": 2})
+    with pytest.raises(ValueError, match="zo_schedule 'ada' is not one of: fixed, adazeta"):
+        trainer_of(leanft.ZOTrainer, model, tokenizer, tmp_path, zo_schedule="ada")
+
+
+def test_examples_run_on_a_tiny_model(tiny_llama_dir, tmp_path):
+    import plain_loop_lamda
+    import sft_adazeta_zo
+    import trainer_loretta_rep
+
+    trainer = trainer_loretta_rep.main(["--model", tiny_llama_dir, "--steps", "4", "--examples", "32",
+                                        "--output-dir", str(tmp_path / "rep")])
+    assert trainer.state.global_step == 4 and (tmp_path / "rep" / "adapter" / "adapter_config.json").is_file()
+    model = plain_loop_lamda.main(["--model", tiny_llama_dir, "--steps", "10", "--batch-size", "2", "--rank", "4"])
+    assert all(layer.lamda_frozen["default"] == 4 for layer in model.base_model.lamda_layers())
+    sft = sft_adazeta_zo.main(["--model", tiny_llama_dir, "--steps", "4", "--examples", "16", "--batch-size", "2",
+                               "--bottleneck", "8", "--output-dir", str(tmp_path / "sft")])
+    assert sft.state.global_step == 4 and isinstance(sft, leanft.ZOSFTTrainer)
+
+
+TWO_PROCESS = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_hf import trainer_of, zo_model, trainable
+model, tokenizer = zo_model({model!r})
+trainer = trainer_of(__import__("leanft").ZOTrainer, model, tokenizer, {out!r}, steps=3, zo_queries=2,
+                     args={{"learning_rate": 1e-3, "per_device_train_batch_size": {batch}, "use_cpu": True}})
+trainer.train()
+if trainer.is_world_process_zero():
+    from safetensors.torch import save_file
+    save_file(trainable(trainer.model), {out!r} + "/final.safetensors")
+"""
+
+
+@pytest.mark.slow
+def test_two_process_zo_trainer_equals_one_process(tiny_llama_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    results = {}
+    for procs, batch in ((1, 4), (2, 2)):
+        out = tmp_path / f"p{procs}"
+        out.mkdir()
+        script = out / "run.py"
+        script.write_text(TWO_PROCESS.format(tests=str(Path(__file__).parent), model=tiny_llama_dir, out=str(out),
+                                             batch=batch))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
+               str(29571 + procs), str(script)]
+        ran = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                             timeout=600)
+        assert ran.returncode == 0, ran.stderr[-3000:]
+        results[procs] = load_file(str(out / "final.safetensors"))
+    for name, value in results[1].items():
+        torch.testing.assert_close(results[2][name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_zo_sft_trainer_scores_the_completion_only(tiny_llama_dir, tmp_path):
+    """TRL's prompt-completion data through ZOSFTTrainer: the loss the SPSA step sees is the mean negative
+    log-likelihood of the completion tokens alone (prompt labels masked)."""
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    model, tokenizer = zo_model(tiny_llama_dir)
+    rows = [{"prompt": "name[The Eagle] food[French]", "completion": " The Eagle serves French food."}] * 4
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[], bf16=False,
+                     learning_rate=1e-4)
+    trainer = leanft.ZOSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                  processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    prompt = len(tokenizer(rows[0]["prompt"]).input_ids)
+    assert (batch["labels"][:, :prompt] == -100).all() and (batch["labels"][:, prompt:] != -100).any()
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        by_hand = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                                    ignore_index=-100)
+        assert float(trainer.compute_loss(model, batch)) == pytest.approx(float(by_hand), rel=1e-5)
