@@ -146,3 +146,41 @@ def test_cuda_benches_in_bfloat16_and_cpu_in_float32(monkeypatch):
     assert budget.default_dtype() == "float32"
     argv = bench.train_argv(run, "m", budget.Budget(), budget.default_dtype(), eval_before=True)
     assert argv[argv.index("--dtype") + 1] == "float32" and argv[-1] == "--eval-before"
+
+
+def test_the_lr_is_chosen_on_dev_never_on_eval(tmp_path):
+    """Two lrs: the one better on dev is kept even though eval would have preferred the other."""
+    from leanft.measure import tuning
+
+    logs = {}
+    for multiplier, dev in ((0.5, [60.0, 70.0]), (2.0, [55.0, 65.0])):  # eval (not given here) favours 2.0
+        logs[multiplier] = tmp_path / f"{multiplier}.jsonl"
+        logs[multiplier].write_text("".join(json.dumps({"step": i, "dev": {"sst2": {"accuracy": d}}}) + "\n"
+                                            for i, d in enumerate(dev)))
+    scores = [(m, tuning.best_dev(path)) for m, path in logs.items()]
+    assert scores == [(0.5, 70.0), (2.0, 65.0)] and tuning.choose(scores) == 0.5
+    assert tuning.choose([(0.5, 70.0), (1.0, 70.0), (2.0, 70.0)]) == 1.0  # a tie keeps the default
+    with pytest.raises(ValueError, match="needs a dev set"):
+        tuning.choose([(0.5, None)])
+
+
+def test_seeds_draw_other_samples_in_another_order():
+    from leanft import tasks
+
+    a, b = (tasks.load_splits("sst2", 16, 0, 0, seed).train for seed in (0, 1))
+    assert [x["sentence"] for x in a] != [x["sentence"] for x in b]
+
+
+def test_bench_tunes_on_dev_repeats_over_seeds_and_reports_mean_and_sd(tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    spent = budget.parse_budget("smoke,dev=4")
+    results = bench.Bench(tiny_llama_dir, ["sst2"], ["lora", "mezo-lora"], spent, out, tmp_path / "work",
+                          memory=False, lr_grid=[0.5, 2.0], seeds=[0, 1]).run()
+    slugs = [r["bench"]["slug"] for r in results]
+    chosen = results[0]["bench"]["chosen"]
+    assert slugs == ["lora@lr0.5-seed0", "lora@lr2-seed0", f"lora@lr{chosen:g}-seed1",
+                     "mezo-lora@lr1-seed0", "mezo-lora@lr1-seed1"]  # no dev set under ZO: no grid
+    assert results[2]["lr"] == pytest.approx(5e-4 * chosen) and results[2]["config"]["seed"] == 1
+    text = (out / "README.md").read_text()
+    assert "tuned and repeated" in text and "| lora |" in text and " ± " in text
+    assert (out / "accuracy-vs-params-sst2.png").read_bytes()[:4] == b"\x89PNG"

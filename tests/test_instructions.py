@@ -168,7 +168,7 @@ def test_score_instruction_by_hand():
     # F1: 1; precision 2/4, recall 2/3 -> 4/7; both empty: 1; best reference: 1
     assert scores["token_f1"] == pytest.approx(100 * (1 + 4 / 7 + 1 + 1) / 4)
     assert scores["exact_match"] == pytest.approx(75.0)
-    assert list(scores) == ["token_f1", "exact_match", "rouge_l"] and 0 <= scores["rouge_l"] <= 100
+    assert list(scores) == ["token_f1", "exact_match", "bleu", "rouge_l"] and 0 <= scores["rouge_l"] <= 100
 
 
 def test_instruction_file_trains_end_to_end_through_the_cli(tiny_llama_dir, tmp_path, capsys):
@@ -181,7 +181,7 @@ def test_instruction_file_trains_end_to_end_through_the_cli(tiny_llama_dir, tmp_
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["tasks"] == ["qa"] and metrics["steps"] == 2
     for scores in (metrics["eval"]["qa"], metrics["eval_before"]["qa"]):
-        assert list(scores) == ["token_f1", "exact_match", "rouge_l", "loss", "perplexity"]
+        assert list(scores) == ["token_f1", "exact_match", "bleu", "rouge_l", "loss", "perplexity"]
         assert all(0 <= scores[k] <= 100 for k in ("token_f1", "exact_match", "rouge_l"))
         assert scores["loss"] > 0 and scores["perplexity"] == pytest.approx(math.exp(scores["loss"]))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -209,5 +209,5 @@ def test_chat_file_and_a_builtin_task_train_in_one_mixture(chat_model_dir, tmp_p
     metrics = train.train(cfg)
     assert metrics["tasks"] == ["sst2", "chat"]
     assert set(metrics["eval"]["sst2"]) == {"accuracy", "macro_f1"}
-    assert set(metrics["eval"]["chat"]) == {"token_f1", "exact_match", "rouge_l", "loss", "perplexity"}
+    assert set(metrics["eval"]["chat"]) == {"token_f1", "exact_match", "bleu", "rouge_l", "loss", "perplexity"}
     assert {0, 1} <= set().union(*seen) and any(s == {0, 1} for s in seen)  # mixed micro-batches

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .. import methods, models
+from . import tuning
 from .budget import RANK_OPTION, SHORT, Budget, default_dtype, default_rank
 from .report import bench_report
 from .steps import memory_compare
@@ -42,7 +43,9 @@ def train_argv(run: dict, model: str, budget: Budget, dtype: str, eval_before: b
     """``leanft train`` arguments of one run (the output folder is added by the caller)."""
     b = budget
     argv = ["--model", model, "--task", run["task"], "--method", run["method"], "--num-train", str(b.train),
-            "--num-eval", str(b.eval), "--seed", str(b.seed), "--dtype", dtype]
+            "--num-eval", str(b.eval), "--seed", str(run.get("seed", b.seed)), "--dtype", dtype]
+    if "lr" in run:  # a tuned or repeated run (measure.tuning)
+        argv += ["--lr", f"{run['lr']:.6g}"]
     if run["method"] in methods.ZO_METHODS:
         argv += ["--num-dev", "0", "--batch-size", str(b.zo_batch), "--max-steps", "1000000000",
                  "--max-forwards", str(b.forwards), "--scheduler", "constant"]
@@ -83,10 +86,14 @@ class Bench:
     dtype: str | None = None
     memory: bool = True  # also the peak memory of one step of each method, against inference
     force: bool = False  # redo runs whose results exist
+    lr_grid: list[float] = field(default_factory=list)  # multiples of each method's default lr, chosen on dev
+    seeds: list[int] = field(default_factory=list)  # repeat every run with these seeds (default: the budget's)
 
     def command(self, dtype: str) -> str:
         spent = ",".join(f"{k}={v}" for k, v in asdict(self.budget).items())
         sweep = ["--ranks", ",".join(map(str, self.ranks)), "--sweep", ",".join(self.sweep)] if self.ranks else []
+        sweep += ["--lr-grid", ",".join(f"{m:g}" for m in self.lr_grid)] if self.lr_grid else []
+        sweep += ["--seeds", ",".join(map(str, self.seeds))] if self.seeds else []
         return " ".join(["leanft bench --model", self.model, "--tasks", ",".join(self.tasks), "--methods",
                          ",".join(self.methods), "--budget", spent, *sweep, "--dtype", dtype, "--out", str(self.out)])
 
@@ -108,17 +115,11 @@ class Bench:
         results, t0 = [], time.perf_counter()
         for i, run in enumerate(plan):
             first_of_task = i == 0 or plan[i - 1]["task"] != run["task"]
-            argv = train_argv(run, self.model, self.budget, dtype, eval_before=first_of_task)
             label = f"[{i + 1}/{len(plan)}] {run['task']} · {run['slug']}"
-            target = self.out / run["task"] / f"{run['slug']}.json"
-            if target.is_file() and not self.force:
-                old = json.loads(target.read_text())
-                if old["bench"]["argv"][:-1] == argv[:-1] and not old.get("failed"):
-                    print(f"{label}: done already ({target})")
-                    results.append(old)
-                    continue
             print(f"\n{label} · {(time.perf_counter() - t0) / 60:.1f} min elapsed", flush=True)
-            results.append(self.train_one(run, argv, target, label))
+            results += self.tuned(run, dtype, first_of_task, label)
+        info = json.loads((self.out / "bench.json").read_text())
+        save({**info, "runs": [f"{r['bench']['task']}/{r['bench']['slug']}" for r in results]}, self.out / "bench.json")
         if self.memory:
             print(f"\npeak memory of one step per method ({self.tasks[0]}, batch {self.budget.batch}), "
                   "each in its own process")
@@ -127,6 +128,39 @@ class Bench:
         (self.out / "README.md").write_text(bench_report(self.out))
         print(f"\nreport: {self.out / 'README.md'}")
         return results
+
+    def tuned(self, run: dict, dtype: str, first_of_task: bool, label: str) -> list[dict]:
+        """``run`` as planned, or (with ``lr_grid``/``seeds``) its lr grid on the first seed, the lr chosen
+        on dev, then the other seeds at that lr (``measure.tuning``)."""
+        seeds = self.seeds or [self.budget.seed]
+        if not self.lr_grid and len(seeds) == 1:
+            return [self.once(run, dtype, first_of_task, label)]
+        base = tuning.default_lr(run["method"], models.task_type(self.model))
+        zo = run["method"] in methods.ZO_METHODS
+        grid = self.lr_grid if self.lr_grid and not zo and self.budget.dev else [1.0]
+        picked = [tuning.variant(run, m, seeds[0], base * m, "select") for m in grid]
+        results = [self.once(v, dtype, first_of_task and k == 0, f"{label} @lr x{v['lr_multiplier']:g}")
+                   for k, v in enumerate(picked)]
+        scores = [tuning.best_dev(self.out / v["task"] / f"{v['slug']}.jsonl") for v in picked]
+        chosen = tuning.choose(list(zip(grid, scores))) if len(grid) > 1 else 1.0
+        for seed in seeds[1:]:
+            v = tuning.variant(run, chosen, seed, base * chosen, "seed")
+            results.append(self.once(v, dtype, False, f"{label} @lr x{chosen:g} seed {seed}"))
+        for r, score in zip(results, scores + [None] * (len(results) - len(scores))):
+            r["bench"].update(chosen=chosen, dev_score=score)
+            save(r, self.out / r["bench"]["task"] / f"{r['bench']['slug']}.json")
+        return results
+
+    def once(self, run: dict, dtype: str, eval_before: bool, label: str) -> dict:
+        """One ``leanft train`` run, or its saved result when one with the same arguments exists."""
+        argv = train_argv(run, self.model, self.budget, dtype, eval_before=eval_before)
+        target = self.out / run["task"] / f"{run['slug']}.json"
+        if target.is_file() and not self.force:
+            old = json.loads(target.read_text())
+            if old["bench"]["argv"][:-1] == argv[:-1] and not old.get("failed"):
+                print(f"{label}: done already ({target})")
+                return old
+        return self.train_one(run, argv, target, label)
 
     def train_one(self, run: dict, argv: list[str], target: Path, label: str) -> dict:
         """``leanft train`` of one planned run in its own process; its result (or failure) saved in ``target``."""

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import numpy as np
 
 from .. import methods
 from .budget import SHORT, Budget
+from .tuning import summary_table
 
 
 def _pyplot():
@@ -110,7 +112,7 @@ def bench_report(out: Path) -> str:
              "evaluation forwards are not counted.", ""]
     for task in dict.fromkeys(r["tasks"][0] for r in runs):
         task_runs = [r for r in runs if r["tasks"][0] == task]
-        lines += task_table(task, task_runs)
+        lines += task_table(task, task_runs) + summary_table(task, task_runs)
         plots = plot_task(out, task, task_runs)
         lines += [f"![{p.stem}]({p.name})" for p in plots] + [""]
     if mem:
@@ -158,11 +160,20 @@ def plot_task(out: Path, task: str, runs: list[dict]) -> list[Path]:
     if not ok:
         return []
     key = next(iter(ok[0]["eval"][task]))
+    # repeated runs (seeds at the lr chosen on dev) are one point with an error bar of one sd
+    final = [r for r in ok if r["bench"].get("chosen") in (None, r["bench"].get("lr_multiplier"))]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in dict.fromkeys(r["method"] for r in ok):
-        points = sorted((r["trainable"], r["eval"][task][key], r["bench"]) for r in ok if r["method"] == method)
-        line, = ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=method)
-        for x, y, meta in points if len(points) > 1 else []:
+    for method in dict.fromkeys(r["method"] for r in final):
+        by_size: dict = {}
+        for r in final:
+            if r["method"] == method:
+                by_size.setdefault(r["trainable"], []).append(r)
+        points = sorted((n, statistics.mean(x["eval"][task][key] for x in rs),
+                         statistics.stdev([x["eval"][task][key] for x in rs]) if len(rs) > 1 else 0.0, rs[0]["bench"])
+                        for n, rs in by_size.items())
+        line = ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], fmt="o-",
+                           capsize=3, label=method).lines[0]
+        for x, y, _, meta in points if len(points) > 1 else []:
             ax.annotate(f"{SHORT[meta['rank_option']]}{meta['rank']}", (x, y), textcoords="offset points",
                         xytext=(3, 3), fontsize=7, color=line.get_color())
     zero = next((r["eval_before"][task][key] for r in ok if r.get("eval_before")), None)
@@ -177,7 +188,8 @@ def plot_task(out: Path, task: str, runs: list[dict]) -> list[Path]:
     plt.close(fig)
     for kind, selected in (("loss", [r for r in ok if r["method"] not in methods.ZO_METHODS]),
                            ("zo-convergence", [r for r in ok if r["method"] in methods.ZO_METHODS])):
-        files = [out / task / f"{r['bench']['slug']}.json" for r in selected if r["bench"]["options"] == {}]
+        files = [out / task / f"{r['bench']['slug']}.json" for r in selected
+                 if r["bench"]["options"] == {} and r["bench"].get("role") != "seed"]
         if files:
             paths.append(out / f"{kind}-{task}.png")
             plot_runs(files, paths[-1])

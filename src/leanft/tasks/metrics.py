@@ -56,7 +56,7 @@ def _token_f1(prediction: list[str], reference: list[str]) -> float:
 
 
 def score_instruction(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
-    """Token F1 (first: dev model selection needs a graded score), exact match and ROUGE-L, in percent.
+    """Token F1 (first: dev model selection needs a graded score), exact match, ROUGE-L and corpus BLEU.
 
     F1 and exact match compare normalised words (``_normalise``) with the best reference of each input.
     """
@@ -68,7 +68,7 @@ def score_instruction(predictions: list[str], references: list[list[str]]) -> di
         exact.append(any(words == g for g in gold))
     n = len(predictions)
     return {"token_f1": 100 * sum(f1) / n, "exact_match": 100 * sum(exact) / n,
-            "rouge_l": _rouge_l(predictions, references)}
+            **score_generation(predictions, references)}
 
 
 def classification_metrics(predictions: list[int], labels: list[int], num_labels: int) -> dict[str, float]:
