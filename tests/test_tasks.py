@@ -249,7 +249,7 @@ def test_user_tsv_pair_default_template(tmp_path):
     assert task.prompt(splits.eval[0]) == "q\nr\nAnswer:"
     assert task.candidates(splits.eval[0]) == [" no", " yes"] and task.label(splits.eval[0]) == 0
     assert task.encoder_text(splits.eval[0]) == ("q", "r")
-    assert task.name == "train" and task.num_labels == 2
+    assert task.name == tmp_path.name and task.num_labels == 2  # train.tsv: named after its folder
 
 
 def test_user_jsonl_numeric_labels(tmp_path):
@@ -284,6 +284,7 @@ def _labelled_csv(path: Path, labels: list[str]) -> Path:
      r"t\.csv line 1 \(header\): no column 'txt' \(used by the template\)"),
     ({"t.csv": "text,label\nok,pos\n"}, {"template": "{} It was"}, r"name every field"),
     ({"w.csv": "text,label\nok,pos\nbad,neg\n"}, {"label_words": [" yes"]},
+     r"w\.csv line 3, column 'label': label 'neg' first appears here, one label too many; "
      r"label_words has 1 words but .*w\.csv has 2 labels: \['neg', 'pos'\]"),
     ({"data.txt": "text,label\nok,pos\n"}, {}, r"data\.txt: unknown file type '\.txt'"),
 ])

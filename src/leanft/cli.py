@@ -28,14 +28,17 @@ def _method_options(args: argparse.Namespace) -> dict:
         "bottleneck": args.bottleneck,
         "train_norms": False if args.no_train_norms else None,
         "target_modules": args.target_modules,
+        "input_modules": args.input_modules,
     }
 
 
 def cmd_params(args: argparse.Namespace) -> None:
-    models.build_config(args.model)  # an unknown name fails here, with the closest known one suggested
+    models.model_kind(args.model)  # an unknown name fails here, with the closest known one suggested
     names = params.method_names(args.method, args.model)
+    note = params.weights_note(args.model, names, args.method)
     if args.show_ranks:
         result = params.lamda_rank_table(args.model, names, _method_options(args))
+        print(note, file=sys.stderr if args.json else sys.stdout)  # JSON on stdout stays parseable
         if args.json:
             print(json.dumps(result, indent=2))
             return
@@ -43,14 +46,15 @@ def cmd_params(args: argparse.Namespace) -> None:
             print(f"{method}: {len(ranks)} modules, total rank {sum(ranks.values())}")
             print(report.text_table([{"module": k, "rank": v} for k, v in ranks.items()], ["module", "rank"]))
         return
-    rows = params.count_rows(params.builder(args.model, names), models.task_type(args.model), names,
-                             _method_options(args))
+    rows = params.count_rows(lambda method: params.builder(args.model, method)(), models.task_type(args.model),
+                             names, _method_options(args))
     if args.json:
         data = [{"model": args.model, "method": r["method"], "trainable": r["trainable"], "total": r["total"]}
                 for r in rows]
+        print(note, file=sys.stderr)
         print(json.dumps(data[0] if len(data) == 1 else data, indent=2))
     else:
-        print(f"{args.model} (built on the meta device, no weights)\n" + report.text_table(rows, list(rows[0])))
+        print(note + "\n" + report.text_table(rows, list(rows[0])))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -128,8 +132,10 @@ TRAIN_HELP = {
     "task": "built-in task(s), comma-separated for a mixture: sst2, rte, cb, boolq, copa, wsc, multirc, e2e; an "
             "entry ending in .jsonl/.csv/.tsv is your own file, read with the column flags (e.g. sst2,notes.jsonl)",
     "sequential": "train the comma-separated tasks one after another and report forgetting",
-    "num_train": "training examples sampled per task", "num_dev": "dev examples (model selection)",
-    "num_eval": "evaluation examples (from the labelled validation split)",
+    "num_train": "training examples sampled per task (built-in or your files alike; the run prints how many of "
+                 "how many)", "num_dev": "dev examples (model selection), sampled from the training rows",
+    "num_eval": "evaluation examples, sampled from the labelled validation split or --eval-file (without one, "
+                "held out of your training file: at most 20%%)",
     "epochs": "passes over the training sample", "max_steps": "optimiser steps; overrides --epochs when > 0",
     "max_forwards": "zeroth-order budget in forward passes (2 per query); stops the run when reached",
     "batch_size": "examples per process and micro-step", "grad_accum": "micro-steps per optimiser step",
@@ -157,6 +163,8 @@ TRAIN_HELP = {
     "save_every": "checkpoint every N steps (20) or N s/m/h of training (90s, 2m, 1h), besides evaluations; 0 = "
                   "only with evaluations",
     "dataset": "a hub dataset name (needs network and `pip install datasets`)", "dataset_config": "its config name",
+    "task_name": "name of your file's task in metrics and reports (default: the file's stem without a split word, "
+                 "or its folder's name for train.tsv and the like)",
     "prompt_column": "instruction data: the prompt column of your files (with --completion-column; loss on the "
                      "completion only, scored by generation: token F1, exact match, ROUGE-L, loss, perplexity)",
     "completion_column": "instruction data: the completion column (the answer to learn after the prompt)",
@@ -172,7 +180,7 @@ def comma_list(value: str) -> list[str]:
 
 
 METHOD_FLAGS = {"rank": int, "tt_rank": int, "bottleneck": int, "alpha": float, "dropout": float, "init_mode": str,
-                "target_modules": comma_list}
+                "target_modules": comma_list, "input_modules": comma_list}
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -262,9 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--bottleneck", type=int, help="LoRETTA_adp bottleneck size (default 64)")
         p.add_argument("--no-train-norms", action="store_true", help="keep normalisation layers frozen")
         p.add_argument("--target-modules", type=comma_list, help="comma-separated module names")
+        p.add_argument("--input-modules", type=comma_list, help="LoRETTA_adp: modules that get an input adapter "
+                       "(comma-separated; default from the module names: gate_proj,up_proj on LLaMA-likes)")
 
-    p = sub.add_parser("params", help="trainable / total parameters per method, from a built-in config, no weights")
-    p.add_argument("--model", required=True, help=f"one of: {', '.join(models.BUILTIN_CONFIGS)}")
+    p = sub.add_parser("params", help="trainable / total parameters per method, from the model's config, no weights")
+    p.add_argument("--model", required=True, help=f"one of: {', '.join(models.BUILTIN_CONFIGS)}, or a local folder, "
+                   "hub id or .gguf file (its config only; lamda++ loads the weights)")
     p.add_argument("--method", default="all", help=f"comma-separated, or 'all': {', '.join(methods.METHODS)}")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--show-ranks", action="store_true", help="per-module ranks of lamda / lamda++")

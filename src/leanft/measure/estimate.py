@@ -49,13 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ..methods import ZO_METHODS, apply_method, count_parameters, resolve_method
-from ..models import (
-    BUILTIN_CONFIGS,
-    TASKS,
-    checkpoint_config,
-    meta_model,
-    model_kind,
-)
+from ..models import meta_model, model_kind
 from ..zo import CHUNK, ZOEngine
 
 MB = 2**20
@@ -244,12 +238,7 @@ def _forward_backward_peak(model: nn.Module, ids: torch.Tensor, causal: bool, fi
 def architecture(name: str) -> nn.Module:
     """The meta model of a built-in name, or of a local checkpoint's config, with the head ``load_model``
     gives it (causal LM for decoders, 2-label classification for encoders)."""
-    if name in BUILTIN_CONFIGS:
-        return meta_model(name)
-    task = "causal" if model_kind(name) == "causal" else "seq_cls"
-    config = checkpoint_config(name, **({"num_labels": 2} if task == "seq_cls" else {}))
-    with torch.device("meta"):
-        return TASKS[task].from_config(config)
+    return meta_model(name)
 
 
 def estimate(model_name: str, method: str, batch_size: int, seq_len: int, dtype: str = "float32", *,

@@ -1,4 +1,8 @@
-"""Parameter counts of methods on a model, from its configuration alone where possible (``leanft params``)."""
+"""Parameter counts of methods on a model, from its configuration alone where possible (``leanft params``).
+
+Any model ``leanft train`` takes works: a built-in name, a local folder, a hub id or a GGUF file give their
+config, and the model is built on the meta device. Only LaMDA++ needs the weights (its ranks come from
+their spectra), so they are loaded for it alone, and the output says so (``weights_note``)."""
 
 from __future__ import annotations
 
@@ -15,27 +19,43 @@ def options_for(method: str, options: dict) -> dict:
 
 
 def method_names(spec: str, model: str | None = None) -> list[str]:
-    """Method names of a comma list; "all" leaves out lamda++ where no pretrained weights exist for its ranks."""
+    """Method names of a comma list; "all" leaves out lamda++ except on the small packaged models: its ranks
+    need the weights loaded, which a count should not do unasked."""
     if spec != "all":
         return [methods.resolve_method(m) for m in spec.split(",")]
     return [m for m in methods.METHODS if m != "lamda++" or model in models.PACKAGED_MODELS]
 
 
-def builder(name: str, names: list[str]) -> Callable[[], nn.Module]:
-    """Meta-device models, unless LaMDA++ needs the pretrained spectra: then the real weights."""
-    if "lamda++" not in names:
+def has_weights(name: str) -> bool:
+    """Whether ``models.load_model`` can load ``name``: anything but a built-in config without weights."""
+    return name in models.PACKAGED_MODELS or name not in models.BUILTIN_CONFIGS
+
+
+def builder(name: str, method: str) -> Callable[[], nn.Module]:
+    """The model ``method`` is counted on: the meta-device architecture, or for LaMDA++ the real weights."""
+    if method != "lamda++":
         return lambda: models.meta_model(name)
-    if name not in models.PACKAGED_MODELS:
-        raise ValueError(f"lamda++ allocates ranks from the pretrained weights' spectra, and {name!r} has no "
-                         f"weights here (it has: {', '.join(models.PACKAGED_MODELS)}); use lamda for meta counts")
+    if not has_weights(name):
+        raise ValueError(f"lamda++ allocates ranks from the pretrained weights' spectra, and {name!r} is a config "
+                         f"without weights (loadable: {', '.join(models.PACKAGED_MODELS)}, a local folder, a hub id "
+                         "or a .gguf file); use lamda for meta counts")
     return lambda: models.load_model(name)[0]
 
 
-def count_rows(build: Callable[[], nn.Module], task_type: str, names: list[str], options: dict) -> list[dict]:
-    """Parameter counts of each method on a fresh model from ``build()``."""
+def weights_note(name: str, names: list[str], spec: str = "") -> str:
+    """What the counts were built on: the meta device, and the weights where LaMDA++ loaded them."""
+    if "lamda++" in names:
+        return (f"{name}: lamda++ on the real weights (loaded: its ranks come from their spectra); "
+                "other methods on the meta device, no weights")
+    left_out = "; lamda++ left out (its ranks need the weights: --method lamda++ loads them)" if spec == "all" else ""
+    return f"{name} (built on the meta device, no weights{left_out})"
+
+
+def count_rows(build: Callable[[str], nn.Module], task_type: str, names: list[str], options: dict) -> list[dict]:
+    """Parameter counts of each method on a fresh model from ``build(method)``."""
     rows = []
     for method in names:
-        model = methods.apply_method(build(), method, task_type, **options_for(method, options))
+        model = methods.apply_method(build(method), method, task_type, **options_for(method, options))
         counts = methods.count_parameters(model)
         rows.append({"method": method, **counts, "trainable %": f"{100 * counts['trainable'] / counts['total']:.4f}"})
     return rows
@@ -51,5 +71,5 @@ def lamda_rank_table(model: str, names: list[str], options: dict) -> dict[str, d
     result = {}
     for method in names:
         config = methods.make_config(method, models.task_type(model), **options_for(method, options))
-        result[method] = lamda_ranks(builder(model, [method])(), config)
+        result[method] = lamda_ranks(builder(model, method)(), config)
     return result

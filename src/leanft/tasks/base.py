@@ -41,6 +41,20 @@ class Splits:
     train: list[dict]
     dev: list[dict]
     eval: list[dict]
+    # rows they were sampled from: (training pool, eval pool), the eval pool None when eval was held out of
+    # the training pool; None where no single pool applies (E2E)
+    pool: tuple[int, int | None] | None = None
+
+
+def rows_used(name: str, splits: Splits) -> str:
+    """One line saying how many rows a task uses of how many, so a sample is never mistaken for the file."""
+    train, dev, held = len(splits.train), len(splits.dev), len(splits.eval)
+    if splits.pool is None:
+        return f"{name}: {train:,} train, {dev:,} dev, {held:,} eval rows"
+    pool, eval_pool = splits.pool
+    if eval_pool is None:
+        return f"{name}: {train:,} train, {dev:,} dev and {held:,} eval rows of {pool:,}"
+    return f"{name}: {train:,} train and {dev:,} dev rows of {pool:,}; {held:,} eval rows of {eval_pool:,}"
 
 
 def data_root(data_dir: str | Path | None = None) -> Path:

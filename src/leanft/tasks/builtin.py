@@ -198,9 +198,10 @@ def load_splits(name: str, num_train: int = 1000, num_dev: int = _DEFAULT_DEV, n
     if task.name == "e2e":
         return _e2e_splits(num_train, num_dev, num_eval, seed, data_dir)
     train_file, eval_file, read = _FILES[task.name]
-    train, dev = split_train_dev(read(data_file(train_file, data_dir)), num_train, num_dev, seed)
+    rows = read(data_file(train_file, data_dir))
+    train, dev = split_train_dev(rows, num_train, num_dev, seed)
     pool = read(data_file(eval_file, data_dir))
-    return Splits(train, dev, [pool[i] for i in sample_indices(len(pool), num_eval, seed)])
+    return Splits(train, dev, [pool[i] for i in sample_indices(len(pool), num_eval, seed)], (len(rows), len(pool)))
 
 
 def _boolq_splits(num_train: int, num_dev: int, num_eval: int, seed: int, data_dir) -> Splits:
@@ -208,7 +209,7 @@ def _boolq_splits(num_train: int, num_dev: int, num_eval: int, seed: int, data_d
     train, dev = split_train_dev(pool, num_train, num_dev, seed)
     taken = {id(ex) for ex in train + dev}  # the very dicts of pool, so identity tells them apart
     rest = [ex for ex in pool if id(ex) not in taken]
-    return Splits(train, dev, [rest[i] for i in sample_indices(len(rest), num_eval, seed)])
+    return Splits(train, dev, [rest[i] for i in sample_indices(len(rest), num_eval, seed)], (len(pool), None))
 
 
 def _e2e_splits(num_train: int, num_dev: int, num_eval: int, seed: int, data_dir) -> Splits:

@@ -16,7 +16,7 @@ from pathlib import Path
 from .base import Splits, Task
 from .builtin import _decoder_only
 from .metrics import score_instruction
-from .user import _check_columns, _held_out, _read_table, _Table, split_rows
+from .user import _check_columns, _read_table, _Table, file_task_name, sample_sizes, split_rows
 
 
 def _text(value, where: str, column: str, what: str) -> str:
@@ -91,14 +91,15 @@ def _examples(table: _Table, prompt_column: str | None, completion_column: str |
 
 def instruction_task(train_file: str | Path, eval_file: str | Path | None = None, *,
                      prompt_column: str | None = None, completion_column: str | None = None,
-                     messages_column: str | None = None, tokenizer=None, num_dev: int = 0,
-                     seed: int = 0) -> tuple[Task, Splits]:
+                     messages_column: str | None = None, tokenizer=None, num_train: int | None = None,
+                     num_dev: int = 0, num_eval: int | None = None, seed: int = 0) -> tuple[Task, Splits]:
     """An instruction task from your own CSV, TSV or JSONL files.
 
     Either ``prompt_column`` and ``completion_column`` (the completion follows the prompt directly, after
     a space when neither has one), or ``messages_column``: a conversation rendered with ``tokenizer``'s
-    chat template (needed then). Splits follow ``user_task``: ``num_dev`` dev rows, and without
-    ``eval_file`` 20% of the train file (at most 1000 rows) held out as eval.
+    chat template (needed then). Splits and the task's name follow ``user_task``: seeded samples of
+    ``num_train``, ``num_dev`` and ``num_eval`` rows (None: every row), eval held out of the train file when
+    there is no ``eval_file``.
     """
     if bool(prompt_column) != bool(completion_column) or bool(messages_column) == bool(prompt_column):
         raise ValueError("instruction data needs prompt_column and completion_column, or messages_column alone")
@@ -108,12 +109,13 @@ def instruction_task(train_file: str | Path, eval_file: str | Path | None = None
     columns = (prompt_column, completion_column, messages_column, tokenizer)
     train = _examples(_read_table(train_file), *columns)
     eval_rows = _examples(_read_table(eval_file), *columns) if eval_file is not None else None
-    num_eval = len(eval_rows) if eval_rows is not None else _held_out(len(train))
-    splits = split_rows(train, eval_rows, len(train), num_dev, num_eval, seed)
+    num_train, num_eval = sample_sizes(len(train), None if eval_rows is None else len(eval_rows), num_train,
+                                       num_eval)
+    splits = split_rows(train, eval_rows, num_train, num_dev, num_eval, seed)
     if not splits.train:
         raise ValueError(f"{train_file}: no training rows left after {len(splits.dev)} dev and "
                          f"{len(train) - len(splits.dev) - len(splits.train)} eval rows; lower num_dev")
-    name = Path(train_file).stem
+    name = file_task_name(train_file)
     task = Task(name, "generation", lambda ex: ex["prompt"], lambda ex: [ex["completion"]], lambda ex: 0,
                 _decoder_only(name), 0, references=lambda ex: [ex["completion"]], metric="token_f1",
                 scorer=score_instruction, first_line=False, answer_loss=True)

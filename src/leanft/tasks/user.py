@@ -17,6 +17,8 @@ from .base import Splits, Task, check_sizes, sample_indices, split_train_dev
 
 _EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json-lines": "jsonl"}
 _MAX_HELD_OUT_EVAL = 1000
+# Stems that name a split, not a task: such a file takes its folder's name ("mrpc/train.tsv" -> "mrpc").
+_SPLIT_WORDS = "train|training|dev|devel|val|valid|validation|eval|evaluation|test|data"
 
 
 @dataclass
@@ -31,6 +33,16 @@ class _Table:
 def is_data_file(name: str | Path) -> bool:
     """Whether ``name`` is a users' data file by its extension (a ``--task`` entry can be one)."""
     return Path(name).suffix.lower() in _EXTENSIONS
+
+
+def file_task_name(path: str | Path) -> str:
+    """A users' file's task name: its stem without a split word ("mrpc_train" -> "mrpc"), or, for a stem that
+    is only one ("train"), its folder's name, so that metrics and reports are not all headed "train"."""
+    path = Path(path)
+    stem = re.sub(rf"^(?:{_SPLIT_WORDS})[-_. ]+|[-_. ]+(?:{_SPLIT_WORDS})$", "", path.stem, flags=re.IGNORECASE)
+    if re.fullmatch(_SPLIT_WORDS, stem, flags=re.IGNORECASE):
+        return path.resolve().parent.name or stem
+    return stem
 
 
 def _read_table(path: str | Path) -> _Table:
@@ -126,6 +138,21 @@ def _labels_of(table: _Table, text_columns: list[str], label_column: str) -> lis
     return labels
 
 
+def _label_count_error(table: _Table, label_column: str, row_labels: list[str], label_words: list[str],
+                       labels: list[str]) -> ValueError:
+    """Too many labels usually means a stray one: name the row where, in file order, the first label beyond
+    the words' count appears."""
+    seen: set[str] = set()
+    where = ""
+    for (row_where, _), label in zip(table.rows, row_labels):
+        seen.add(label)
+        if len(seen) > len(label_words):
+            where = f"{row_where}, column {label_column!r}: label {label!r} first appears here, one label too many; "
+            break
+    return ValueError(f"{where}label_words has {len(label_words)} words but {table.name} has {len(labels)} "
+                      f"labels: {labels} (give one word per label, in that order)")
+
+
 def _label_order(labels: list[str]) -> list[str]:
     """Sorted distinct labels; numerically when all are integers, so "10" comes after "2"."""
     distinct = set(labels)
@@ -144,13 +171,13 @@ def _build(name: str, train: _Table, eval_: _Table | None, *, text_columns: list
     template_columns = _template_columns(template) if template else []
     for table in (train, eval_) if eval_ is not None else (train,):
         _check_columns(table, [*text_columns, *template_columns, label_column], template_columns)
-    labels = _label_order(_labels_of(train, text_columns, label_column))
+    row_labels = _labels_of(train, text_columns, label_column)
+    labels = _label_order(row_labels)
     index = {label: i for i, label in enumerate(labels)}
     if label_words is None:
         label_words = [" " + label for label in labels]
     elif len(label_words) != len(labels):
-        raise ValueError(f"label_words has {len(label_words)} words but {train.name} has {len(labels)} "
-                         f"labels: {labels} (give one word per label, in that order)")
+        raise _label_count_error(train, label_column, row_labels, label_words, labels)
     if eval_ is not None:
         for (where, _), label in zip(eval_.rows, _labels_of(eval_, text_columns, label_column)):
             if label not in index:
@@ -174,7 +201,9 @@ def _build(name: str, train: _Table, eval_: _Table | None, *, text_columns: list
 
 def split_rows(rows: list[dict], eval_rows: list[dict] | None, num_train: int, num_dev: int, num_eval: int,
                seed: int) -> Splits:
-    """Seeded train/dev/eval samples; without eval rows, eval is held out of ``rows`` first."""
+    """Seeded train/dev/eval samples, drawn as ``load_splits`` draws a built-in task's (``split_train_dev``,
+    ``sample_indices``); without eval rows, eval is held out of ``rows`` first."""
+    pool = (len(rows), None if eval_rows is None else len(eval_rows))
     if eval_rows is None:
         held = set(sample_indices(len(rows), num_eval, seed))
         eval_rows = [rows[i] for i in sorted(held)]
@@ -182,7 +211,7 @@ def split_rows(rows: list[dict], eval_rows: list[dict] | None, num_train: int, n
     else:
         eval_rows = [eval_rows[i] for i in sample_indices(len(eval_rows), num_eval, seed)]
     train_rows, dev_rows = split_train_dev(rows, num_train, num_dev, seed)
-    return Splits(train_rows, dev_rows, eval_rows)
+    return Splits(train_rows, dev_rows, eval_rows, pool)
 
 
 def _held_out(n: int) -> int:
@@ -190,24 +219,39 @@ def _held_out(n: int) -> int:
     return min(_MAX_HELD_OUT_EVAL, max(1, n // 5))
 
 
+def sample_sizes(n_train: int, n_eval: int | None, num_train: int | None, num_eval: int | None) -> tuple[int, int]:
+    """``num_train`` and ``num_eval`` for files of ``n_train`` and ``n_eval`` rows (None: no eval file). None
+    takes every row; without an eval file, eval is held out of the training rows: ``num_eval`` of them but
+    at most ``_held_out``, so that most rows stay for training."""
+    held = _held_out(n_train)
+    if n_eval is None:
+        num_eval = held if num_eval is None else min(num_eval, held)
+    elif num_eval is None:
+        num_eval = n_eval
+    return (n_train if num_train is None else num_train), num_eval
+
+
 def user_task(train_file: str | Path, eval_file: str | Path | None = None, *, text_columns: list[str],
               label_column: str, template: str | None = None, label_words: list[str] | None = None,
-              num_dev: int = 0, seed: int = 0) -> tuple[Task, Splits]:
+              num_train: int | None = None, num_dev: int = 0, num_eval: int | None = None,
+              seed: int = 0) -> tuple[Task, Splits]:
     """A classification task from your own CSV, TSV or JSONL files.
 
     ``text_columns`` name text_a (and optionally text_b) for encoder models; ``template`` is a
     format string over column names for decoder LMs (default: the text columns, one per line, then
     "Answer:"). Label ids are the train file's distinct label values sorted (numerically when all
     are integers); ``label_words`` are the decoder's words for them in that order (default: each
-    label with a leading space). All train rows are used except ``num_dev`` dev rows; without
-    ``eval_file``, 20% of the train file (at most 1000 rows) is held out as eval.
+    label with a leading space). ``num_train``, ``num_dev`` and ``num_eval`` are seeded samples as for a
+    built-in task (None: every row); without ``eval_file``, eval is held out of the train file: at most 20%
+    of it, 1000 rows (``sample_sizes``). The task is named by ``file_task_name``.
     """
     train = _read_table(train_file)
     eval_ = _read_table(eval_file) if eval_file is not None else None
-    num_eval = len(eval_.rows) if eval_ is not None else _held_out(len(train.rows))
-    return _build(Path(train_file).stem, train, eval_, text_columns=list(text_columns), label_column=label_column,
-                  template=template, label_words=label_words, num_train=len(train.rows), num_dev=num_dev,
-                  num_eval=num_eval, seed=seed)
+    num_train, num_eval = sample_sizes(len(train.rows), None if eval_ is None else len(eval_.rows), num_train,
+                                       num_eval)
+    return _build(file_task_name(train_file), train, eval_, text_columns=list(text_columns),
+                  label_column=label_column, template=template, label_words=label_words, num_train=num_train,
+                  num_dev=num_dev, num_eval=num_eval, seed=seed)
 
 
 def hub_task(dataset: str, *, config: str | None = None, text_columns: list[str], label_column: str,
@@ -239,7 +283,7 @@ def hub_task(dataset: str, *, config: str | None = None, text_columns: list[str]
     train = table(train_split)
     eval_ = table(eval_split) if eval_split in loaded else None
     if eval_ is None:
-        num_eval = min(num_eval, _held_out(len(train.rows)))
+        num_eval = sample_sizes(len(train.rows), None, num_train, num_eval)[1]
     return _build(dataset.split("/")[-1], train, eval_, text_columns=list(text_columns), label_column=label_column,
                   template=template, label_words=label_words, num_train=num_train, num_dev=num_dev,
                   num_eval=num_eval, seed=seed)
