@@ -231,3 +231,24 @@ def test_checkpoints_come_at_their_own_cadence_not_only_with_evaluations(tiny_ll
     with pytest.raises(KeyboardInterrupt):
         train.train(cfg)
     assert (checkpoint.load(tmp_path)[0]["step"] if saved_at else checkpoint.exists(tmp_path)) == saved_at
+
+
+def test_resuming_with_the_other_optimizer_says_so_not_damaged(tiny_llama_dir, tmp_path, capsys):
+    for first, then, says in (("mezo-lora", "lora", "holds a zeroth-order run"),
+                              ("lora", "mezo-lora", "holds a first-order \\(AdamW\\) run")):
+        out = tmp_path / first
+        train.train(config(tiny_llama_dir, out, first, max_steps=2))
+        with pytest.raises(CheckpointError, match=says):
+            train.train(config(tiny_llama_dir, out, then, max_steps=4, resume=True))
+    train.train(config(tiny_llama_dir, tmp_path / "fresh", "lora", max_steps=1, resume=True))
+    assert "--resume: no checkpoint in" in capsys.readouterr().out
+
+
+def test_an_adapter_evaluated_on_another_base_model_is_refused_in_one_sentence(tiny_llama_dir, tiny_bert_dir, tmp_path):
+    from leanft.evaluate import evaluate_saved
+
+    train.train(config(tiny_llama_dir, tmp_path, "lora", max_steps=1))
+    info = tmp_path / "best" / "leanft_run.json"
+    info.write_text(info.read_text().replace(json.dumps(tiny_llama_dir), json.dumps(tiny_bert_dir)))
+    with pytest.raises(ValueError, match="does not fit the base model"):
+        evaluate_saved(tmp_path / "best", TrainConfig(num_eval=4, task=""))

@@ -195,6 +195,9 @@ def load(out: Path, model: nn.Module | None = None, *, allow_inexact: bool = Fal
     if model is None:
         return state, None
     tensors_file, extra_file = ckpt / "trainable.safetensors", ckpt / "optimizer.pt"
+    if not tensors_file.exists() and (out / "zo_log.jsonl").exists():
+        raise CheckpointError(f"{out} holds a zeroth-order run (zo_log.jsonl, no trainable tensors in {ckpt}): resume "
+                              "it with the method and --optimizer it was started with")
     _need(tensors_file)
     _need(extra_file)
     tensors = read_tensors(tensors_file)
@@ -290,6 +293,9 @@ class ZOLog:
                           "rebuilt parameters may not be bit-exact", stacklevel=3)
 
     def _records(self, steps: int) -> tuple[list[str], list[ZOStep]]:
+        if not self.log.exists() and (self.log.parent / "checkpoint" / "trainable.safetensors").exists():
+            raise CheckpointError(f"{self.log.parent} holds a first-order (AdamW) run, not a zeroth-order log: resume "
+                                  "it with the method and --optimizer it was started with")
         _need(self.log)
         lines = [line for line in self.log.read_text().splitlines() if line.strip()][:steps]
         if len(lines) < steps:

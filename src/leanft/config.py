@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .methods import ZO_METHODS
+from .methods import ZO_METHODS, resolve_method
 from .precision import DTYPES
 from .tasks import is_data_file
 
@@ -113,6 +113,7 @@ class TrainConfig:
         return cls(**values)
 
     def __post_init__(self) -> None:
+        self._check_types()
         for name, valid in CHOICES.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name} {getattr(self, name)!r} is not one of: {', '.join(valid)}")
@@ -123,8 +124,42 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)!r}")
         save_cadence(self.save_every)
+        if self.warmup_ratio > 1:
+            raise ValueError(f"warmup_ratio is a fraction of the steps, at most 1; got {self.warmup_ratio}")
+        if self.eval_file and not self.train_file:
+            raise ValueError("eval_file needs train_file (the task whose evaluation it holds); without train_file "
+                             "the run would train and evaluate the built-in task instead")
         self._check_instruction_columns()
         self._check_task_name()
+        self._check_optimizer_flags()
+
+    def _check_types(self) -> None:
+        """A value of the wrong type (``batch_size: two`` in a YAML file) named with its field."""
+        for f in fields(self):
+            value, default = getattr(self, f.name), f.default
+            if isinstance(default, bool):
+                ok = isinstance(value, bool)
+            elif isinstance(default, (int, float)):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                    isinstance(default, float) or float(value).is_integer())
+            elif isinstance(default, str):
+                ok = isinstance(value, (str, int)) if f.name == "save_every" else isinstance(value, str)
+            else:
+                continue
+            if not ok:
+                raise ValueError(f"{f.name}: expected {type(default).__name__} like {default!r}, got {value!r}")
+
+    def _check_optimizer_flags(self) -> None:
+        """Zeroth-order settings on a first-order run would be ignored: refused instead."""
+        try:
+            zo = self.zeroth_order
+        except ValueError:
+            return  # an unknown method is reported where it is resolved, with the closest name
+        set_zo = [k for k, given in (("max_forwards", self.max_forwards > 0), ("zo_schedule", self.zo_schedule != "auto"))
+                  if given]
+        if set_zo and not zo:
+            raise ValueError(f"{', '.join(set_zo)} apply to zeroth-order training; method {self.method!r} trains with "
+                             "AdamW (use --optimizer zo, or a zeroth-order method: mezo, mezo-lora, adazeta)")
 
     def _check_task_name(self) -> None:
         """``task_name`` names the one users' task of a run (a file, or a hub dataset)."""
@@ -157,4 +192,4 @@ class TrainConfig:
 
     @property
     def zeroth_order(self) -> bool:
-        return self.optimizer == "zo" or self.method in ZO_METHODS
+        return self.optimizer == "zo" or resolve_method(self.method) in ZO_METHODS

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -79,14 +80,37 @@ def generate(run: Loaded, task: tasks.Task, examples: list[dict]) -> list[str]:
     return [t.strip().split("\n")[0] if task.first_line else t.strip() for t in texts]
 
 
-def evaluate_saved(adapter_dir: str | Path, cfg: TrainConfig) -> dict[str, dict[str, float]]:
-    """Evaluate a saved ``best/`` folder (a PEFT adapter, or a fully fine-tuned model) on cfg's tasks."""
+def _load_adapter(base, adapter_dir: Path, model_name: str):
+    """``PeftModel.from_pretrained``, with an adapter made for another base model (wrong shapes, missing
+    modules or layers) refused in one sentence instead of a state-dict traceback or a warning."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model = PeftModel.from_pretrained(base, adapter_dir)
+        except (RuntimeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0][:300]
+            raise ValueError(f"the adapter in {adapter_dir} does not fit the base model {model_name!r} that its "
+                             f"leanft_run.json names ({first})") from e
+    missing = [w for w in caught if "missing adapter keys" in str(w.message)]
+    if missing:
+        raise ValueError(f"the adapter in {adapter_dir} does not fit the base model {model_name!r}: "
+                         f"{str(missing[0].message)[:300]}")
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return model
+
+
+def evaluate_saved(adapter_dir: str | Path, cfg: TrainConfig, base_model: str | None = None) -> dict[str, dict[str, float]]:
+    """Evaluate a saved ``best/`` folder (a PEFT adapter, or a fully fine-tuned model) on cfg's tasks, on
+    the base model its ``leanft_run.json`` names or on ``base_model`` (``leanft eval --model``)."""
     adapter_dir = Path(adapter_dir)
     info_file = adapter_dir / "leanft_run.json"
     if not info_file.is_file():
         raise FileNotFoundError(f"{adapter_dir} is not a leanft run output (no leanft_run.json)")
     info = json.loads(info_file.read_text())
-    cfg.model, cfg.method = info["model"], info["method"]
+    if base_model and base_model != info["model"]:  # the base moved (another folder, the same weights)
+        print(f"evaluating on {base_model} (the run was trained on {info['model']})")
+    cfg.model, cfg.method = base_model or info["model"], info["method"]
     if not (cfg.train_file or cfg.dataset or cfg.task):
         cfg.task = ",".join(info["tasks"])
     task_data = load_tasks(cfg)
@@ -96,7 +120,7 @@ def evaluate_saved(adapter_dir: str | Path, cfg: TrainConfig) -> dict[str, dict[
     dtype = dtype_of(cfg.dtype)
     if (adapter_dir / "adapter_config.json").is_file():
         base, tokenizer = models.load_model(cfg.model, num_labels=num_labels, dtype=dtype)
-        model = PeftModel.from_pretrained(base, adapter_dir)
+        model = _load_adapter(base, adapter_dir, cfg.model)
     else:
         model, tokenizer = models.load_model(str(adapter_dir), num_labels=num_labels, dtype=dtype,
                                              task="causal" if decoder else "seq_cls")

@@ -139,8 +139,8 @@ def _unknown(name: str) -> ValueError:
     """ValueError that suggests the closest known name (typos are the usual cause)."""
     names = known_names()
     close = difflib.get_close_matches(name, names, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ValueError(f"unknown model {name!r}{hint} known: {', '.join(names)}")
+    hint = f"; did you mean {close[0]!r}?" if close else "."
+    return ValueError(f"unknown model {name!r}{hint} Known models: {', '.join(names)}")
 
 
 def model_kind(name: str) -> str:
@@ -154,8 +154,17 @@ def model_kind(name: str) -> str:
 
 
 def is_checkpoint(name: str) -> bool:
-    """A name that is not a built-in one but a checkpoint: a GGUF file, a local folder or a hub id."""
-    return convert.is_gguf(name) or Path(name).is_dir() or "/" in name
+    """A name that is not a built-in one but a checkpoint: a GGUF file, a local folder or a hub id. A name
+    that can only be a local path (``./m``, ``/m``, ``~/m``, ``a/b/c``, or ``a/b`` where ``a`` is a folder
+    here) but does not exist is an error, rather than a hub download that fails after retries."""
+    if convert.is_gguf(name) or Path(name).is_dir():
+        return True
+    if "/" not in name:
+        return False
+    first = name.split("/", 1)[0]
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(first).is_dir():
+        raise FileNotFoundError(f"model folder {name!r} does not exist (a hub id has the form 'org/name')")
+    return True
 
 
 def kind_of_config(config: PretrainedConfig, name: str = "the model") -> str:

@@ -195,6 +195,8 @@ def run_stage(run: Run, stage_no: int, stage: list[int], out: Path) -> dict:
     total_steps = cfg.max_steps or max(1, math.ceil(per_epoch * cfg.epochs / cfg.grad_accum))
     out.mkdir(parents=True, exist_ok=True)
     resuming = cfg.resume and checkpoint.exists(out)
+    if cfg.resume and not resuming and run.main:
+        print(f"--resume: no checkpoint in {out}; this stage starts at step 0")
     updater = make_updater(run, total_steps, out, resuming)
     state = {"step": 0, "best": None, "bad_evals": 0, "examples": 0, "train_time_s": 0.0, "stopped": False,
              "forwards": 0}
