@@ -23,6 +23,27 @@ def test_params_table_for_an_encoder(capsys):
     assert "loretta-adp" in text and "loretta-rep" in text
 
 
+# METHODS.md 2.3 / 3.2: adapters (24 at 2,392) or rep factors + 25 LayerNorms (38,400) + TT classifier dense
+# (1,080 + bias 768) + out_proj (1,538). LoRETTA_rep on DeBERTa's in_proj: METHODS.md's 55,706 counts both
+# factors 768 wide (580 each), but in_proj maps 768 -> 2304 (q, k, v), so B is 8 x 2304 ([8,8,8,6,6], 620):
+# 12 x 40 = 480 more; every other term is the paper's.
+ENCODER_COUNTS = [("roberta-base", "loretta-adp", [], 99_194), ("deberta-base", "loretta-adp", [], 99_194),
+                  ("deberta-base", "loretta-rep", ["--target-modules", "in_proj", "--tt-rank", "5"], 55_706 + 480)]
+
+
+@pytest.mark.parametrize("model,method,flags,trainable", ENCODER_COUNTS)
+def test_params_reproduces_the_paper_counts_for_encoders(model, method, flags, trainable, capsys):
+    cli.main(["params", "--model", model, "--method", method, "--json", *flags])
+    assert json.loads(capsys.readouterr().out)["trainable"] == trainable
+
+
+@pytest.mark.parametrize("model", ["roberta-base", "deberta-base"])
+def test_dense_classifier_flag_trains_the_whole_head_densely(model, capsys):
+    """The dense head: 57,408 + 38,400 + 590,592 (hidden dense; DeBERTa's pooler no longer frozen) + 1,538."""
+    cli.main(["params", "--model", model, "--method", "loretta-adp", "--json", "--dense-classifier"])
+    assert json.loads(capsys.readouterr().out)["trainable"] == 687_938
+
+
 def test_options_change_the_counts(capsys):
     cli.main(["params", "--model", "llama-2-7b", "--method", "loretta-adp", "--json", "--tt-rank", "8",
               "--no-train-norms"])

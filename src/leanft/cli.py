@@ -27,6 +27,7 @@ def _method_options(args: argparse.Namespace) -> dict:
         "tt_rank": args.tt_rank,
         "bottleneck": args.bottleneck,
         "train_norms": False if args.no_train_norms else None,
+        "tt_classifier": False if args.dense_classifier else None,
         "target_modules": args.target_modules,
         "input_modules": args.input_modules,
     }
@@ -179,6 +180,8 @@ def comma_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+DENSE_CLASSIFIER_HELP = ("LoRETTA on sequence classification: train the classifier's hidden dense layer densely "
+                         "instead of the papers' TT-linear head")
 METHOD_FLAGS = {"rank": int, "tt_rank": int, "bottleneck": int, "alpha": float, "dropout": float, "init_mode": str,
                 "target_modules": comma_list, "input_modules": comma_list}
 
@@ -205,6 +208,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                        + (", comma-separated; default: found from the model's module names" if kind is comma_list else ""))
     p.add_argument("--no-train-norms", dest="train_norms", action="store_false", default=argparse.SUPPRESS,
                    help="keep normalisation layers frozen (LoRETTA)")
+    p.add_argument("--dense-classifier", dest="tt_classifier", action="store_false", default=argparse.SUPPRESS,
+                   help=DENSE_CLASSIFIER_HELP)
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -212,8 +217,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     if not isinstance(values, dict):
         raise ValueError(f"{args.config}: expected a mapping of TrainConfig keys")
     given = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command", "adapter")}
-    options = {**values.pop("method_options", {}),
-               **{k: given.pop(k) for k in list(given) if k in METHOD_FLAGS or k == "train_norms"}}
+    flags = {*METHOD_FLAGS, "train_norms", "tt_classifier"}
+    options = {**values.pop("method_options", {}), **{k: given.pop(k) for k in list(given) if k in flags}}
     return TrainConfig.from_dict({**values, **given, "method_options": options})
 
 
@@ -269,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tt-rank", type=int, help="TT rank (defaults: LoRETTA_adp 5, LoRETTA_rep 8)")
         p.add_argument("--bottleneck", type=int, help="LoRETTA_adp bottleneck size (default 64)")
         p.add_argument("--no-train-norms", action="store_true", help="keep normalisation layers frozen")
+        p.add_argument("--dense-classifier", action="store_true", help=DENSE_CLASSIFIER_HELP)
         p.add_argument("--target-modules", type=comma_list, help="comma-separated module names")
         p.add_argument("--input-modules", type=comma_list, help="LoRETTA_adp: modules that get an input adapter "
                        "(comma-separated; default from the module names: gate_proj,up_proj on LLaMA-likes)")

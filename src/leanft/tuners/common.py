@@ -19,6 +19,7 @@ from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from .targets import attention_targets, check_targets
+from .tt_head import TTHead, fit_modules_to_save
 
 
 class LeanftPeftType(str, enum.Enum):
@@ -108,6 +109,15 @@ class LeanftTuner(BaseTuner):
     """
 
     layer_cls: type[nn.Module]
+    head_cls: type[TTHead] | None = None  # the TT classifier head of a method that has one (tuners.tt_head)
+
+    @staticmethod
+    def _check_target_module_exists(config: LeanftConfig, key: str) -> bool:
+        """PEFT's matching, plus the classifier's hidden dense layer when it gets a TT head (it may sit
+        inside a module that PEFT otherwise keeps whole in ``modules_to_save``)."""
+        if key and getattr(config, "tt_classifier", False) and key == config.classifier_dense:
+            return True
+        return BaseTuner._check_target_module_exists(config, key)
 
     def _layer_kwargs(self, config: LeanftConfig, key: str) -> dict[str, Any]:
         """Extra per-module arguments of ``layer_cls`` and ``update_layer`` (none by default)."""
@@ -124,11 +134,18 @@ class LeanftTuner(BaseTuner):
         *,
         parameter_name: str | None = None,
     ) -> None:
-        kwargs = self._layer_kwargs(peft_config, current_key)
-        if isinstance(target, self.tuner_layer_cls):
-            target.update_layer(adapter_name, peft_config, **kwargs)
-            return
-        new = self.layer_cls(target, adapter_name, peft_config, name=current_key, **kwargs)
+        if self.head_cls is not None and getattr(peft_config, "tt_classifier", False) \
+                and current_key == peft_config.classifier_dense:
+            if isinstance(target, TTHead):
+                target.update_layer(adapter_name, peft_config)
+                return
+            new = self.head_cls(target, adapter_name, peft_config, name=current_key)
+        else:
+            kwargs = self._layer_kwargs(peft_config, current_key)
+            if isinstance(target, self.tuner_layer_cls):
+                target.update_layer(adapter_name, peft_config, **kwargs)
+                return
+            new = self.layer_cls(target, adapter_name, peft_config, name=current_key, **kwargs)
         if adapter_name not in self.active_adapters:
             new.requires_grad_(False)
         self._replace_module(parent, target_name, new, target)
@@ -154,9 +171,7 @@ class LeanftTuner(BaseTuner):
 
     def _pre_injection_hook(self, model: nn.Module, config: LeanftConfig, adapter_name: str) -> None:
         fp = model_fingerprint(model)
-        if config.base_model_fingerprint is None:
-            config.base_model_fingerprint = fp
-        else:
+        if config.base_model_fingerprint is not None:
             diff = [f"{k} {v} (adapter) vs {fp[k]} (model)" for k, v in config.base_model_fingerprint.items()
                     if k in fp and fp[k] != v]
             if diff:
@@ -164,7 +179,10 @@ class LeanftTuner(BaseTuner):
                     f"this {config.peft_type} adapter was made for a different base model: {'; '.join(diff)}. "
                     "Load it onto the base model it was trained on."
                 )
+        # before the fingerprint is set: a config without one is new, not an adapter saved earlier
         self._prepare_adapter_config(config, {"model_type": fp.get("model_type")})
+        if config.base_model_fingerprint is None:
+            config.base_model_fingerprint = fp
         check_targets(model, config.target_modules, str(config.peft_type))
         if config.train_norms:
             config.modules_to_save = sorted(set(config.modules_to_save or []) | set(norm_module_names(model)))
@@ -178,6 +196,7 @@ class LeanftTuner(BaseTuner):
         # Called by the injection hook and again by PEFT's inject_adapter (add_adapter skips the hook).
         if peft_config.target_modules is None:
             self._default_targets(self.model, peft_config)
+        fit_modules_to_save(self.model, peft_config)
         return peft_config
 
 

@@ -11,6 +11,7 @@ from transformers.activations import ACT2FN
 
 from ...tt import TTMatrix
 from ..common import linear_features, param_device, shape_for
+from ..tt_head import TTHead
 from .config import LorettaAdpConfig
 
 
@@ -112,3 +113,9 @@ class Linear(nn.Module, LorettaAdpLayer):
 
     def __repr__(self) -> str:
         return "loretta_adp." + super().__repr__()
+
+
+class LorettaAdpHead(TTHead):
+    """The TT classifier head of LoRETTA_adp (``tuners.tt_head``), saved under the method's prefix."""
+
+    adapter_layer_names = ("loretta_adp_head",)

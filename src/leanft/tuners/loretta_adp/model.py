@@ -9,13 +9,14 @@ from torch import nn
 from ..common import LeanftTuner
 from ..targets import adapter_targets, check_targets
 from .config import LorettaAdpConfig
-from .layer import Linear, LorettaAdpLayer
+from .layer import Linear, LorettaAdpHead, LorettaAdpLayer
 
 
 class LorettaAdpModel(LeanftTuner):
     prefix = "loretta_adp_"
-    tuner_layer_cls = LorettaAdpLayer
+    tuner_layer_cls = (LorettaAdpLayer, LorettaAdpHead)  # PEFT only isinstance-checks it
     layer_cls = Linear
+    head_cls = LorettaAdpHead
 
     def _default_targets(self, model: nn.Module, config: LorettaAdpConfig) -> None:
         """Targets and input placements from the model's module names (``targets.adapter_targets``)."""

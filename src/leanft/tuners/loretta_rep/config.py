@@ -6,12 +6,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..common import LeanftConfig, LeanftPeftType
+from ..tt_head import TTClassifierFields
 
 INIT_MODES = ("noise_free", "zero_core", "reference")
 
 
 @dataclass
-class LorettaRepConfig(LeanftConfig):
+class LorettaRepConfig(LeanftConfig, TTClassifierFields):
     """``delta W = (alpha / r) * TT(A) @ TT(B)`` on each target linear (``A: in x r``, ``B: r x out``).
 
     Defaults follow the LoRETTA reference (r 8, alpha 16, dropout 0.05; TT rank 8 and trainable norms,
@@ -25,6 +26,9 @@ class LorettaRepConfig(LeanftConfig):
       no copies, no extra cost. That core's gradient is not zero (the other cores are random), and the
       rest follow once it has moved; weight decay pulls it towards zero, its start.
     * ``"reference"`` keeps the reference code's random, non-zero start.
+
+    On sequence classification the classifier's hidden dense layer becomes a TT-linear at ``tt_rank`` and
+    only the last projection trains densely, as in the papers (``tt_classifier``, ``tuners.tt_head``).
 
     ``tt_shapes`` overrides factor shapes by matrix size, e.g. ``{"4096x8": [16,16,8,4,4]}``.
     """

@@ -8,6 +8,7 @@ from torch import nn
 
 from ...tt import TTMatrix
 from ..common import DeltaLinearMixin, linear_features, param_device, shape_for
+from ..tt_head import TTHead
 from .config import LorettaRepConfig
 
 
@@ -81,3 +82,9 @@ class Linear(DeltaLinearMixin, nn.Module, LorettaRepLayer):
 
     def __repr__(self) -> str:
         return "loretta_rep." + super().__repr__()
+
+
+class LorettaRepHead(TTHead):
+    """The TT classifier head of LoRETTA_rep (``tuners.tt_head``), saved under the method's prefix."""
+
+    adapter_layer_names = ("loretta_rep_head",)

@@ -6,10 +6,11 @@ Default targets are the reference's q and v projections, found by name (``target
 from __future__ import annotations
 
 from ..common import LeanftTuner
-from .layer import Linear, LorettaRepLayer
+from .layer import Linear, LorettaRepHead, LorettaRepLayer
 
 
 class LorettaRepModel(LeanftTuner):
     prefix = "loretta_rep_"
-    tuner_layer_cls = LorettaRepLayer
+    tuner_layer_cls = (LorettaRepLayer, LorettaRepHead)  # PEFT only isinstance-checks it
     layer_cls = Linear
+    head_cls = LorettaRepHead
