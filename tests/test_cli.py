@@ -130,3 +130,29 @@ def test_lamda_under_zeroth_order_training_is_refused(tmp_path):
     """LaMDA's freezing follows optimiser steps; under --optimizer zo P_B was silently never frozen."""
     with pytest.raises(ValueError, match="lamda with --optimizer zo is refused.*mezo-lora or adazeta"):
         train(TrainConfig(method="lamda", optimizer="zo", output_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize("text,message", [
+    ("method: [lora\n", r"run.yaml is not valid YAML"),
+    ("batch_size: two\n", r"batch_size: expected int like 8, got 'two'"),
+    ("warmup_ratio: 2\n", "warmup_ratio is a fraction of the steps, at most 1"),
+    ("eval_file: data.csv\n", "eval_file needs train_file"),
+    ("method: lora\nmax_forwards: 8\n", r"max_forwards apply to zeroth-order training; method 'lora' trains with AdamW"),
+    ("method: lora\nzo_schedule: adazeta\n", "zo_schedule apply to zeroth-order training"),
+])
+def test_config_files_that_would_be_misread_are_refused_naming_what(tmp_path, text, message):
+    """Each of these once gave a library traceback or was silently ignored."""
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        cli.train_config(cli.build_parser().parse_args(["train", "--config", str(config)]))
+
+
+def test_a_missing_local_model_folder_is_not_tried_on_the_hub(tmp_path, monkeypatch):
+    from leanft import models
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    for name in ("models/nothere", "./nothere", "a/b/c"):
+        with pytest.raises(FileNotFoundError, match=f"model folder '{name}' does not exist"):
+            models.model_kind(name)

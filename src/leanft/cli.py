@@ -15,6 +15,7 @@ import yaml
 
 from . import methods, models
 from .config import CHOICES, TrainConfig
+from .config import HELP as TRAIN_HELP
 from .measure import bench, budget, params, report, steps
 from .measure.system import save
 from .precision import DTYPES
@@ -71,7 +72,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     results = bench.Bench(args.model, args.tasks.split(","), params.method_names(args.methods, args.model), spent,
                           out, Path(args.work_dir) / out.name, [int(r) for r in args.ranks.split(",") if r],
                           params.method_names(args.sweep) if args.sweep else [], args.dtype, args.memory,
-                          args.force).run()
+                          args.force, lr_grid=[float(m) for m in comma_list(args.lr_grid)],
+                          seeds=[int(x) for x in comma_list(args.seeds)]).run()
     failed = [r["bench"]["slug"] for r in results if r.get("failed")]
     if failed:
         sys.exit(f"leanft: error: {len(failed)} run(s) failed: {', '.join(failed)} (see {out / 'README.md'})")
@@ -127,51 +129,6 @@ def show(result: dict, columns: list[str], output: str | None) -> None:
         print(f"saved {output}")
 
 
-TRAIN_HELP = {
-    "model": "model name (smollm2-135m, minilm-l6), local folder, hub id or .gguf file (converted once, cached)",
-    "method": f"fine-tuning method: {', '.join(methods.METHODS)}",
-    "task": "built-in task(s), comma-separated for a mixture: sst2, rte, cb, boolq, copa, wsc, multirc, e2e; an "
-            "entry ending in .jsonl/.csv/.tsv is your own file, read with the column flags (e.g. sst2,notes.jsonl)",
-    "sequential": "train the comma-separated tasks one after another and report forgetting",
-    "num_train": "training examples sampled per task (built-in or your files alike; the run prints how many of "
-                 "how many)", "num_dev": "dev examples (model selection), sampled from the training rows",
-    "num_eval": "evaluation examples, sampled from the labelled validation split or --eval-file (without one, "
-                "held out of your training file: at most 20%%)",
-    "epochs": "passes over the training sample", "max_steps": "optimiser steps; overrides --epochs when > 0",
-    "max_forwards": "zeroth-order budget in forward passes (2 per query); stops the run when reached",
-    "batch_size": "examples per process and micro-step", "grad_accum": "micro-steps per optimiser step",
-    "lr": "peak learning rate (0 = the method's default)", "weight_decay": "AdamW weight decay (not on biases/norms)",
-    "scheduler": "linear, cosine, constant, constant_with_warmup, ...", "warmup_ratio": "fraction of steps warming up",
-    "eval_every": "evaluate on dev every N steps (and keep the best adapter)",
-    "patience": "stop after N evaluations without dev improvement (0 = never)",
-    "eval_before": "evaluate before training too", "max_length": "maximum tokens of prompt + answer",
-    "max_new_tokens": "generation length when evaluating generation tasks",
-    "eval_batch_size": "examples per evaluation batch", "seed": "seed of sampling, data order and init",
-    "output_dir": "where metrics, checkpoints and the best adapter go", "resume": "continue from output_dir's checkpoint",
-    "dtype": "base weights dtype: float32, bfloat16 or float16; every trainable parameter stays float32 and the "
-             "forward runs under autocast (float16 scales the loss); full-model MeZO keeps low-precision weights "
-             "and rounds stochastically",
-    "train_file": "your own CSV/TSV/JSONL training file", "eval_file": "your own evaluation file",
-    "text_columns": "comma-separated text column(s) of your files", "label_column": "label column of your files",
-    "template": "prompt template over your columns, e.g. '{review} It was'",
-    "label_words": "comma-separated answer words, one per label (sorted label order)",
-    "optimizer": "adamw, or zo for zeroth-order SPSA (implied by mezo, mezo-lora, adazeta)",
-    "zo_eps": "ZO perturbation size", "zo_queries": "ZO queries per step (fixed schedule)",
-    "zo_schedule": "fixed, adazeta (Q = min(max(floor(alpha e^beta), 1), q_max) per epoch e), or auto",
-    "zo_alpha": "AdaZeta schedule alpha", "zo_beta": "AdaZeta schedule beta", "zo_q_max": "AdaZeta query cap",
-    "zo_blowup": "ZO: > 0 also rolls back a loss above this multiple of its running mean (non-finite always does)",
-    "zo_recover": "ZO: good steps after a rollback before the halved lr doubles back",
-    "save_every": "checkpoint every N steps (20) or N s/m/h of training (90s, 2m, 1h), besides evaluations; 0 = "
-                  "only with evaluations",
-    "dataset": "a hub dataset name (needs network and `pip install datasets`)", "dataset_config": "its config name",
-    "task_name": "name of your file's task in metrics and reports (default: the file's stem without a split word, "
-                 "or its folder's name for train.tsv and the like)",
-    "prompt_column": "instruction data: the prompt column of your files (with --completion-column; loss on the "
-                     "completion only, scored by generation: token F1, exact match, ROUGE-L, loss, perplexity)",
-    "completion_column": "instruction data: the completion column (the answer to learn after the prompt)",
-    "messages_column": "chat data: a column of [{role, content}, ...] messages rendered with the tokenizer's chat "
-                       "template; the last assistant message is the completion, the messages before it the prompt",
-}
 TRAIN_CHOICES = {name: list(valid) for name, valid in CHOICES.items()}
 
 
@@ -213,7 +170,12 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    values = yaml.safe_load(Path(args.config).read_text()) if getattr(args, "config", None) else {}
+    values = {}
+    if getattr(args, "config", None):
+        try:
+            values = yaml.safe_load(Path(args.config).read_text())
+        except yaml.YAMLError as e:
+            raise ValueError(f"{args.config} is not valid YAML: {e}") from e
     if not isinstance(values, dict):
         raise ValueError(f"{args.config}: expected a mapping of TrainConfig keys")
     given = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command", "adapter")}
@@ -242,7 +204,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     cfg = train_config(args)
     cfg.task = getattr(args, "task", "")
-    print(json.dumps(evaluate_saved(args.adapter, cfg), indent=1))
+    print(json.dumps(evaluate_saved(args.adapter, cfg, getattr(args, "model", None)), indent=1))
 
 
 def cmd_memory(args: argparse.Namespace) -> None:
@@ -332,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure the peak memory of one step of each method against inference")
     p.add_argument("--force", action="store_true", help="redo runs whose results exist")
+    p.add_argument("--lr-grid", default="", help="multiples of each method's default lr, e.g. 0.5,1,2: each "
+                   "first-order run is trained at each and the lr with the best dev score kept (eval never looked at)")
+    p.add_argument("--seeds", default="", help="repeat every run with these seeds, e.g. 0,1,2 (the lr chosen on "
+                   "the first); the report gives mean and standard deviation")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("estimate", help="training memory of each method on paper-scale models, estimated on the "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .methods import ZO_METHODS, resolve_method
+from .methods import METHODS, ZO_METHODS, resolve_method
 from .precision import DTYPES
 from .tasks import is_data_file
 
@@ -45,6 +45,54 @@ DEFAULT_LR = {
                "lamda++": 5e-4, "mezo": 1e-6, "mezo-lora": 1e-4, "adazeta": 1e-4},
     "encoder": {"full": 1e-4, "lora": 2e-3, "loretta-rep": 5e-3, "loretta-adp": 5e-3, "lamda": 1e-2,
                 "lamda++": 1e-2, "mezo": 1e-6, "mezo-lora": 1e-4, "adazeta": 1e-4},
+}
+
+
+# What each field means: `leanft train --help` (one flag per field) and YAML users read these.
+HELP = {
+    "model": "model name (smollm2-135m, minilm-l6), local folder, hub id or .gguf file (converted once, cached)",
+    "method": f"fine-tuning method: {', '.join(METHODS)}",
+    "task": "built-in task(s), comma-separated for a mixture: sst2, rte, cb, boolq, copa, wsc, multirc, e2e; an "
+            "entry ending in .jsonl/.csv/.tsv is your own file, read with the column flags (e.g. sst2,notes.jsonl)",
+    "sequential": "train the comma-separated tasks one after another and report forgetting",
+    "num_train": "training examples sampled per task (built-in or your files alike; the run prints how many of "
+                 "how many)", "num_dev": "dev examples (model selection), sampled from the training rows",
+    "num_eval": "evaluation examples, sampled from the labelled validation split or --eval-file (without one, "
+                "held out of your training file: at most 20%%)",
+    "epochs": "passes over the training sample", "max_steps": "optimiser steps; overrides --epochs when > 0",
+    "max_forwards": "zeroth-order budget in forward passes (2 per query); stops the run when reached",
+    "batch_size": "examples per process and micro-step", "grad_accum": "micro-steps per optimiser step",
+    "lr": "peak learning rate (0 = the method's default)", "weight_decay": "AdamW weight decay (not on biases/norms)",
+    "scheduler": "linear, cosine, constant, constant_with_warmup, ...", "warmup_ratio": "fraction of steps warming up",
+    "eval_every": "evaluate on dev every N steps (and keep the best adapter)",
+    "patience": "stop after N evaluations without dev improvement (0 = never)",
+    "eval_before": "evaluate before training too", "max_length": "maximum tokens of prompt + answer",
+    "max_new_tokens": "generation length when evaluating generation tasks",
+    "eval_batch_size": "examples per evaluation batch", "seed": "seed of sampling, data order and init",
+    "output_dir": "where metrics, checkpoints and the best adapter go", "resume": "continue from output_dir's checkpoint",
+    "dtype": "base weights dtype: float32, bfloat16 or float16; every trainable parameter stays float32 and the "
+             "forward runs under autocast (float16 scales the loss); full-model MeZO keeps low-precision weights "
+             "and rounds stochastically",
+    "train_file": "your own CSV/TSV/JSONL training file", "eval_file": "your own evaluation file",
+    "text_columns": "comma-separated text column(s) of your files", "label_column": "label column of your files",
+    "template": "prompt template over your columns, e.g. '{review} It was'",
+    "label_words": "comma-separated answer words, one per label (sorted label order)",
+    "optimizer": "adamw, or zo for zeroth-order SPSA (implied by mezo, mezo-lora, adazeta)",
+    "zo_eps": "ZO perturbation size", "zo_queries": "ZO queries per step (fixed schedule)",
+    "zo_schedule": "fixed, adazeta (Q = min(max(floor(alpha e^beta), 1), q_max) per epoch e), or auto",
+    "zo_alpha": "AdaZeta schedule alpha", "zo_beta": "AdaZeta schedule beta", "zo_q_max": "AdaZeta query cap",
+    "zo_blowup": "ZO: > 0 also rolls back a loss above this multiple of its running mean (non-finite always does)",
+    "zo_recover": "ZO: good steps after a rollback before the halved lr doubles back",
+    "save_every": "checkpoint every N steps (20) or N s/m/h of training (90s, 2m, 1h), besides evaluations; 0 = "
+                  "only with evaluations",
+    "dataset": "a hub dataset name (needs network and `pip install datasets`)", "dataset_config": "its config name",
+    "task_name": "name of your file's task in metrics and reports (default: the file's stem without a split word, "
+                 "or its folder's name for train.tsv and the like)",
+    "prompt_column": "instruction data: the prompt column of your files (with --completion-column; loss on the "
+                     "completion only, scored by generation: token F1, exact match, ROUGE-L, loss, perplexity)",
+    "completion_column": "instruction data: the completion column (the answer to learn after the prompt)",
+    "messages_column": "chat data: a column of [{role, content}, ...] messages rendered with the tokenizer's chat "
+                       "template; the last assistant message is the completion, the messages before it the prompt",
 }
 
 
@@ -155,8 +203,8 @@ class TrainConfig:
             zo = self.zeroth_order
         except ValueError:
             return  # an unknown method is reported where it is resolved, with the closest name
-        set_zo = [k for k, given in (("max_forwards", self.max_forwards > 0), ("zo_schedule", self.zo_schedule != "auto"))
-                  if given]
+        set_zo = [k for k, given in (("max_forwards", self.max_forwards > 0),
+                                     ("zo_schedule", self.zo_schedule != "auto")) if given]
         if set_zo and not zo:
             raise ValueError(f"{', '.join(set_zo)} apply to zeroth-order training; method {self.method!r} trains with "
                              "AdamW (use --optimizer zo, or a zeroth-order method: mezo, mezo-lora, adazeta)")
