@@ -29,17 +29,11 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from .optim import decays, start_anchors
-from .tuners import LamdaModel
+from .optim import decays, lamda_tuner, start_anchors
 from .zo import ZOEngine, query_schedule
 
 ZO_STATE, ZO_GOOD = "leanft_zo_state.json", "leanft_zo_good.safetensors"
 SCHEDULES = ("fixed", "adazeta")
-
-
-def _lamda(model) -> LamdaModel | None:
-    tuner = getattr(model, "base_model", None)
-    return tuner if isinstance(tuner, LamdaModel) else None
 
 
 class LamdaCallback(TrainerCallback):
@@ -47,13 +41,13 @@ class LamdaCallback(TrainerCallback):
     ``update_freezing(global_step, max_steps)``. ``Trainer(..., callbacks=[leanft.LamdaCallback()])``."""
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        tuner = _lamda(model)
+        tuner = lamda_tuner(model)
         if tuner is None:
             raise ValueError("LamdaCallback needs a model made with leanft.LamdaConfig (get_peft_model)")
         tuner.update_freezing(state.global_step, state.max_steps)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        tuner = _lamda(model)
+        tuner = lamda_tuner(model)
         if tuner is not None and state.global_step:  # resumed: re-apply what the schedule had reached
             tuner.update_freezing(state.global_step, state.max_steps)
 
@@ -109,7 +103,7 @@ class ZOTrainingMixin:
         if world > 1 and alone:
             raise ValueError(f"{world} processes were launched but the Trainer does not run them as one: each would train "
                              "alone on its shard. On CPU pass use_cpu=True (transformers only sets up gloo then)")
-        if _lamda(self.model) is not None:
+        if lamda_tuner(self.model) is not None:
             raise ValueError("LaMDA freezes P_B on a schedule of optimiser steps, which zeroth-order training does "
                              "not follow: train LaMDA with Trainer (and leanft.LamdaCallback), or use LoRA/AdaZeta here")
         self.zo_eps, self.zo_blowup, self.zo_recover = zo_eps, zo_blowup, zo_recover

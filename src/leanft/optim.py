@@ -71,10 +71,16 @@ def param_groups(model: nn.Module, weight_decay: float, anchored: dict[int, torc
             {"params": [p for p in trainable if not decays(p)], "weight_decay": 0.0}]
 
 
+def lamda_tuner(model: nn.Module) -> LamdaModel | None:
+    """The LaMDA tuner of a PEFT model, or None: the one method with a schedule of its own."""
+    tuner = getattr(model, "base_model", None)
+    return tuner if isinstance(tuner, LamdaModel) else None
+
+
 def trainable_now(model: nn.Module) -> int:
     """Parameters the next update changes (LaMDA counts only P_B's columns not yet frozen)."""
-    tuner = getattr(model, "base_model", None)
-    if isinstance(tuner, LamdaModel):
+    tuner = lamda_tuner(model)
+    if tuner is not None:
         return int(tuner.trainable_counts()["total"])
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -82,8 +88,8 @@ def trainable_now(model: nn.Module) -> int:
 def after_step(model: nn.Module, total_steps: int) -> Callable[[int], None]:
     """What a method does after each optimiser step, given the steps done: LaMDA freezes P_B's columns
     on its schedule; other methods do nothing."""
-    tuner = getattr(model, "base_model", None)
-    if isinstance(tuner, LamdaModel):
+    tuner = lamda_tuner(model)
+    if tuner is not None:
         return lambda done: tuner.update_freezing(done, total_steps)
     return lambda done: None
 
