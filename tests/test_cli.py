@@ -139,6 +139,7 @@ def test_lamda_under_zeroth_order_training_is_refused(tmp_path):
     ("eval_file: data.csv\n", "eval_file needs train_file"),
     ("method: lora\nmax_forwards: 8\n", r"max_forwards apply to zeroth-order training; method 'lora' trains with AdamW"),
     ("method: lora\nzo_schedule: adazeta\n", "zo_schedule apply to zeroth-order training"),
+    ("method: lora\nzo_max_rollbacks: 0\n", "zo_max_rollbacks apply to zeroth-order training"),
 ])
 def test_config_files_that_would_be_misread_are_refused_naming_what(tmp_path, text, message):
     """Each of these once gave a library traceback or was silently ignored."""

@@ -156,6 +156,8 @@ def _plan(model_dir: str, root: Path) -> list[dict]:
     for name, steps in (("nan-zo-once", [2]), ("nan-zo-always", list(range(2, 8)))):
         cfg = config(model_dir, root / name, "mezo-lora", zo_queries=2, zo_recover=2, scheduler="constant")
         plan.append({"name": name, "config": asdict(cfg), "fault": {"kind": "nan", "steps": steps, "ranks": [1]}})
+    off = config(model_dir, root / "nan-zo-guard-off", "mezo-lora", zo_queries=2, zo_max_rollbacks=0)
+    plan.append({"name": "nan-zo-guard-off", "config": asdict(off), "fault": {"kind": "nan", "steps": [2], "ranks": [1]}})
     return plan
 
 
@@ -210,6 +212,12 @@ def test_data_parallel_matrix_and_a_nan_on_one_process(tiny_llama_dir, tmp_path)
     always = result["nan-zo-always"]
     assert not any(r["ok"] for r in always) and always[0]["error"] == always[1]["error"]
     assert "rolled back 5 steps in a row" in always[0]["error"]
+
+    off = result["nan-zo-guard-off"]  # no rollback: every process stops at the NaN, the checkpoint before it intact
+    assert not any(r["ok"] for r in off) and off[0]["error"] == off[1]["error"]
+    assert "guard is off" in off[0]["error"]
+    state, _ = checkpoint.load(tmp_path / "nan-zo-guard-off")
+    assert state["step"] <= 2
 
 
 @pytest.mark.parametrize("save_every,saved_at", [("2", 4), ("0.001s", 5), ("0", 0)])

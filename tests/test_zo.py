@@ -150,6 +150,17 @@ def test_divergence_that_persists_stops_with_a_clear_error(tokens):
         engine.step(4, fn, queries=1, lr=1e-3)
 
 
+def test_with_the_guard_off_the_first_non_finite_step_stops_and_leaves_the_parameters_finite(tokens):
+    model = lora_model()
+    engine = ZOEngine(model, eps=1e-3, max_rollbacks=0)
+    fn = scripted([1.0, float("nan")])
+    engine.step(0, fn, queries=1, lr=1e-3)
+    after_good = [p.detach().clone() for p in engine.params]
+    with pytest.raises(FloatingPointError, match="guard is off"):
+        engine.step(1, fn, queries=1, lr=1e-3)
+    assert all(torch.equal(a, p) for a, p in zip(after_good, engine.params))
+
+
 def test_replay_rebuilds_the_exact_state(tokens):
     model = lora_model()
     start = {n: p.detach().clone() for n, p in model.named_parameters()}

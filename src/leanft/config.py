@@ -21,7 +21,7 @@ CHOICES = {
 POSITIVE = ("num_train", "epochs", "batch_size", "grad_accum", "eval_every", "max_length", "max_new_tokens",
             "eval_batch_size", "zo_eps", "zo_queries", "zo_q_max", "zo_recover")
 NON_NEGATIVE = ("num_dev", "num_eval", "max_steps", "max_forwards", "lr", "weight_decay", "warmup_ratio", "patience",
-                "zo_blowup", "zo_alpha", "zo_beta")
+                "zo_blowup", "zo_alpha", "zo_beta", "zo_max_rollbacks")
 SAVE_UNITS = {"s": 1, "m": 60, "h": 3600}
 
 
@@ -83,6 +83,8 @@ HELP = {
     "zo_alpha": "AdaZeta schedule alpha", "zo_beta": "AdaZeta schedule beta", "zo_q_max": "AdaZeta query cap",
     "zo_blowup": "ZO: > 0 also rolls back a loss above this multiple of its running mean (non-finite always does)",
     "zo_recover": "ZO: good steps after a rollback before the halved lr doubles back",
+    "zo_max_rollbacks": "ZO: rollbacks in a row before the run stops; 0 turns the guard off (the first non-finite "
+                        "step stops the run, so divergence shows in the log instead of being rolled back)",
     "save_every": "checkpoint every N steps (20) or N s/m/h of training (90s, 2m, 1h), besides evaluations; 0 = "
                   "only with evaluations",
     "dataset": "a hub dataset name (needs network and `pip install datasets`)", "dataset_config": "its config name",
@@ -136,6 +138,7 @@ class TrainConfig:
     zo_q_max: int = 20
     zo_blowup: float = 0.0  # > 0: also roll back when the loss exceeds this multiple of its running mean
     zo_recover: int = 10  # good steps after a rollback before the halved lr doubles back
+    zo_max_rollbacks: int = 5  # rollbacks in a row before the run stops; 0: no rollback at all (guard off)
     method_options: dict[str, Any] = field(default_factory=dict)  # rank, tt_rank, bottleneck, ...
     # users' own data instead of built-in tasks
     train_file: str | None = None
@@ -204,7 +207,8 @@ class TrainConfig:
         except ValueError:
             return  # an unknown method is reported where it is resolved, with the closest name
         set_zo = [k for k, given in (("max_forwards", self.max_forwards > 0),
-                                     ("zo_schedule", self.zo_schedule != "auto")) if given]
+                                     ("zo_schedule", self.zo_schedule != "auto"),
+                                     ("zo_max_rollbacks", self.zo_max_rollbacks != 5)) if given]
         if set_zo and not zo:
             raise ValueError(f"{', '.join(set_zo)} apply to zeroth-order training; method {self.method!r} trains with "
                              "AdamW (use --optimizer zo, or a zeroth-order method: mezo, mezo-lora, adazeta)")

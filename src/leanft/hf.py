@@ -83,13 +83,13 @@ class ZOTrainingMixin:
     """Zeroth-order training for a ``transformers.Trainer`` subclass (see the module docstring).
 
     ``zo_schedule="fixed"`` takes ``zo_queries`` queries a step; ``"adazeta"`` takes AdaZeta's
-    ``min(max(floor(alpha * epoch**beta), 1), q_max)``. ``zo_blowup`` and ``zo_recover`` are the divergence
-    guard's (``leanft.zo``); the Trainer's ``weight_decay`` decays matrices towards their start.
+    ``min(max(floor(alpha * epoch**beta), 1), q_max)``. ``zo_blowup``, ``zo_recover`` and ``zo_max_rollbacks`` (0: off)
+    are the divergence guard's (``leanft.zo``); the Trainer's ``weight_decay`` decays matrices towards their start.
     """
 
     def __init__(self, *args, zo_eps: float = 1e-3, zo_queries: int = 1, zo_schedule: str = "fixed",
                  zo_alpha: float = 0.85, zo_beta: float = 0.45, zo_q_max: int = 20, zo_blowup: float = 0.0,
-                 zo_recover: int = 10, **kwargs) -> None:
+                 zo_recover: int = 10, zo_max_rollbacks: int = 5, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if zo_schedule not in SCHEDULES:
             raise ValueError(f"zo_schedule {zo_schedule!r} is not one of: {', '.join(SCHEDULES)}")
@@ -107,6 +107,7 @@ class ZOTrainingMixin:
             raise ValueError("LaMDA freezes P_B on a schedule of optimiser steps, which zeroth-order training does "
                              "not follow: train LaMDA with Trainer (and leanft.LamdaCallback), or use LoRA/AdaZeta here")
         self.zo_eps, self.zo_blowup, self.zo_recover = zo_eps, zo_blowup, zo_recover
+        self.zo_max_rollbacks = zo_max_rollbacks
         self.zo_queries = ((lambda epoch: query_schedule(epoch, zo_alpha, zo_beta, zo_q_max)) if zo_schedule == "adazeta"
                            else (lambda epoch: zo_queries))
         self.engine: ZOEngine | None = None
@@ -133,7 +134,8 @@ class ZOTrainingMixin:
         if self.engine is None:
             wd = self.args.weight_decay
             self.engine = ZOEngine(model, eps=self.zo_eps, weight_decay=wd, seed=self.args.seed, blowup=self.zo_blowup,
-                                   recover=self.zo_recover, decays=decays, anchors=start_anchors(model) if wd else None)
+                                   recover=self.zo_recover, max_rollbacks=self.zo_max_rollbacks, decays=decays,
+                                   anchors=start_anchors(model) if wd else None)
             if self._resume_from is not None:
                 self.load_zo_state(self._resume_from)
         return self.engine

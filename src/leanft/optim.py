@@ -224,14 +224,14 @@ class ZerothOrder:
 
     def __init__(self, model: nn.Module, net: nn.Module, objective: Objective, lr: float, *, eps: float = 1e-3,
                  weight_decay: float = 0.0, seed: int = 0, blowup: float = 0.0, recover: int = 10,
-                 queries: Callable[[int], int] = lambda epoch: 1, max_forwards: int = 0, scheduler: str = "constant",
+                 max_rollbacks: int = 5, queries: Callable[[int], int] = lambda epoch: 1, max_forwards: int = 0, scheduler: str = "constant",
                  warmup_steps: int = 0, total_steps: int = 1, log: checkpoint.ZOLog | None = None,
                  resuming: bool = False, autocast: Callable = contextlib.nullcontext) -> None:
         if max_forwards % 2:
             raise ValueError(f"--max-forwards {max_forwards} is odd: each zeroth-order query costs 2 forward "
                              "passes, so only an even budget can be spent exactly")
         self.engine = ZOEngine(model, eps=eps, weight_decay=weight_decay, seed=seed, blowup=blowup, recover=recover,
-                               decays=decays,
+                               max_rollbacks=max_rollbacks, decays=decays,
                                anchors=start_anchors(model) if weight_decay else None)
         self.autocast = autocast
         self.dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)  # carries the lr schedule

@@ -173,7 +173,8 @@ def make_updater(run: Run, total_steps: int, out: Path, resuming: bool):
     queries = (partial(query_schedule, alpha=cfg.zo_alpha, beta=cfg.zo_beta, q_max=cfg.zo_q_max)
                if schedule == "adazeta" else lambda epoch: cfg.zo_queries)
     updater = optim.ZerothOrder(loaded.model, loaded.net, objective, run.lr, eps=cfg.zo_eps, seed=cfg.seed,
-                                blowup=cfg.zo_blowup, recover=cfg.zo_recover, queries=queries, max_forwards=cfg.max_forwards,
+                                blowup=cfg.zo_blowup, recover=cfg.zo_recover,
+                                max_rollbacks=cfg.zo_max_rollbacks, queries=queries, max_forwards=cfg.max_forwards,
                                 log=checkpoint.ZOLog(out, run.main), resuming=resuming, **common)
     loaded.accelerator.wait_for_everyone()
     return updater

@@ -30,7 +30,8 @@ Choices where the sources leave room (all configurable):
   parameters and halves the learning rate; after ``recover`` good steps the lr doubles back, up to the
   schedule's. ``blowup > 0`` also rolls back a loss above ``blowup`` times its running mean (off by
   default: one hard batch is not divergence). ``max_rollbacks`` rollbacks in a row stop the run with an
-  error; full-model sets too large to keep a rollback copy stop at the first.
+  error; ``max_rollbacks=0`` turns the guard off (the first non-finite step stops the run), as do
+  full-model sets too large to keep a rollback copy.
 * Replay: every step is logged as (seeds, projected gradients, lr); the start state plus the log
   rebuilds the exact parameters (``replay``), which is how a ZO run resumes.
 """
@@ -272,6 +273,10 @@ class ZOEngine:
                 f"zeroth-order training diverged ({why}); {self.numel:,} trainable parameters are too many to keep "
                 "a rollback copy, so the run stops here (its checkpoint is from before this step): lower the lr or "
                 "eps and resume")
+        if not self.max_rollbacks:
+            raise FloatingPointError(
+                f"zeroth-order training diverged ({why}) and the divergence guard is off (max_rollbacks 0): the run "
+                "stops here (its checkpoint is from before this step); lower the lr or eps, or turn the guard on")
         self.rollbacks += 1
         if self.rollbacks > self.max_rollbacks:
             raise FloatingPointError(
