@@ -28,7 +28,8 @@ def summarise(log: Path) -> dict:
     stopped = "guard is off" in (log.with_suffix(".tail.txt").read_text() if log.with_suffix(".tail.txt").is_file()
                                  else "")
     above = np.nonzero(smooth > RISE * smooth[0])[0]
-    at = rows[above[0] + WINDOW - 1]["forwards"] if len(above) else None
+    offset = WINDOW - 1 if len(loss) >= WINDOW else 0
+    at = rows[above[0] + offset]["forwards"] if len(above) else None
     result = log.with_suffix(".json")
     acc = json.loads(result.read_text())["eval"]["sst2"]["accuracy"] if result.is_file() else None
     return {"variant": variant, "seed": int(seed), "steps": rows[-1]["step"], "forwards": rows[-1]["forwards"],
