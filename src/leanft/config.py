@@ -208,7 +208,8 @@ class TrainConfig:
             return  # an unknown method is reported where it is resolved, with the closest name
         set_zo = [k for k, given in (("max_forwards", self.max_forwards > 0),
                                      ("zo_schedule", self.zo_schedule != "auto"),
-                                     ("zo_max_rollbacks", self.zo_max_rollbacks != 5)) if given]
+                                     ("zo_max_rollbacks",
+                                      self.zo_max_rollbacks != TrainConfig.zo_max_rollbacks)) if given]
         if set_zo and not zo:
             raise ValueError(f"{', '.join(set_zo)} apply to zeroth-order training; method {self.method!r} trains with "
                              "AdamW (use --optimizer zo, or a zeroth-order method: mezo, mezo-lora, adazeta)")

@@ -224,8 +224,8 @@ class ZerothOrder:
 
     def __init__(self, model: nn.Module, net: nn.Module, objective: Objective, lr: float, *, eps: float = 1e-3,
                  weight_decay: float = 0.0, seed: int = 0, blowup: float = 0.0, recover: int = 10,
-                 max_rollbacks: int = 5, queries: Callable[[int], int] = lambda epoch: 1, max_forwards: int = 0, scheduler: str = "constant",
-                 warmup_steps: int = 0, total_steps: int = 1, log: checkpoint.ZOLog | None = None,
+                 max_rollbacks: int = 5, queries: Callable[[int], int] = lambda epoch: 1, max_forwards: int = 0,
+                 scheduler: str = "constant", warmup_steps: int = 0, total_steps: int = 1, log: checkpoint.ZOLog | None = None,
                  resuming: bool = False, autocast: Callable = contextlib.nullcontext) -> None:
         if max_forwards % 2:
             raise ValueError(f"--max-forwards {max_forwards} is odd: each zeroth-order query costs 2 forward "

@@ -109,7 +109,8 @@ class ZOEngine:
         self.rounded = any(p.dtype != torch.float32 for p in self.params)
         self.exact = self.numel <= copy_limit and not self.rounded
         self.snapshot = [p.detach().clone() for p in self.params] if self.exact else None
-        self.good = [p.detach().clone() for p in self.params] if self.numel <= copy_limit else None
+        # the parameters before the last update, for a rollback: none with the guard off or too many to copy
+        self.good = [p.detach().clone() for p in self.params] if self.numel <= copy_limit and max_rollbacks else None
         self.owners = _owners(model, self.params) if self.rounded else None
         self.running_loss: float | None = None
         self.lr_scale = 1.0  # halved at every rollback, doubled back after ``recover`` good steps
@@ -269,14 +270,11 @@ class ZOEngine:
         why = "non-finite loss or projected gradient" + (f", or a loss above {self.blowup}x its running mean"
                                                          if self.blowup else "")
         if self.good is None:
+            cause = ("the divergence guard is off (max_rollbacks 0)" if not self.max_rollbacks else
+                     f"{self.numel:,} trainable parameters are too many to keep a rollback copy")
             raise FloatingPointError(
-                f"zeroth-order training diverged ({why}); {self.numel:,} trainable parameters are too many to keep "
-                "a rollback copy, so the run stops here (its checkpoint is from before this step): lower the lr or "
-                "eps and resume")
-        if not self.max_rollbacks:
-            raise FloatingPointError(
-                f"zeroth-order training diverged ({why}) and the divergence guard is off (max_rollbacks 0): the run "
-                "stops here (its checkpoint is from before this step); lower the lr or eps, or turn the guard on")
+                f"zeroth-order training diverged ({why}) and {cause}: the run stops here (its checkpoint is from "
+                "before this step); lower the lr or eps and resume")
         self.rollbacks += 1
         if self.rollbacks > self.max_rollbacks:
             raise FloatingPointError(
