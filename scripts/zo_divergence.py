@@ -2,9 +2,17 @@
 
     python scripts/zo_divergence.py results/zo-divergence/smollm2-135m-sst2-lr1e-2
 
-A run *diverged* if it stopped on a non-finite loss (the guard is off) or its training loss, as a running
-mean over ``WINDOW`` steps, rose above ``RISE`` times its first such mean; the criterion was fixed before
-the runs. Writes ``README.md`` (the table) and ``loss.png`` into the folder.
+The loss is the cross-entropy over the task's label words, so a model that cannot tell the classes apart
+scores ln 2 and the zero-shot model starts near it (0.7-1.0 on the first batches). Verdicts:
+
+- *blew up*: stopped on a non-finite loss (the guard is off), or the training loss, as a running mean over
+  ``WINDOW`` steps, rose above ``RISE`` x ln 2 (twice a uniform guess);
+- *collapsed*: the last ``WINDOW`` losses sit at ln 2 with a zero projected gradient. Both perturbed
+  forwards then score the same, so zeroth-order training can never leave that state: it diverged too,
+  into equal logits for every label word, rather than into a large loss.
+
+A first version compared the running mean with its own first window, which hid runs that blew up within
+that window; the table says which criterion made it. Writes ``README.md`` and ``loss.png`` into the folder.
 """
 
 import json
@@ -16,6 +24,7 @@ import numpy as np
 from leanft.measure.report import _pyplot
 
 WINDOW, RISE = 25, 2.0
+CHANCE = float(np.log(2))
 
 
 def summarise(log: Path) -> dict:
@@ -25,29 +34,36 @@ def summarise(log: Path) -> dict:
     variant, seed = name.rsplit("-seed", 1)
     loss = np.array([r["loss"] for r in rows])
     smooth = np.convolve(loss, np.ones(WINDOW) / WINDOW, mode="valid") if len(loss) >= WINDOW else loss
-    stopped = "guard is off" in (log.with_suffix(".tail.txt").read_text() if log.with_suffix(".tail.txt").is_file()
-                                 else "")
-    above = np.nonzero(smooth > RISE * smooth[0])[0]
+    tail = log.with_suffix(".tail.txt")
+    stopped = tail.is_file() and "guard is off" in tail.read_text()
+    above = np.nonzero(smooth > RISE * CHANCE)[0]
     offset = WINDOW - 1 if len(loss) >= WINDOW else 0
     at = rows[above[0] + offset]["forwards"] if len(above) else None
+    flat = [abs(r["loss"] - CHANCE) < 1e-3 and r["projected_grad"] == 0 for r in rows]
+    collapsed = len(rows) >= WINDOW and all(flat[-WINDOW:])
+    since = rows[len(flat) - next(i for i, f in enumerate(reversed(flat)) if not f)]["forwards"] if collapsed else None
+    why = ("non-finite" if stopped else f"blew up (x{RISE:g} ln 2 at {at})" if at
+           else f"collapsed to ln 2 at {since}" if collapsed else "")
     result = log.with_suffix(".json")
     acc = json.loads(result.read_text())["eval"]["sst2"]["accuracy"] if result.is_file() else None
     return {"variant": variant, "seed": int(seed), "steps": rows[-1]["step"], "forwards": rows[-1]["forwards"],
             "q_last": rows[-1]["queries"], "start": smooth[0], "end": smooth[-1], "max": smooth.max(),
-            "diverged": stopped or at is not None, "why": "non-finite" if stopped else (f"x{RISE:g} at {at}" if at else ""),
+            "diverged": bool(why), "why": why,
             "accuracy": acc, "rows": rows, "smooth": smooth}
 
 
 def main(folder: Path) -> None:
     runs = sorted((summarise(f) for f in folder.glob("*-seed*.jsonl")), key=lambda r: (r["variant"], r["seed"]))
-    lines = [f"Training loss (running mean over {WINDOW} steps); diverged = stopped on a non-finite loss, or the running "
-             f"mean rose above {RISE:g}x its first value (forward passes when it did).", "",
+    lines = [f"Training loss (running mean over {WINDOW} steps). Diverged: stopped on a non-finite loss; blew up (the "
+             f"running mean rose above {RISE:g} x ln 2 = {RISE * CHANCE:.3f}); or collapsed (the last {WINDOW} losses at "
+             f"ln 2 with a zero projected gradient); forward passes when it happened. See scripts/zo_divergence.py.",
+             "",
              "| run | seed | steps | forwards | Q at end | loss start | loss end | loss max | diverged | eval accuracy |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         acc = "stopped" if r["accuracy"] is None else f"{r['accuracy']:.1f}"
         lines.append(f"| {r['variant']} | {r['seed']} | {r['steps']} | {r['forwards']} | {r['q_last']} | {r['start']:.3f} "
-                     f"| {r['end']:.3f} | {r['max']:.3f} | {'yes, ' + r['why'] if r['diverged'] else 'no'} | {acc} |")
+                     f"| {r['end']:.3f} | {r['max']:.3f} | {r['why'] or 'no'} | {acc} |")
     (folder / "README.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plt = _pyplot()

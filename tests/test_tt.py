@@ -115,3 +115,29 @@ def test_chosen_contraction_is_within_10_percent_of_the_fastest_measured(row):
     times = row["fwd_ms"]
     chosen = tt.choose_contraction(row["tokens"])
     assert times[chosen] <= 1.10 * min(times.values()), (chosen, times)
+
+
+def test_a_hidden_size_with_a_large_prime_names_the_module_and_the_way_out(capsys):
+    """A user's model whose width (4 x 71) cannot be factored usefully: the error names the module and the
+    matrix, and the shapes given on the command line fix it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from leanft import cli, methods
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=284, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=64))
+    with pytest.raises(ValueError, match=r"on module 'model\.layers\.0\.self_attn\.q_proj'.*284x8 matrix.*"
+                                         r"prime factor 71.*--tt-shapes"):
+        methods.apply_method(model, "loretta-rep", "CAUSAL_LM")
+    args = cli.build_parser().parse_args(["train", "--tt-shapes", "284x8=4,71,8", "8x284=8,4,71"])
+    options = cli.train_config(args).method_options
+    assert options["tt_shapes"] == {"284x8": [4, 71, 8], "8x284": [8, 4, 71]}
+    tuned = methods.apply_method(model, "loretta-rep", "CAUSAL_LM", tt_shapes=options["tt_shapes"])
+    x = torch.randint(0, 64, (1, 5))
+    tuned(x).logits.sum().backward()
+    assert tuned.base_model.model.model.layers[0].self_attn.q_proj.loretta_rep_A["default"].shape == [4, 71, 8]
+    for bad, why in [("284x8=4,71", "multiply to 284, not 284x8 = 2272"), ("284*8=4,71,8", "expected INxOUT")]:
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["train", "--tt-shapes", bad])
+        assert why in capsys.readouterr().err

@@ -20,6 +20,7 @@ from .measure import bench, budget, params, report, steps
 from .measure.system import save
 from .precision import DTYPES
 from .train import train
+from .trainflags import DENSE_CLASSIFIER_HELP, add_train_flags, comma_list, train_config  # noqa: F401
 
 
 def _method_options(args: argparse.Namespace) -> dict:
@@ -127,61 +128,6 @@ def show(result: dict, columns: list[str], output: str | None) -> None:
     if output:
         save(result, Path(output))
         print(f"saved {output}")
-
-
-TRAIN_CHOICES = {name: list(valid) for name, valid in CHOICES.items()}
-
-
-def comma_list(value: str) -> list[str]:
-    """A comma-separated flag value as a list (empty entries dropped)."""
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
-DENSE_CLASSIFIER_HELP = ("LoRETTA on sequence classification: train the classifier's hidden dense layer densely "
-                         "instead of the papers' TT-linear head")
-METHOD_FLAGS = {"rank": int, "tt_rank": int, "bottleneck": int, "alpha": float, "dropout": float, "init_mode": str,
-                "target_modules": comma_list, "input_modules": comma_list}
-
-
-def add_train_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; only flags given on the command line override --config."""
-    p.add_argument("--config", help="YAML file of TrainConfig keys; flags given here override it")
-    for f in fields(TrainConfig):
-        if f.name not in TRAIN_HELP:
-            continue
-        flag, default = "--" + f.name.replace("_", "-"), f.default
-        if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                           help=f"{TRAIN_HELP[f.name]} (default {default})")
-        elif f.name in ("text_columns", "label_words"):
-            p.add_argument(flag, type=lambda v: v.split(","), default=argparse.SUPPRESS, help=TRAIN_HELP[f.name])
-        else:
-            kind = type(default) if default is not None else str
-            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=TRAIN_CHOICES.get(f.name),
-                           help=f"{TRAIN_HELP[f.name]} (default {default})")
-    for name, kind in METHOD_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=argparse.SUPPRESS,
-                       help=f"method option {name} (see leanft.methods.OPTION_FIELDS)"
-                       + (", comma-separated; default: found from the model's module names" if kind is comma_list else ""))
-    p.add_argument("--no-train-norms", dest="train_norms", action="store_false", default=argparse.SUPPRESS,
-                   help="keep normalisation layers frozen (LoRETTA)")
-    p.add_argument("--dense-classifier", dest="tt_classifier", action="store_false", default=argparse.SUPPRESS,
-                   help=DENSE_CLASSIFIER_HELP)
-
-
-def train_config(args: argparse.Namespace) -> TrainConfig:
-    values = {}
-    if getattr(args, "config", None):
-        try:
-            values = yaml.safe_load(Path(args.config).read_text())
-        except yaml.YAMLError as e:
-            raise ValueError(f"{args.config} is not valid YAML: {e}") from e
-    if not isinstance(values, dict):
-        raise ValueError(f"{args.config}: expected a mapping of TrainConfig keys")
-    given = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command", "adapter")}
-    flags = {*METHOD_FLAGS, "train_norms", "tt_classifier"}
-    options = {**values.pop("method_options", {}), **{k: given.pop(k) for k in list(given) if k in flags}}
-    return TrainConfig.from_dict({**values, **given, "method_options": options})
 
 
 def cmd_train(args: argparse.Namespace) -> None:

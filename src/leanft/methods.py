@@ -30,12 +30,13 @@ OPTION_FIELDS: dict[str, dict[str, str]] = {
     "loretta-rep": {
         "rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "tt_rank": "tt_rank",
         "target_modules": "target_modules", "train_norms": "train_norms", "init_mode": "init_mode",
-        "tt_classifier": "tt_classifier", "classifier_dense": "classifier_dense",
+        "tt_classifier": "tt_classifier", "classifier_dense": "classifier_dense", "tt_shapes": "tt_shapes",
     },
     "loretta-adp": {
         "bottleneck": "bottleneck_size", "dropout": "adapter_dropout", "tt_rank": "tt_rank",
         "target_modules": "target_modules", "input_modules": "input_modules", "train_norms": "train_norms",
         "init_mode": "init_mode", "tt_classifier": "tt_classifier", "classifier_dense": "classifier_dense",
+        "tt_shapes": "tt_shapes",
     },
     "lamda": {
         "rank": "r", "alpha": "lamda_alpha", "dropout": "lamda_dropout", "target_modules": "target_modules",

@@ -74,7 +74,8 @@ def factorize(n: int, max_mode: int = MAX_MODE, target: int = TARGET_MODE) -> li
     if primes and primes[0] > max_mode:
         raise ValueError(
             f"cannot factor dimension {n} usefully for a TT matrix: it has the prime factor {primes[0]} > "
-            f"{max_mode}. Pass an explicit tt_shape (a list whose product is in*out), or raise max_mode."
+            f"{max_mode}. Give the matrix an explicit shape whose modes multiply to in*out: the config's "
+            f"tt_shapes={{'INxOUT': [...]}} or --tt-shapes INxOUT=a,b,..."
         )
     d = max(1, min(len(primes), round(math.log(n) / math.log(target)))) if n > 1 else 1
     modes = [1] * d
@@ -96,7 +97,10 @@ def tt_shape(in_features: int, out_features: int, max_mode: int = MAX_MODE) -> l
     small, large = sorted((in_features, out_features))
     if small in TENSOR_SHAPE and large in TENSOR_SHAPE[small]:
         return list(TENSOR_SHAPE[small][large])
-    return factorize(in_features, max_mode) + factorize(out_features, max_mode)
+    try:
+        return factorize(in_features, max_mode) + factorize(out_features, max_mode)
+    except ValueError as e:
+        raise ValueError(f"the {in_features}x{out_features} matrix: {e}") from e
 
 
 def tt_num_params(shape: list[int], rank: int) -> int:

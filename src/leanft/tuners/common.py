@@ -123,6 +123,20 @@ class LeanftTuner(BaseTuner):
         """Extra per-module arguments of ``layer_cls`` and ``update_layer`` (none by default)."""
         return {}
 
+    def _new_module(self, peft_config: LeanftConfig, adapter_name: str, target: nn.Module, key: str) -> nn.Module | None:
+        """The adapted replacement of ``target``, or None when ``target`` is already adapted and got this adapter."""
+        if self.head_cls is not None and getattr(peft_config, "tt_classifier", False) \
+                and key == peft_config.classifier_dense:
+            if isinstance(target, TTHead):
+                target.update_layer(adapter_name, peft_config)
+                return None
+            return self.head_cls(target, adapter_name, peft_config, name=key)
+        kwargs = self._layer_kwargs(peft_config, key)
+        if isinstance(target, self.tuner_layer_cls):
+            target.update_layer(adapter_name, peft_config, **kwargs)
+            return None
+        return self.layer_cls(target, adapter_name, peft_config, name=key, **kwargs)
+
     def _create_and_replace(
         self,
         peft_config: LeanftConfig,
@@ -134,18 +148,12 @@ class LeanftTuner(BaseTuner):
         *,
         parameter_name: str | None = None,
     ) -> None:
-        if self.head_cls is not None and getattr(peft_config, "tt_classifier", False) \
-                and current_key == peft_config.classifier_dense:
-            if isinstance(target, TTHead):
-                target.update_layer(adapter_name, peft_config)
-                return
-            new = self.head_cls(target, adapter_name, peft_config, name=current_key)
-        else:
-            kwargs = self._layer_kwargs(peft_config, current_key)
-            if isinstance(target, self.tuner_layer_cls):
-                target.update_layer(adapter_name, peft_config, **kwargs)
-                return
-            new = self.layer_cls(target, adapter_name, peft_config, name=current_key, **kwargs)
+        try:
+            new = self._new_module(peft_config, adapter_name, target, current_key)
+        except ValueError as e:  # e.g. a TT shape that cannot be factored: say which module
+            raise ValueError(f"{peft_config.peft_type} on module {current_key!r}: {e}") from e
+        if new is None:
+            return
         if adapter_name not in self.active_adapters:
             new.requires_grad_(False)
         self._replace_module(parent, target_name, new, target)
