@@ -7,9 +7,12 @@ scores ln 2 and the zero-shot model starts near it (0.7-1.0 on the first batches
 
 - *blew up*: stopped on a non-finite loss (the guard is off), or the training loss, as a running mean over
   ``WINDOW`` steps, rose above ``RISE`` x ln 2 (twice a uniform guess);
-- *collapsed*: the last ``WINDOW`` losses sit at ln 2 with a zero projected gradient. Both perturbed
-  forwards then score the same, so zeroth-order training can never leave that state: it diverged too,
-  into equal logits for every label word, rather than into a large loss.
+- *overflowed*: the losses sit at ln 2 with a zero projected gradient from some step to the end. Replaying
+  such a run (AdaZeta, seed 0, lr 3e-3) showed why: adapter outputs reached 1e26, their squares are inf in
+  float32, and the final RMSNorm maps the hidden states to exact zeros, so every logit is 0 and no
+  perturbation moves the loss. ``leanft.zo`` now treats that as divergence (a run with the guard off
+  stops there, and its log says "did not change under any perturbation"); logs written before that
+  kept running at ln 2, and both are read the same way here.
 
 A first version compared the running mean with its own first window, which hid runs that blew up within
 that window; the table says which criterion made it. Writes ``README.md`` and ``loss.png`` into the folder.
@@ -35,15 +38,17 @@ def summarise(log: Path) -> dict:
     loss = np.array([r["loss"] for r in rows])
     smooth = np.convolve(loss, np.ones(WINDOW) / WINDOW, mode="valid") if len(loss) >= WINDOW else loss
     tail = log.with_suffix(".tail.txt")
-    stopped = tail.is_file() and "guard is off" in tail.read_text()
+    said = tail.read_text() if tail.is_file() else ""
+    stopped, flat_stop = "guard is off" in said, "did not change under any perturbation" in said
     above = np.nonzero(smooth > RISE * CHANCE)[0]
     offset = WINDOW - 1 if len(loss) >= WINDOW else 0
     at = rows[above[0] + offset]["forwards"] if len(above) else None
     flat = [abs(r["loss"] - CHANCE) < 1e-3 and r["projected_grad"] == 0 for r in rows]
-    collapsed = len(rows) >= WINDOW and all(flat[-WINDOW:])
-    since = rows[len(flat) - next(i for i, f in enumerate(reversed(flat)) if not f)]["forwards"] if collapsed else None
-    why = ("non-finite" if stopped else f"blew up (x{RISE:g} ln 2 at {at})" if at
-           else f"collapsed to ln 2 at {since}" if collapsed else "")
+    overflowed = len(rows) >= WINDOW and all(flat[-WINDOW:])
+    since = (rows[len(flat) - next((i for i, f in enumerate(reversed(flat)) if not f), len(flat))]["forwards"]
+             if overflowed else rows[-1]["forwards"] + 2 if flat_stop else None)
+    why = (f"overflowed (flat at ln 2 from {since})" if since else "non-finite" if stopped
+           else f"blew up (x{RISE:g} ln 2 at {at})" if at else "")
     result = log.with_suffix(".json")
     acc = json.loads(result.read_text())["eval"]["sst2"]["accuracy"] if result.is_file() else None
     return {"variant": variant, "seed": int(seed), "steps": rows[-1]["step"], "forwards": rows[-1]["forwards"],
@@ -55,8 +60,8 @@ def summarise(log: Path) -> dict:
 def main(folder: Path) -> None:
     runs = sorted((summarise(f) for f in folder.glob("*-seed*.jsonl")), key=lambda r: (r["variant"], r["seed"]))
     lines = [f"Training loss (running mean over {WINDOW} steps). Diverged: stopped on a non-finite loss; blew up (the "
-             f"running mean rose above {RISE:g} x ln 2 = {RISE * CHANCE:.3f}); or collapsed (the last {WINDOW} losses at "
-             f"ln 2 with a zero projected gradient); forward passes when it happened. See scripts/zo_divergence.py.",
+             f"running mean rose above {RISE:g} x ln 2 = {RISE * CHANCE:.3f}); or overflowed (activations past float32's "
+             f"range, zeroed by the final norm: loss flat at ln 2, projected gradient 0); forward passes when it happened. See scripts/zo_divergence.py.",
              "",
              "| run | seed | steps | forwards | Q at end | loss start | loss end | loss max | diverged | eval accuracy |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -5,13 +5,15 @@
 
 A plan is a list of ``{"name", "config", "fault"}``; each process writes ``OUT/<name>.rank<R>.json`` with
 whether the run ended or the error it stopped with, and the micro-batch index of every DDP gradient sync.
-Faults: ``{"kind": "kill"|"nan", "steps": [...], "micro": m, "ranks": [...]}`` (``micro`` -1: any; a
-zeroth-order step has no micro-batches).
+Faults: ``{"kind": "kill"|"nan"|"flat", "steps": [...], "micro": m, "ranks": [...]}`` (``micro`` -1: any; a
+zeroth-order step has no micro-batches; ``flat``: a finite loss that no perturbation moves, what activations
+overflowed into zeros by a normalisation give).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -48,6 +50,8 @@ def _install() -> None:
         if hit and FAULT["kind"] == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         loss = real_loss(net, batches, decoder)
+        if hit and FAULT["kind"] == "flat":
+            return loss * 0 + math.log(2)
         return loss * float("nan") if hit else loss
 
     objectives.mean_loss = mean_loss

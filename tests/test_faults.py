@@ -90,9 +90,19 @@ KILLED = [(m, "float32") for m in OPTIONS] + [("loretta-rep", "bfloat16"), ("lor
                                               ("mezo", "bfloat16")]
 
 
+@pytest.fixture
+def one_thread():
+    """The killed child computes on one thread (``ENV``); the whole and resumed runs here must too: two
+    threads split the matrix products differently and AdamW runs then differ in the 7th digit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method,dtype", KILLED)
-def test_killed_run_resumes_to_the_uninterrupted_result(tiny_llama_dir, tmp_path, method, dtype):
+def test_killed_run_resumes_to_the_uninterrupted_result(tiny_llama_dir, tmp_path, method, dtype, one_thread):
     zo = method in ZO
     train.train(config(tiny_llama_dir, tmp_path / "whole", method, dtype=dtype))
     whole = final_state(tmp_path / "whole", zo)
@@ -138,7 +148,7 @@ def test_lamda_resumes_from_inside_the_partial_freeze(tiny_llama_dir, tmp_path, 
 
 
 def _plan(model_dir: str, root: Path) -> list[dict]:
-    """Every method on two processes (half the batch each), then the NaN cases."""
+    """Every method on two processes (half the batch each), then the NaN and flat-loss cases."""
     plan = []
     for method in OPTIONS:
         # no dropout: two processes draw other masks than one, and the runs are to be compared
@@ -158,6 +168,9 @@ def _plan(model_dir: str, root: Path) -> list[dict]:
         plan.append({"name": name, "config": asdict(cfg), "fault": {"kind": "nan", "steps": steps, "ranks": [1]}})
     off = config(model_dir, root / "nan-zo-guard-off", "mezo-lora", zo_queries=2, zo_max_rollbacks=0)
     plan.append({"name": "nan-zo-guard-off", "config": asdict(off), "fault": {"kind": "nan", "steps": [2], "ranks": [1]}})
+    flat = config(model_dir, root / "flat-zo-guard-off", "mezo-lora", zo_queries=2, zo_max_rollbacks=0)
+    plan.append({"name": "flat-zo-guard-off", "config": asdict(flat),
+                 "fault": {"kind": "flat", "steps": [2], "ranks": [0, 1]}})
     return plan
 
 
@@ -217,6 +230,12 @@ def test_data_parallel_matrix_and_a_nan_on_one_process(tiny_llama_dir, tmp_path)
     assert not any(r["ok"] for r in off) and off[0]["error"] == off[1]["error"]
     assert "guard is off" in off[0]["error"]
     state, _ = checkpoint.load(tmp_path / "nan-zo-guard-off")
+    assert state["step"] <= 2
+
+    flat = result["flat-zo-guard-off"]  # a finite loss that stopped moving is divergence too, on every process
+    assert not any(r["ok"] for r in flat) and flat[0]["error"] == flat[1]["error"]
+    assert "did not change under any perturbation" in flat[0]["error"] and "guard is off" in flat[0]["error"]
+    state, _ = checkpoint.load(tmp_path / "flat-zo-guard-off")
     assert state["step"] <= 2
 
 

@@ -161,6 +161,29 @@ def test_with_the_guard_off_the_first_non_finite_step_stops_and_leaves_the_param
     assert all(torch.equal(a, p) for a, p in zip(after_good, engine.params))
 
 
+def test_activations_that_overflow_into_a_finite_loss_are_divergence_not_convergence(tokens):
+    """Hidden states beyond 1.8e19 square to inf in float32 and RMSNorm maps them to zeros: the loss is then
+    exactly ln(vocab), finite, and no perturbation moves it. That once ran on silently for hundreds of steps
+    (an AdaZeta run at lr 3e-3); it is divergence, rolled back with the guard on and a stop with it off."""
+    for max_rollbacks in (5, 0):
+        model = lora_model()
+        engine = ZOEngine(model, eps=1e-3, max_rollbacks=max_rollbacks)
+        fn = loss_of(model, tokens)
+        healthy = [p.detach().clone() for p in engine.params]
+        engine.step(0, fn, queries=1, lr=1e-3)  # the update the rollback undoes
+        with torch.no_grad():
+            model.base_model.model.model.layers[1].self_attn.v_proj.lora_B["default"].weight.fill_(1e24)
+        assert fn() == pytest.approx(math.log(128))  # finite: nothing else would stop this run
+        if max_rollbacks:
+            record = engine.step(1, fn, queries=2, lr=1e-3)
+            assert record.rolled_back and record.grads == [0.0, 0.0] and engine.lr_scale == 0.5
+            assert all(torch.equal(p, h) for p, h in zip(engine.params, healthy))
+            assert abs(fn() - math.log(128)) > 1e-3  # a working model again
+        else:
+            with pytest.raises(FloatingPointError, match=r"did not change under any perturbation.*guard is off"):
+                engine.step(1, fn, queries=2, lr=1e-3)
+
+
 def test_replay_rebuilds_the_exact_state(tokens):
     model = lora_model()
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -248,6 +271,8 @@ def test_zo_divergence_in_training_is_rolled_back_and_reported(tiny_llama_dir, t
     log = zo_log(tmp_path)
     assert [r["rolled_back"] for r in log] == [False, False, True, False, False, False]
     assert log[3]["lr"] == pytest.approx(log[1]["lr"] / 2)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("diverged") for r in rows if r.get("rolled_back")] == ["non-finite loss or projected gradient"]
 
 
 @pytest.mark.slow

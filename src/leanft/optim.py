@@ -264,7 +264,7 @@ class ZerothOrder:
             self.log.append(record)
         return {"loss": record.loss, "queries": len(record.seeds), "projected_grad": float(np.mean(record.grads)),
                 "updated_params": 0 if record.rolled_back else self.engine.numel,
-                **({"rolled_back": True} if record.rolled_back else {})}
+                **({"rolled_back": True, "diverged": self.engine.why} if record.rolled_back else {})}
 
     def save(self, out: Path, state: dict) -> None:
         checkpoint.save(out, state)

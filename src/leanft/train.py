@@ -260,7 +260,8 @@ def run_stage(run: Run, stage_no: int, stage: list[int], out: Path) -> dict:
         bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr_now:.1e}", ex_s=f"{row['examples_per_s']:.1f}",
                         **({"q": row["queries"]} if zo else {}))
         if row.get("rolled_back") and run.main:
-            bar.write(f"step {state['step']}: loss {row['loss']} diverged; rolled back and halved the learning rate")
+            bar.write(f"step {state['step']}: diverged ({row['diverged']}; loss {row['loss']:.6g}); rolled back and "
+                      "halved the learning rate")
         at_eval = state["step"] % cfg.eval_every == 0 or state["step"] == total_steps
         if dev_tasks and at_eval:
             dev = run.evaluate("dev", dev_tasks, net=updater.net)

@@ -28,8 +28,12 @@ Choices where the sources leave room (all configurable):
   elements from seeds, so no full-size float32 temporary exists and replay stays exact.
 * Divergence: a step whose loss or projected gradient is non-finite rolls back to the last good
   parameters and halves the learning rate; after ``recover`` good steps the lr doubles back, up to the
-  schedule's. ``blowup > 0`` also rolls back a loss above ``blowup`` times its running mean (off by
-  default: one hard batch is not divergence). ``max_rollbacks`` rollbacks in a row stop the run with an
+  schedule's. A step whose every query left the loss exactly unchanged (``l+ == l-``, loss above 0) is
+  divergence too: activations beyond 1.8e19 square to inf in float32, and an RMS/LayerNorm then maps
+  them to exact zeros, so the loss sits at ln(number of candidates) with a finite value that no
+  perturbation moves; the same signature means eps is below the compute precision. ``blowup > 0`` also
+  rolls back a loss above ``blowup`` times its running mean (off by default: one hard batch is not
+  divergence). ``max_rollbacks`` rollbacks in a row stop the run with an
   error; ``max_rollbacks=0`` turns the guard off (the first non-finite step stops the run), as do
   full-model sets too large to keep a rollback copy.
 * Replay: every step is logged as (seeds, projected gradients, lr); the start state plus the log
@@ -116,6 +120,7 @@ class ZOEngine:
         self.lr_scale = 1.0  # halved at every rollback, doubled back after ``recover`` good steps
         self.good_steps = 0  # good steps since the last rollback or recovery
         self.rollbacks = 0  # rollbacks in a row
+        self.why = ""  # why the last step was divergence ("" when it was not)
 
     # -- perturbation ------------------------------------------------------------------------------
 
@@ -241,17 +246,25 @@ class ZOEngine:
         seeds, grads, losses = [r[1] for r in results], [r[2] for r in results], [r[3] for r in results]
         loss = float(np.mean(losses))
         record = ZOStep(step, seeds, grads, lr * self.lr_scale, loss)
-        if not self._healthy(loss, grads):
-            self.rollback()
+        self.why = self._unhealthy(loss, grads)
+        if self.why:
+            self.rollback(self.why)
             record.rolled_back = True
             return record
         self._update(record)
         return record
 
-    def _healthy(self, loss: float, grads: list[float]) -> bool:
+    def _unhealthy(self, loss: float, grads: list[float]) -> str:
+        """Why this step is divergence, or "" when it is not."""
         if not (math.isfinite(loss) and all(map(math.isfinite, grads))):
-            return False
-        return not self.blowup or self.running_loss is None or loss <= self.blowup * max(self.running_loss, 1e-8)
+            return "non-finite loss or projected gradient"
+        if loss > 0 and all(g == 0 for g in grads):
+            return (f"the loss ({loss:.6g}) did not change under any perturbation: the model's output no longer "
+                    "depends on the trainable parameters (activations overflowed and a normalisation layer turned "
+                    "them into zeros), or eps is below the compute precision (raise --zo-eps, or train in float32)")
+        if self.blowup and self.running_loss is not None and loss > self.blowup * max(self.running_loss, 1e-8):
+            return f"a loss above {self.blowup}x its running mean"
+        return ""
 
     def _update(self, record: ZOStep) -> None:
         """Apply a healthy step (keeping the parameters before it for a rollback) and keep the books."""
@@ -265,10 +278,8 @@ class ZOEngine:
             self.lr_scale, self.good_steps = min(1.0, 2 * self.lr_scale), 0
 
     @torch.no_grad()
-    def rollback(self) -> None:
+    def rollback(self, why: str = "a logged divergence") -> None:
         """Back to the parameters before the last update (whose loss was still fine); halve the lr."""
-        why = "non-finite loss or projected gradient" + (f", or a loss above {self.blowup}x its running mean"
-                                                         if self.blowup else "")
         if self.good is None:
             cause = ("the divergence guard is off (max_rollbacks 0)" if not self.max_rollbacks else
                      f"{self.numel:,} trainable parameters are too many to keep a rollback copy")
