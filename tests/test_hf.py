@@ -127,6 +127,29 @@ def test_zo_trainer_resumes_exactly(tiny_llama_dir, tmp_path):
     assert logged and all(h["zo_queries"] == 2 and "zo_projected_grad" in h for h in logged)
 
 
+def test_zo_trainer_on_a_bf16_model_trains_float32_adapters_and_resumes_exactly(tiny_llama_dir, tmp_path):
+    """A bfloat16 base with ``bf16=True``: the adapters stay float32 and all move, no step is mistaken for
+    divergence (a perturbation lost in bf16 rounding would leave the loss unchanged), and a run stopped at
+    step 2 and resumed ends where the whole run does."""
+    def make(out, callbacks):
+        torch.manual_seed(0)
+        model, tokenizer = models.load_model(tiny_llama_dir, dtype=torch.bfloat16)
+        model = get_peft_model(model, leanft.LorettaAdpConfig(task_type="CAUSAL_LM", bottleneck_size=8, tt_rank=2,
+                                                              train_norms=False, init_mode="noise_free"))
+        return trainer_of(leanft.ZOTrainer, model, tokenizer, out, steps=6, callbacks=callbacks, zo_queries=2,
+                          args={"learning_rate": 1e-3, "bf16": True, "use_cpu": not torch.cuda.is_available()})
+
+    whole = make(tmp_path / "whole", [])
+    start = trainable(whole.model)
+    assert start and all(t.dtype == torch.float32 for t in start.values())
+    whole.train()
+    expected = trainable(whole.model)
+    assert all(t.dtype == torch.float32 and not torch.equal(t, start[n]) for n, t in expected.items())
+    logged = [h for h in whole.state.log_history if "zo_rollbacks" in h]
+    assert logged and sum(h["zo_rollbacks"] for h in logged) == 0
+    assert all(torch.equal(expected[n], p) for n, p in stopped_and_resumed(make, tmp_path / "cut").items())
+
+
 def test_zo_trainer_takes_the_steps_of_leanfts_engine(tiny_llama_dir, tmp_path):
     """Same seeds, batches, lr and query count: ZOTrainer's parameters are those of ``leanft.zo.ZOEngine``
     (the engine ``leanft train`` uses) stepped by hand on the batches the Trainer drew."""
