@@ -49,6 +49,8 @@ def config(model_dir: str, out: Path, method: str, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
+NO_DROPOUT = {**OPTIONS["loretta-rep"], "dropout": 0.0}  # two processes draw other masks than one
+
 # where each method is killed: (step, micro-batch), the checkpoint it resumes from is the step before
 KILL_AT = {m: (3, 1) for m in OPTIONS}
 KILL_AT.update({"lamda": (2, 1), "lamda++": (2, 1), "adazeta": (4, -1), "mezo": (3, -1), "mezo-lora": (3, -1)})
@@ -148,7 +150,7 @@ def test_lamda_resumes_from_inside_the_partial_freeze(tiny_llama_dir, tmp_path, 
 
 
 def _plan(model_dir: str, root: Path) -> list[dict]:
-    """Every method on two processes (half the batch each), then the NaN and flat-loss cases."""
+    """Every method on two processes (half the batch each), one in bfloat16, then the NaN and flat-loss cases."""
     plan = []
     for method in OPTIONS:
         # no dropout: two processes draw other masks than one, and the runs are to be compared
@@ -157,6 +159,10 @@ def _plan(model_dir: str, root: Path) -> list[dict]:
         if method not in ZO:
             cfg.batch_size //= 2
         plan.append({"name": f"ddp-{method}", "config": asdict(cfg)})
+    # bfloat16 compute (autocast, float32 adapters) on two processes
+    bf16 = config(model_dir, root / "ddp-bf16", "loretta-rep", max_steps=6, dtype="bfloat16", method_options=NO_DROPOUT)
+    bf16.batch_size //= 2
+    plan.append({"name": "ddp-bf16", "config": asdict(bf16)})
     # a mixture: processes run as many forwards as their micro-batch has tasks (no collective per forward)
     mixed = config(model_dir, root / "ddp-mixture", "loretta-rep", task="sst2,rte", batch_size=1, max_steps=4)
     plan.append({"name": "ddp-mixture", "config": asdict(mixed)})
@@ -175,7 +181,7 @@ def _plan(model_dir: str, root: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_data_parallel_matrix_and_a_nan_on_one_process(tiny_llama_dir, tmp_path):
+def test_data_parallel_matrix_and_a_nan_on_one_process(tiny_llama_dir, tmp_path, one_thread):
     plan = _plan(tiny_llama_dir, tmp_path)
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
@@ -206,6 +212,18 @@ def test_data_parallel_matrix_and_a_nan_on_one_process(tiny_llama_dir, tmp_path)
                 torch.testing.assert_close(a["last"][name], b["last"][name], rtol=1e-3, atol=1e-4, msg=name)
         assert [s for s, _ in a["rows"]] == [s for s, _ in b["rows"]]
         assert [x for _, x in a["rows"]] == pytest.approx([x for _, x in b["rows"]], rel=1e-5)
+
+    # bfloat16 on two processes equals one process in bf16 to within bf16's rounding: far closer than bf16 is to
+    # float32, so it did compute in bf16, and its adapters stayed float32
+    assert all(r["ok"] for r in result["ddp-bf16"])
+    train.train(config(tiny_llama_dir, tmp_path / "single-bf16", "loretta-rep", max_steps=6, dtype="bfloat16",
+                       method_options=NO_DROPOUT))
+    ddp, one = final_state(tmp_path / "ddp-bf16", False), final_state(tmp_path / "single-bf16", False)
+    fp32 = final_state(tmp_path / "single" / "loretta-rep", False)
+    distance = lambda x, y: float(torch.cat([(x["last"][n] - y["last"][n]).flatten() for n in y["last"]]).norm())
+    assert all(t.dtype == torch.float32 for t in ddp["last"].values())
+    assert distance(ddp, one) < 0.6 * distance(one, fp32), (distance(ddp, one), distance(one, fp32))
+    assert [x for _, x in ddp["rows"]] == pytest.approx([x for _, x in one["rows"]], abs=5e-3)
 
     assert all(r["ok"] for r in result["ddp-mixture"])
     stopped = result["nan-adamw"]
