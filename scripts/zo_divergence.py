@@ -8,7 +8,7 @@ scores ln 2 and the zero-shot model starts near it (0.7-1.0 on the first batches
 - *blew up*: stopped on a non-finite loss (the guard is off), or the training loss, as a running mean over
   ``WINDOW`` steps, rose above ``RISE`` x ln 2 (twice a uniform guess);
 - *overflowed*: the losses sit at ln 2 with a zero projected gradient from some step to the end. Replaying
-  such a run (AdaZeta, seed 0, lr 3e-3) showed why: adapter outputs reached 1e26, their squares are inf in
+  such a run (AdaZeta, seed 0, lr 3e-3) showed why: adapter outputs reached 8e26, their squares are inf in
   float32, and the final RMSNorm maps the hidden states to exact zeros, so every logit is 0 and no
   perturbation moves the loss. ``leanft.zo`` now treats that as divergence (a run with the guard off
   stops there, and its log says "did not change under any perturbation"); logs written before that
@@ -44,9 +44,11 @@ def summarise(log: Path) -> dict:
     offset = WINDOW - 1 if len(loss) >= WINDOW else 0
     at = rows[above[0] + offset]["forwards"] if len(above) else None
     flat = [abs(r["loss"] - CHANCE) < 1e-3 and r["projected_grad"] == 0 for r in rows]
-    overflowed = len(rows) >= WINDOW and all(flat[-WINDOW:])
-    since = (rows[len(flat) - next((i for i, f in enumerate(reversed(flat)) if not f), len(flat))]["forwards"]
-             if overflowed else rows[-1]["forwards"] + 2 if flat_stop else None)
+    first = len(flat)  # where the run of flat steps that ends the log begins
+    while first and flat[first - 1]:
+        first -= 1
+    since = (rows[first]["forwards"] if len(flat) - first >= WINDOW
+             else rows[-1]["forwards"] + 2 if flat_stop else None)
     why = (f"overflowed (flat at ln 2 from {since})" if since else "non-finite" if stopped
            else f"blew up (x{RISE:g} ln 2 at {at})" if at else "")
     result = log.with_suffix(".json")
