@@ -2,17 +2,21 @@
 
     pip install 'leanft[trl]'
     python examples/sft_adazeta_zo.py                           # SmolLM2-135M, E2E-style data, 40 steps
+    torchrun --nproc_per_node 2 examples/sft_adazeta_zo.py --batch-size 4   # the same run on two processes
 
 Forward passes only: no gradients, no optimiser state, the memory of inference. TRL does the data
 (prompt-completion pairs, loss on the completion only); leanft's engine does the SPSA step, the same
 one ``leanft train --method adazeta`` runs. AdaZeta's adapters are LoRETTA_adp's with norms frozen and
-the noise-free start; ``zo_schedule="adazeta"`` raises the query count with the epoch.
+the noise-free start; ``zo_schedule="adazeta"`` raises the query count with the epoch (``--queries N``
+takes N every step instead). On several processes each evaluates its share of the queries on the whole
+batch, so the result is that of one process with the same global batch.
 """
 
 from __future__ import annotations
 
 import argparse
 
+import torch
 from datasets import Dataset
 from trl import SFTConfig
 
@@ -36,6 +40,7 @@ def main(argv: list[str] | None = None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--bottleneck", type=int, default=64)
     p.add_argument("--epochs", type=float, default=0, help="> 0: train for epochs (AdaZeta's queries grow with them)")
+    p.add_argument("--queries", type=int, default=0, help="> 0: this many queries every step, not AdaZeta's schedule")
     args = p.parse_args(argv)
 
     model, tokenizer = leanft.models.load_model(args.model)
@@ -43,11 +48,15 @@ def main(argv: list[str] | None = None):
                                      init_mode="noise_free")
     training = SFTConfig(output_dir=args.output_dir, max_steps=-1 if args.epochs else args.steps,
                          num_train_epochs=args.epochs or 1, per_device_train_batch_size=args.batch_size,
-                         learning_rate=1e-4, lr_scheduler_type="constant", logging_steps=10, save_steps=20,
-                         report_to=[], seed=0, max_length=256, bf16=False)  # TRL's default is bf16
+                         learning_rate=1e-4, lr_scheduler_type="constant", logging_steps=max(1, args.steps // 4),
+                         save_steps=20, report_to=[], seed=0, max_length=256, bf16=False,  # TRL's default is bf16
+                         use_cpu=not torch.cuda.is_available())  # processes on CPUs talk through gloo only then
+    schedule = {"zo_schedule": "fixed", "zo_queries": args.queries} if args.queries else {"zo_schedule": "adazeta"}
     trainer = leanft.ZOSFTTrainer(model=model, args=training, train_dataset=e2e_pairs(args.examples),
-                                  processing_class=tokenizer, peft_config=config, zo_schedule="adazeta", zo_eps=1e-3)
+                                  processing_class=tokenizer, peft_config=config, zo_eps=1e-3, **schedule)
     trainer.train()
+    trainer.save_model(f"{args.output_dir}/adapter")
+    trainer.save_state()  # trainer_state.json: the logged loss, queries, entropy, token accuracy and tokens
     return trainer
 
 

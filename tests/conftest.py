@@ -37,6 +37,15 @@ def tiny_opt() -> torch.nn.Module:
     return OPTForCausalLM(cfg).eval()
 
 
+def free_port() -> str:
+    """A TCP port no one listens on now, for a torchrun test (tests may run side by side under xdist)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
 FAMILIES = {"llama": (tiny_llama, "CAUSAL_LM"), "bert": (tiny_bert, "SEQ_CLS"), "opt": (tiny_opt, "CAUSAL_LM")}
 
 
@@ -75,15 +84,16 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def make_model_dir(path, family: str = "llama") -> str:
-    """Save a tiny random model of ``family`` with the tiny tokenizer, loadable by name (its folder)."""
+def make_model_dir(path, family: str = "llama", **sizes) -> str:
+    """Save a tiny random model of ``family`` with the tiny tokenizer, loadable by name (its folder);
+    ``sizes`` override the LLaMA config (another width or depth: a model an adapter does not fit)."""
     tokenizer = tiny_tokenizer()
     vocab = len(tokenizer)
     torch.manual_seed(0)
     if family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
-                                             pad_token_id=0, bos_token_id=1, eos_token_id=2))
+        model = LlamaForCausalLM(LlamaConfig(**{**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                       num_attention_heads=4, num_key_value_heads=2), **sizes},
+                                             vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2))
     else:
         model = BertForSequenceClassification(BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                          num_attention_heads=4, vocab_size=vocab, pad_token_id=0))

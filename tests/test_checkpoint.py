@@ -4,6 +4,8 @@ damaged checkpoints that fail clearly without a half load."""
 from __future__ import annotations
 
 import json
+import os
+import pathlib
 import random
 
 import numpy as np
@@ -82,8 +84,8 @@ class FakeCuda:
 def test_cuda_rng_states_are_saved_and_restored(model, tmp_path, monkeypatch):
     cuda = FakeCuda(monkeypatch, 2)
     save_run(tmp_path, model)
-    extra = torch.load(tmp_path / "checkpoint" / "optimizer.pt", weights_only=False)
-    assert [s.tolist() for s in extra["rng"]["cuda"]] == [s.tolist() for s in cuda.states]
+    rng = torch.load(tmp_path / "checkpoint" / "rng-0.pt", weights_only=False)
+    assert [s.tolist() for s in rng["cuda"]] == [s.tolist() for s in cuda.states]
     cuda.states = [torch.zeros(16, dtype=torch.uint8)] * 2  # the run goes on: the states move
     checkpoint.load(tmp_path, model)
     assert [s.tolist() for s in cuda.restored] == [[1] * 16, [2] * 16]
@@ -92,7 +94,7 @@ def test_cuda_rng_states_are_saved_and_restored(model, tmp_path, monkeypatch):
 def test_a_run_that_never_initialised_cuda_saves_no_cuda_states(model, tmp_path, monkeypatch):
     FakeCuda(monkeypatch, 1, initialized=False)
     save_run(tmp_path, model)
-    assert "cuda" not in torch.load(tmp_path / "checkpoint" / "optimizer.pt", weights_only=False)["rng"]
+    assert "cuda" not in torch.load(tmp_path / "checkpoint" / "rng-0.pt", weights_only=False)
     monkeypatch.undo()
     checkpoint.load(tmp_path, model)  # resumable on a CPU-only machine
 
@@ -111,7 +113,7 @@ def test_cuda_states_this_machine_cannot_take_are_refused_before_any_restore(mod
     seed_all(9)
     with pytest.raises(checkpoint.CheckpointError, match=f"{devices_then} GPU.*{says}.*same kind of machine") as e:
         checkpoint.load(tmp_path, model)
-    assert "optimizer.pt" in str(e.value)
+    assert "rng-0.pt" in str(e.value)
     assert same(trainable(model), before) and draws() == expected and cuda.restored is None  # nothing restored
     with pytest.warns(UserWarning, match="not be bit-exact"):
         checkpoint.load(tmp_path, model, allow_inexact=True)
@@ -134,6 +136,8 @@ def truncate(path) -> None:
     (lambda p: p.write_text('{"step": 3'), "trainer_state.json", checkpoint.CheckpointError),
     (lambda p: p.unlink(), "optimizer.pt", FileNotFoundError),
     (truncate, "optimizer.pt", checkpoint.CheckpointError),
+    (lambda p: p.unlink(), "rng-0.pt", FileNotFoundError),
+    (truncate, "rng-0.pt", checkpoint.CheckpointError),
 ])
 def test_a_damaged_checkpoint_is_a_clear_error_naming_the_file_and_nothing_is_restored(model, tmp_path, damage, file,
                                                                                       error):
@@ -258,3 +262,172 @@ def test_a_damaged_zo_log_is_a_clear_error_before_any_change(tmp_path, damage, m
     with pytest.raises((checkpoint.CheckpointError, FileNotFoundError), match=match):
         checkpoint.ZOLog(tmp_path).replay(model, ZOEngine(model, eps=1e-3), 1)
     assert same(trainable(model), before)
+
+
+# ---- durability: whole or not at all, on disk, and found again after a crash ---------------------
+
+
+class Killed(Exception):
+    """A simulated kill at a chosen point of a write."""
+
+
+def test_a_kill_while_replay_rewrites_the_log_leaves_the_log_resumable(tmp_path, monkeypatch):
+    _, trained = zo_run(tmp_path)
+    real = pathlib.Path.write_text
+
+    def killed(self, *args, **kwargs):  # the file is opened (emptied), then the process dies
+        real(self, "")
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(pathlib.Path, "write_text", killed)
+        with pytest.raises(Killed):
+            replay(tmp_path, steps=2)
+    model, _ = replay(tmp_path, steps=3)  # the log still holds every step
+    assert same(trainable(model), trained)
+
+
+@pytest.fixture
+def disk_events(monkeypatch) -> list[tuple]:
+    """In order: ``("fsync", path)`` for each fsync and ``("rename", source, target)`` for each rename."""
+    if not pathlib.Path("/proc/self/fd").is_dir():
+        pytest.skip("naming an fsynced descriptor needs /proc")
+    events = []
+    real_fsync, real_rename, real_replace = os.fsync, pathlib.Path.rename, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", pathlib.Path(os.readlink(f"/proc/self/fd/{fd}"))))
+        return real_fsync(fd)
+
+    def rename(self, target):
+        events.append(("rename", pathlib.Path(self).resolve(), pathlib.Path(target).resolve()))
+        return real_rename(self, target)
+
+    def replace(source, target):
+        events.append(("rename", pathlib.Path(source).resolve(), pathlib.Path(target).resolve()))
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(pathlib.Path, "rename", rename)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+def test_a_checkpoint_is_on_disk_before_it_replaces_the_old_one_and_the_swap_after(model, tmp_path, disk_events):
+    save_run(tmp_path, model)
+    disk_events.clear()
+    save_run(tmp_path, model, {"step": 4})
+    out = tmp_path.resolve()
+    first = next(i for i, e in enumerate(disk_events) if e[0] == "rename")
+    written = disk_events[first][1]  # the temporary folder the checkpoint was written to
+    synced = {e[1] for e in disk_events[:first] if e[0] == "fsync"}
+    assert {written / f.name for f in (tmp_path / "checkpoint").iterdir()} | {written} <= synced
+    last = max(i for i, e in enumerate(disk_events) if e[0] == "rename")
+    assert ("fsync", out) in disk_events[last:]
+
+
+def test_replay_puts_the_cut_log_on_disk_before_it_replaces_the_old(tmp_path, disk_events):
+    zo_run(tmp_path)
+    disk_events.clear()
+    replay(tmp_path, steps=2)
+    out = tmp_path.resolve()
+    swap = next(i for i, e in enumerate(disk_events) if e[0] == "rename" and e[2] == out / "zo_log.jsonl")
+    assert ("fsync", disk_events[swap][1]) in disk_events[:swap] and ("fsync", out) in disk_events[swap:]
+
+
+def kill_at_rename(monkeypatch, n: int) -> None:
+    """The process dies instead of doing its ``n``-th rename (0: while writing the files)."""
+    real, done = pathlib.Path.rename, []
+
+    def rename(self, target):
+        done.append(self)
+        if len(done) == n:
+            raise Killed
+        return real(self, target)
+
+    def write_killed(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(pathlib.Path, "rename", rename)
+    if n == 0:
+        monkeypatch.setattr(checkpoint, "save_file", write_killed)
+
+
+# the step a resume finds after the save of step 4 over step 3 is killed: before its folder is complete,
+# step 3; after it (before, between or after the swap's renames), step 4
+@pytest.mark.parametrize("kill_at,resumes_at", [(0, 3), (1, 3), (2, 4), (3, 4)])
+def test_a_save_killed_at_any_point_leaves_the_newest_complete_checkpoint(model, tmp_path, monkeypatch, kill_at,
+                                                                          resumes_at):
+    save_run(tmp_path, model, {"step": 3})
+    with monkeypatch.context() as m:
+        kill_at_rename(m, kill_at)
+        with pytest.raises(Killed):
+            save_run(tmp_path, model, {"step": 4})
+    assert checkpoint.exists(tmp_path)
+    assert checkpoint.load(tmp_path, model)[0]["step"] == resumes_at
+    save_run(tmp_path, model, {"step": 5})  # the next save takes the recovered one's place and clears the rest
+    assert checkpoint.load(tmp_path, model)[0]["step"] == 5
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
+
+
+@pytest.mark.parametrize("kill_at", [2, 3])
+def test_the_best_adapter_survives_a_kill_between_its_renames(tmp_path, monkeypatch, kill_at):
+    first, second = lora_model(), lora_model()
+    perturb(first), perturb(second), perturb(second)
+    checkpoint.save_best(tmp_path, first, None, {"step": 1})
+    with monkeypatch.context() as m:
+        kill_at_rename(m, kill_at)
+        with pytest.raises(Killed):
+            checkpoint.save_best(tmp_path, second, None, {"step": 2})
+    loaded = lora_model()
+    checkpoint.load_best_weights(tmp_path / "best", loaded)
+    assert same(trainable(loaded), trainable(second))
+
+
+# ---- one set of random states per process --------------------------------------------------------
+
+
+def per_process_states(world: int) -> tuple[list[dict], list[tuple]]:
+    """``world`` processes' RNG states (seeded by rank) and what each then draws."""
+    states, expected = [], []
+    for rank in range(world):
+        seed_all(rank)
+        states.append(checkpoint.rng_states())
+        expected.append(draws())
+    return states, expected
+
+
+def test_each_process_saves_and_restores_its_own_random_states(model, tmp_path):
+    states, expected = per_process_states(2)
+    checkpoint.save(tmp_path, {"step": 3}, model, {}, rngs=states)
+    assert sorted(p.name for p in (tmp_path / "checkpoint").glob("rng-*")) == ["rng-0.pt", "rng-1.pt"]
+    for rank in (1, 0):
+        seed_all(9)
+        checkpoint.load(tmp_path, model, rank=rank, world=2)
+        assert draws() == expected[rank]
+
+
+def test_resuming_on_another_number_of_processes_is_refused_before_any_restore(model, tmp_path):
+    states, expected = per_process_states(2)
+    checkpoint.save(tmp_path, {"step": 3}, model, {}, rngs=states)
+    perturb(model)
+    before = trainable(model)
+    with pytest.raises(checkpoint.CheckpointError, match="states of 2 process.*resumed on 1.*--nproc_per_node 2"):
+        checkpoint.load(tmp_path, model)
+    assert same(trainable(model), before)
+    with pytest.warns(UserWarning, match="random states of 2 process.*not be bit-exact"):
+        checkpoint.load(tmp_path, model, allow_inexact=True)
+    assert draws() == expected[0]
+
+
+def test_a_checkpoint_with_the_random_states_in_optimizer_pt_still_resumes(model, tmp_path):
+    """Written by an older leanft: one process's states inside optimizer.pt, no rng files."""
+    save_run(tmp_path, model)
+    ckpt = tmp_path / "checkpoint"
+    for f in ckpt.glob("rng-*.pt"):
+        f.unlink()
+    seed_all(4)
+    torch.save({"optimizer": {"lr": 0.1}, "rng": checkpoint.rng_states()}, ckpt / "optimizer.pt")
+    expected = draws()
+    _, extra = checkpoint.load(tmp_path, model)
+    assert draws() == expected and extra["optimizer"] == {"lr": 0.1}

@@ -133,7 +133,8 @@ def test_lamda_under_zeroth_order_training_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("text,message", [
-    ("method: [lora\n", r"run.yaml is not valid YAML"),
+    ("method: [lora\n", r"run.yaml line 2, column 1: not valid YAML: while parsing a flow sequence, expected ',' or "
+                         r"'\]', but got '<stream end>'$"),
     ("batch_size: two\n", r"batch_size: expected int like 8, got 'two'"),
     ("warmup_ratio: 2\n", "warmup_ratio is a fraction of the steps, at most 1"),
     ("eval_file: data.csv\n", "eval_file needs train_file"),
@@ -147,6 +148,20 @@ def test_config_files_that_would_be_misread_are_refused_naming_what(tmp_path, te
     config.write_text(text)
     with pytest.raises(ValueError, match=message):
         cli.train_config(cli.build_parser().parse_args(["train", "--config", str(config)]))
+
+
+def test_a_hub_id_the_hub_does_not_give_is_one_line_naming_it(monkeypatch):
+    """Offline (or an unknown or gated id) the hub client retries, then transformers raises an OSError whose
+    traceback was all a user saw."""
+    from leanft import models
+
+    def offline(name, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
+
+    monkeypatch.setattr(models.AutoConfig, "from_pretrained", offline)
+    with pytest.raises(FileNotFoundError, match=r"^cannot load 'org/nothere': there is no such local folder, and the "
+                                                r"Hugging Face hub did not give it \(We couldn't connect .* files\.\)$"):
+        models.model_kind("org/nothere")
 
 
 def test_a_missing_local_model_folder_is_not_tried_on_the_hub(tmp_path, monkeypatch):

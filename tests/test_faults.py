@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from safetensors.torch import load_file
 
 from leanft import checkpoint, train
@@ -184,7 +185,7 @@ def _plan(model_dir: str, root: Path) -> list[dict]:
 def test_data_parallel_matrix_and_a_nan_on_one_process(tiny_llama_dir, tmp_path, one_thread):
     plan = _plan(tiny_llama_dir, tmp_path)
     (tmp_path / "plan.json").write_text(json.dumps(plan))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
            str(DRIVER), "plan", str(tmp_path / "plan.json"), str(tmp_path)]
     ran = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=1200)
     assert ran.returncode == 0, ran.stderr[-4000:]
@@ -297,3 +298,186 @@ def test_an_adapter_evaluated_on_another_base_model_is_refused_in_one_sentence(t
     info.write_text(info.read_text().replace(json.dumps(tiny_llama_dir), json.dumps(tiny_bert_dir)))
     with pytest.raises(ValueError, match="does not fit the base model"):
         evaluate_saved(tmp_path / "best", TrainConfig(num_eval=4, task=""))
+
+
+def _torchrun(plan: list[dict], root: Path) -> subprocess.CompletedProcess:
+    (root / "plan.json").write_text(json.dumps(plan))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+           str(DRIVER), "plan", str(root / "plan.json"), str(root)]
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_two_processes_with_dropout_killed_and_resumed_equal_the_uninterrupted_run(tiny_llama_dir, tmp_path,
+                                                                                   one_thread):
+    """Each process draws its own dropout masks: the checkpoint keeps every process's random states and each
+    restores its own. A clock that runs fast on one process (it finds a time-based save due at every step,
+    the other does not) does not make the processes disagree on when to save, which they do together."""
+    def cfg(name: str, **kw) -> dict:
+        c = config(tiny_llama_dir, tmp_path / name, "lora", method_options={"rank": 4, "dropout": 0.1}, **kw)
+        c.batch_size //= 2  # the same global batch as one process with 2
+        return asdict(c)
+
+    plan = [{"name": "whole", "config": cfg("whole")},
+            {"name": "clock", "config": cfg("clock", save_every="60s", max_steps=6),
+             "fault": {"kind": "clock", "steps": [], "ranks": [1]}},
+            {"name": "cut", "config": cfg("cut"), "fault": {"kind": "kill", "steps": [3], "micro": 1, "ranks": [0, 1]}}]
+    killed = _torchrun(plan, tmp_path)
+    assert killed.returncode != 0 and not (tmp_path / "cut.rank0.json").exists(), killed.stderr[-3000:]
+    for name in ("whole", "clock"):
+        assert all(json.loads((tmp_path / f"{name}.rank{r}.json").read_text())["ok"] for r in (0, 1))
+    assert checkpoint.load(tmp_path / "clock")[0]["step"] == 6
+    assert checkpoint.load(tmp_path / "cut")[0]["step"] == 3
+
+    resumed = _torchrun([{"name": "resumed", "config": cfg("cut", resume=True)}], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same(final_state(tmp_path / "whole", False), final_state(tmp_path / "cut", False))
+    states = [torch.load(tmp_path / "cut" / "checkpoint" / f"rng-{r}.pt", weights_only=False) for r in (0, 1)]
+    assert not torch.equal(states[0]["torch"], states[1]["torch"])  # the processes' streams differ
+
+
+TERM_AT = {"lora": (5, 1), "mezo-lora": (5, -1)}  # in step 6 of 8 (second micro-batch of a first-order step)
+
+
+@pytest.mark.parametrize("method", ["lora", pytest.param("mezo-lora", marks=pytest.mark.slow)])
+def test_sigterm_mid_step_checkpoints_that_step_and_resumes_to_the_uninterrupted_result(tiny_llama_dir, tmp_path,
+                                                                                       method, one_thread):
+    """A scheduler's SIGTERM in step 6 of a run that checkpoints with its evaluations only (steps 4 and 8) once
+    ended it there, steps 5-6 lost. Now the step finishes and is checkpointed, `leanft train` says how to resume
+    and exits 143, and the resumed run ends as the uninterrupted one."""
+    zo = method in ZO
+    train.train(config(tiny_llama_dir, tmp_path / "whole", method, save_every="0"))
+    cut, cfg_file = tmp_path / "cut", tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(asdict(config(tiny_llama_dir, cut, method, save_every="0"))))
+    stopped = subprocess.run([sys.executable, str(DRIVER), "term", str(cfg_file), *map(str, TERM_AT[method])],
+                             env=ENV, capture_output=True, text=True, timeout=600)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert f"stopped by SIGTERM after step 6; the checkpoint is in {cut / 'checkpoint'}" in stopped.stderr
+    assert f"resume with: leanft train --config {cfg_file} --resume" in stopped.stderr
+    assert checkpoint.load(cut)[0]["step"] == 6
+    train.train(config(tiny_llama_dir, cut, method, save_every="0", resume=True))
+    assert_same(final_state(tmp_path / "whole", zo), final_state(cut, zo))
+
+
+def test_overwrite_deletes_the_old_run_first_so_a_kill_before_the_first_save_cannot_resume_it(tiny_llama_dir,
+                                                                                             tmp_path, one_thread):
+    """A fresh run over a finished one, killed before its first checkpoint, once left the old run's checkpoint,
+    which --resume then continued. With overwrite the old files go first: the resume starts the new run afresh."""
+    train.train(config(tiny_llama_dir, tmp_path / "run", "lora"))
+    new = dict(lr=5e-3, save_every="0")
+    (tmp_path / "cfg.json").write_text(json.dumps(asdict(config(tiny_llama_dir, tmp_path / "run", "lora",
+                                                                overwrite=True, **new))))
+    killed = subprocess.run([sys.executable, str(DRIVER), "kill", str(tmp_path / "cfg.json"), "1", "1"], env=ENV,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert not checkpoint.exists(tmp_path / "run") and not (tmp_path / "run" / "best").exists()
+    train.train(config(tiny_llama_dir, tmp_path / "run", "lora", resume=True, **new))
+    train.train(config(tiny_llama_dir, tmp_path / "whole", "lora", **new))
+    assert_same(final_state(tmp_path / "whole", False), final_state(tmp_path / "run", False))
+
+
+@pytest.mark.slow
+def test_two_processes_signalled_at_different_steps_stop_together_and_resume_exactly(tiny_llama_dir, tmp_path,
+                                                                                    one_thread):
+    """SIGTERM reaches process 1 only, in step 3: both stop after step 3 with its checkpoint, and resume to the
+    uninterrupted run; a fresh run over that folder in between is refused on both processes, which end."""
+    def cfg(name: str, **kw) -> dict:
+        c = config(tiny_llama_dir, tmp_path / name, "lora", max_steps=6, save_every="0",
+                   method_options={"rank": 4, "dropout": 0.0}, **kw)
+        c.batch_size //= 2
+        return asdict(c)
+
+    plan = [{"name": "whole", "config": cfg("whole")},
+            {"name": "stopped", "config": cfg("cut"), "fault": {"kind": "term", "steps": [2], "micro": 1, "ranks": [1]}},
+            {"name": "refused", "config": cfg("cut")},
+            {"name": "resumed", "config": cfg("cut", resume=True)}]
+    ran = _torchrun(plan, tmp_path)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    result = {e["name"]: [json.loads((tmp_path / f"{e['name']}.rank{r}.json").read_text()) for r in (0, 1)]
+              for e in plan}
+    assert all(r["ok"] for name in ("whole", "resumed") for r in result[name])
+    for name, says in (("stopped", "stopped by SIGTERM after step 3"), ("refused", "holds another run")):
+        assert [says in r.get("error", "") for r in result[name]] == [True, True], result[name]
+    assert f"resumed from {tmp_path / 'cut' / 'checkpoint'} at step 3" in ran.stdout
+    assert_same(final_state(tmp_path / "whole", False), final_state(tmp_path / "cut", False))
+
+
+def test_lamda_with_weight_decay_through_the_freeze(tiny_llama_dir, tmp_path, monkeypatch):
+    """Weight decay (towards P_B's SVD start) through LaMDA's freeze, stopped inside the partial freeze and
+    resumed: every column of P_B stays bit-exactly as it was at the step it froze, in the whole run and in
+    the resumed one, which ends as the whole one does."""
+    from leanft import optim
+    from leanft.tuners.lamda.schedule import frozen_count
+
+    real_save, seen, crash = optim.FirstOrder.save, {}, [True]
+
+    def save_and_record(self, out, state):
+        real_save(self, out, state)
+        seen[out.name, state["step"]] = {n: p.detach().clone() for n, p in self.model.named_parameters()
+                                         if ".lamda_B." in n}
+        if out.name == "cut" and state["step"] == 2 and crash:
+            crash.clear()
+            raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(optim.FirstOrder, "save", save_and_record)
+    train.train(config(tiny_llama_dir, tmp_path / "whole", "lamda", weight_decay=0.1))
+    with pytest.raises(KeyboardInterrupt):
+        train.train(config(tiny_llama_dir, tmp_path / "cut", "lamda", weight_decay=0.1))
+    train.train(config(tiny_llama_dir, tmp_path / "cut", "lamda", weight_decay=0.1, resume=True))
+    assert_same(final_state(tmp_path / "whole", False), final_state(tmp_path / "cut", False))
+    for run in ("whole", "cut"):
+        assert sorted(k for r, k in seen if r == run) == list(range(1, 9))
+        for k in range(1, 9):
+            frozen = frozen_count(4, k, 8, 0.3)  # top_first: columns 0..frozen-1, all 4 from step 3
+            for later in range(k + 1, 9):
+                for name, b in seen[run, later].items():
+                    assert torch.equal(b[:, :frozen], seen[run, k][name][:, :frozen]), (run, name, k, later)
+        assert all(not torch.equal(b[:, 3], seen[run, 1][n][:, 3]) for n, b in seen[run, 2].items())  # live trains
+
+
+@pytest.mark.slow
+def test_a_nan_gradient_on_one_process_stops_every_process(tiny_llama_dir, tmp_path, one_thread):
+    """A finite loss with a NaN gradient on process 1, in the first micro-batch (accumulated without a sync):
+    the all-reduce carries it to every process, and all stop before the update with the step's checkpoint."""
+    cfg = config(tiny_llama_dir, tmp_path / "run", "lora", batch_size=1)
+    plan = [{"name": "nan-gradient", "config": asdict(cfg),
+             "fault": {"kind": "nan-gradient", "steps": [2], "micro": 0, "ranks": [1]}}]
+    ran = _torchrun(plan, tmp_path)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    stopped = [json.loads((tmp_path / f"nan-gradient.rank{r}.json").read_text()) for r in (0, 1)]
+    assert not any(r["ok"] for r in stopped) and stopped[0]["error"] == stopped[1]["error"]
+    assert "gradient became non-finite (norm nan) at step 2 with a finite training loss" in stopped[0]["error"]
+    state, _ = checkpoint.load(tmp_path / "run")
+    assert state["step"] == 2
+    saved = load_file(str(tmp_path / "run" / "checkpoint" / "trainable.safetensors"))
+    assert all(torch.isfinite(t).all() for t in saved.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("queries", [1, 3])
+def test_zo_sft_trainer_on_two_processes_with_fewer_or_uneven_queries(tiny_llama_dir, tmp_path, queries):
+    """ZOSFTTrainer under torchrun with 1 query a step (one process has none) or 3 (one has one fewer): TRL
+    gathers its metrics in every forward, so every process runs as many; the run finishes and equals one process."""
+    from test_hf import sft_example_on_two_processes_equals_one
+
+    logs = sft_example_on_two_processes_equals_one(tiny_llama_dir, tmp_path, ["--queries", str(queries)])
+    assert all(h["zo_queries"] == queries for h in logs)
+
+
+def test_fp16_zo_trainer_on_the_scaler_path_steps(tiny_llama_dir, tmp_path):
+    """fp16 on a GPU gives the Trainer a GradScaler, which refuses to step an optimiser when no loss was scaled
+    ("Attempted step but _scale is None"), and zeroth-order steps scale none. A real CPU GradScaler stands in for
+    the GPU's (fp16 on CPU has none): every step is taken, the adapters move, no grad_norm is logged."""
+    from test_hf import trainable, trainer_of, zo_model
+
+    import leanft
+
+    model, tokenizer = zo_model(tiny_llama_dir)
+    start = trainable(model)
+    trainer = trainer_of(leanft.ZOTrainer, model, tokenizer, tmp_path, steps=3, zo_queries=2,
+                         args={"learning_rate": 1e-3, "fp16": True, "use_cpu": True})
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
+    trainer.train()
+    assert trainer.state.global_step == 3
+    assert all(not torch.equal(p, start[n]) for n, p in trainable(model).items())
+    assert trainer.state.log_history and not any("grad_norm" in h for h in trainer.state.log_history)

@@ -111,3 +111,35 @@ def test_train_on_a_gguf_file_through_the_cli(gguf_model, tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 1 and metrics["model"] == path
     assert "trainable parameters" in capsys.readouterr().out
+
+
+def test_a_truncated_gguf_file_is_named_as_such(gguf_model, tmp_path):
+    """Cut inside the fixed header, the metadata, the tensor infos and the tensor data, and by one byte: one line
+    saying the file is truncated, from `params` (config only) and `train` alike, instead of a struct.error or
+    numpy reshape traceback."""
+    import gguf
+
+    path, _ = gguf_model
+    data = open(path, "rb").read()
+    start = int(gguf.GGUFReader(path).data_offset)  # where the tensor data begins
+    for cut in (10, 200, start - 40, start + 100, len(data) - 1):
+        short = tmp_path / f"cut-{cut}.gguf"
+        short.write_bytes(data[:cut])
+        for command in (["params", "--method", "lora"], ["train", "--output-dir", str(tmp_path / "run")]):
+            with pytest.raises(SystemExit, match=rf"^leanft: error: .*cut-{cut}.gguf is truncated or not a GGUF "
+                                                 r"file \((its header runs past|tensor '.*' ends at byte)"):
+                cli.main([command[0], "--model", str(short), *command[1:]])
+    (tmp_path / "text.gguf").write_text("not a model\n")
+    with pytest.raises(ValueError, match=r"text.gguf is truncated or not a GGUF file \(it does not start with"):
+        models.meta_model(str(tmp_path / "text.gguf"))
+
+
+def test_params_on_a_gguf_file_reads_its_metadata_once_and_names_the_targets(gguf_model, monkeypatch, capsys):
+    """transformers decodes the whole vocabulary to get a GGUF file's config (seconds on a real model): once."""
+    path, _ = gguf_model
+    calls = []
+    read = convert.AutoConfig.from_pretrained
+    monkeypatch.setattr(convert.AutoConfig, "from_pretrained", lambda *a, **k: calls.append(a) or read(*a, **k))
+    cli.main(["params", "--model", path, "--method", "lora,loretta-rep"])
+    assert len(calls) == 1
+    assert "q_proj, v_proj in 2 layers (4 modules)" in capsys.readouterr().out

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from peft import PeftModel, get_peft_model
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
@@ -89,20 +90,41 @@ def test_a_bf16_model_in_the_trainer_moves_every_trainable_tensor(tiny_llama_dir
     assert not unmoved  # LaMDA's P_B is frozen by then on purpose
 
 
-def test_lamda_freezes_on_schedule_with_the_callback_and_warns_without_it(tiny_llama_dir, tmp_path):
-    model, tokenizer = models.load_model(tiny_llama_dir)
-    model = get_peft_model(model, leanft.LamdaConfig(task_type="CAUSAL_LM", r=4))
-    trainer_of(Trainer, model, tokenizer, tmp_path / "cb", steps=10, callbacks=[leanft.LamdaCallback()]).train()
-    layers = model.base_model.lamda_layers()
-    assert all(layer.lamda_frozen["default"] == 4 and not layer.lamda_B["default"].requires_grad for layer in layers)
+def test_lamda_in_a_trainer_freezes_on_schedule_with_or_without_the_callback(tiny_llama_dir, tmp_path, caplog):
+    """``LamdaCallback`` passed or not, P_B freezes on schedule (a Trainer without it gets it, once, and says so),
+    and a run stopped at step 2 (P_B half frozen) and resumed without it ends where the whole run does."""
+    def make(out, callbacks):
+        model, tokenizer = models.load_model(tiny_llama_dir)
+        model = get_peft_model(model, leanft.LamdaConfig(task_type="CAUSAL_LM", r=4))
+        return trainer_of(Trainer, model, tokenizer, out, steps=10, callbacks=callbacks)
 
+    whole = make(tmp_path / "cb", [leanft.LamdaCallback()])
+    whole.train()
+    with caplog.at_level("INFO", logger="leanft.hf"):
+        bare = make(tmp_path / "none", [])
+        bare.train()
+    for trainer in (whole, bare):
+        layers = trainer.model.base_model.lamda_layers()
+        assert all(layer.lamda_frozen["default"] == 4 and not layer.lamda_B["default"].requires_grad
+                   for layer in layers)
+        assert sum(isinstance(c, leanft.LamdaCallback) for c in trainer.callback_handler.callbacks) == 1
+    assert [r.message for r in caplog.records].count("LaMDA freezes P_B on a schedule of optimiser steps: added "
+                                                      "leanft.LamdaCallback() to the Trainer") == 1
+    expected = trainable(whole.model)
+    assert all(torch.equal(expected[n], p) for n, p in stopped_and_resumed(make, tmp_path / "cut").items())
+
+
+def test_lamda_in_a_plain_loop_without_its_schedule_warns_once(tiny_llama_dir):
+    """Outside a Trainer nothing knows the planned steps: a loop that never calls ``update_freezing`` is told to."""
     model, tokenizer = models.load_model(tiny_llama_dir)
-    model = get_peft_model(model, leanft.LamdaConfig(task_type="CAUSAL_LM", r=4))
+    model = get_peft_model(model, leanft.LamdaConfig(task_type="CAUSAL_LM", r=4)).train()
+    batch = DataCollatorForLanguageModeling(tokenizer, mlm=False)(texts(tokenizer, 2))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer_of(Trainer, model, tokenizer, tmp_path / "none", steps=25).train()
+        for _ in range(25):
+            model(**batch).loss.backward()
     said = [str(w.message) for w in caught if "P_B was never frozen" in str(w.message)]
-    assert len(said) == 1 and "LamdaCallback" in said[0]
+    assert len(said) == 1 and "update_freezing(step, total_steps)" in said[0]
 
 
 def zo_model(tiny_llama_dir):
@@ -191,6 +213,50 @@ def test_zo_trainer_refuses_lamda_and_gradient_accumulation(tiny_llama_dir, tmp_
         trainer_of(leanft.ZOTrainer, model, tokenizer, tmp_path, zo_schedule="ada")
 
 
+@pytest.mark.parametrize("flag,name", [("is_fsdp_enabled", "FSDP"), ("is_deepspeed_enabled", "DeepSpeed")])
+def test_zo_trainer_refuses_sharded_training(tiny_llama_dir, tmp_path, monkeypatch, flag, name):
+    """FSDP and DeepSpeed shard the trainable tensors that every process perturbs whole: refused at construction
+    (the Trainer's flags are set as ``accelerate launch`` with such a config sets them; both need several GPUs)."""
+    real = Trainer.create_accelerator_and_postprocess
+
+    def sharded(self):
+        real(self)
+        setattr(self, flag, True)
+
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", sharded)
+    model, tokenizer = zo_model(tiny_llama_dir)
+    with pytest.raises(ValueError, match=f"{name} shards them: leave it out and launch the processes plain"):
+        trainer_of(leanft.ZOTrainer, model, tokenizer, tmp_path)
+
+
+def test_zo_sft_trainer_logs_training_metrics_and_counts_tokens_once(tiny_llama_dir, tmp_path):
+    """The perturbed forwards run in eval mode, yet what TRL logs of them is the training's: ``entropy``,
+    ``mean_token_accuracy`` and ``num_tokens`` (each batch's tokens once, not once a forward), no ``eval_``
+    keys and no ``grad_norm`` (there is no gradient)."""
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    model, tokenizer = zo_model(tiny_llama_dir)
+    rows = [{"prompt": f"name[Eagle {i}] food[French]", "completion": " The Eagle serves French food." * (1 + i % 3)}
+            for i in range(8)]
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, report_to=[], bf16=False,
+                     learning_rate=1e-4, logging_steps=1, use_cpu=True)
+    trainer = leanft.ZOSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                  processing_class=tokenizer, zo_queries=2)
+    tokens, real_step = [], trainer.training_step
+
+    def recording(model, inputs, *args):
+        tokens.append(int(inputs["attention_mask"].sum()))
+        return real_step(model, inputs, *args)
+
+    trainer.training_step = recording
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 3 and not any(k.startswith("eval_") or k == "grad_norm" for h in logged for k in h)
+    assert [h["num_tokens"] for h in logged] == [sum(tokens[:i + 1]) for i in range(3)]
+    assert all(h["entropy"] > 0 and 0 <= h["mean_token_accuracy"] <= 1 for h in logged)
+
+
 def test_examples_run_on_a_tiny_model(tiny_llama_dir, tmp_path):
     import plain_loop_lamda
     import sft_adazeta_zo
@@ -232,13 +298,44 @@ def test_two_process_zo_trainer_equals_one_process(tiny_llama_dir, tmp_path):
         script.write_text(TWO_PROCESS.format(tests=str(Path(__file__).parent), model=tiny_llama_dir, out=str(out),
                                              batch=batch))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
-               str(29571 + procs), str(script)]
+               free_port(), str(script)]
         ran = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                              timeout=600)
         assert ran.returncode == 0, ran.stderr[-3000:]
         results[procs] = load_file(str(out / "final.safetensors"))
     for name, value in results[1].items():
         torch.testing.assert_close(results[2][name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def sft_example_on_two_processes_equals_one(model_dir: str, out: Path, extra: list[str]) -> list[dict]:
+    """``examples/sft_adazeta_zo.py`` with ``extra`` on one process (batch 4) and under torchrun on two (batch 2
+    each): the run finishes and ends with the same adapter, loss and tokens. The two-process logs.
+
+    Entropy and token accuracy are means over a step's forwards, at perturbed parameters (and, on the process
+    with fewer queries, the unperturbed ones): the same to within a token's accuracy, not equal."""
+    import json
+
+    import sft_adazeta_zo
+    from safetensors.torch import load_file
+
+    common = ["--model", model_dir, "--steps", "3", "--examples", "16", "--bottleneck", "8", *extra]
+    sft_adazeta_zo.main([*common, "--batch-size", "4", "--output-dir", str(out / "one")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+           str(ROOT / "examples" / "sft_adazeta_zo.py"), *common, "--batch-size", "2", "--output-dir", str(out / "two")]
+    ran = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    one, two = (load_file(str(out / run / "adapter" / "adapter_model.safetensors")) for run in ("one", "two"))
+    assert one.keys() == two.keys()
+    for name, value in one.items():
+        torch.testing.assert_close(two[name], value, rtol=1e-4, atol=1e-6, msg=name)
+    logs = [[h for h in json.loads((out / run / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+            for run in ("one", "two")]
+    assert len(logs[0]) == len(logs[1]) == 3
+    for a, b in zip(*logs):
+        assert a["num_tokens"] == b["num_tokens"] and a["zo_queries"] == b["zo_queries"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["entropy"] == pytest.approx(a["entropy"], rel=1e-3)
+        assert b["mean_token_accuracy"] == pytest.approx(a["mean_token_accuracy"], abs=0.01)
+    return logs[1]
 
 
 def test_zo_sft_trainer_scores_the_completion_only(tiny_llama_dir, tmp_path):

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from leanft import cli, models, objectives, train
+from leanft import cli, evaluate, models, objectives, train
 from leanft.config import TrainConfig
-from leanft.loading import load_tasks
+from leanft.loading import Loaded, accelerator, load_tasks
 from leanft.tasks import instruction_task, render_chat, score_instruction
 from leanft.tasks.collate import encode
 
@@ -111,7 +111,7 @@ RAISES = "{{ raise_exception('roles must alternate') }}"
 
 @pytest.mark.parametrize("name, text, columns, expected", [
     ("x.jsonl", ['{"instruction": "a", "output": "b"}', '{"instruction": "a", "output": "b"',], "qa",
-     r"x\.jsonl line 2: not valid JSON"),
+     r"x\.jsonl line 2, column 35: not valid JSON"),
     ("x.jsonl", ['{"instruction": "a", "output": "b"}', '{"instruction": "a"}'], "qa",
      r"x\.jsonl line 2: no column 'output'; columns are \['instruction'\]"),
     ("x.csv", ["instruction,answer", "a,b"], "qa", r"x\.csv line 1 \(header\): no column 'output'"),
@@ -156,8 +156,9 @@ def test_instruction_columns_are_checked_by_the_config(tmp_path):
     with pytest.raises(ValueError, match="text_columns, label_column do not apply to instruction data"):
         TrainConfig(prompt_column="p", completion_column="c", text_columns=["t"], label_column="y")
     path = jsonl(tmp_path / "qa.jsonl", qa_rows(10))
-    with pytest.raises(ValueError, match=r"qa\.jsonl: no training rows left after 8 dev and 2 eval rows"):
-        instruction_task(path, prompt_column="instruction", completion_column="output", num_dev=500)
+    with pytest.raises(ValueError, match=r"qa\.jsonl: no training rows left of 10 after 8 dev and 2 held-out eval "
+                                         r"rows; lower num_dev"):
+        instruction_task(path, prompt_column="instruction", completion_column="output", num_dev=8)
     with pytest.raises(ValueError, match=r"task name\(s\) \['qa'\] appear more than once"):
         load_tasks(TrainConfig(task=f"{path},{path}", prompt_column="instruction", completion_column="output",
                                num_dev=2))
@@ -190,6 +191,85 @@ def test_instruction_file_trains_end_to_end_through_the_cli(tiny_llama_dir, tmp_
     cli.main(["eval", "--adapter", str(out / "best"), "--train-file", str(path), "--prompt-column", "instruction",
               "--completion-column", "output", "--num-dev", "4", "--max-new-tokens", "6", "--max-length", "64"])
     assert json.loads(capsys.readouterr().out)["qa"] == pytest.approx(metrics["eval"]["qa"])
+
+
+def long_and_short_rows(n: int) -> list[dict]:
+    """Every third prompt far beyond 40 tokens, the others far below."""
+    return [{"instruction": ("It was great. Does this mean that the movie is good? " * (12 if i % 3 == 0 else 0))
+             + f"Question {i}?\nAnswer:", "output": "Yes"} for i in range(n)]
+
+
+def test_long_prompts_are_cut_alike_counted_once_and_every_answer_saved(tiny_llama_dir, tmp_path, capsys):
+    """Prompts too long for --max-length are cut from the left in training and evaluation alike; the run says how
+    many rows of each split once and records them in metrics.json; each eval row's output is saved, by
+    ``leanft train`` next to the metrics and by ``leanft eval`` in the adapter's folder."""
+    train_file, eval_file = jsonl(tmp_path / "qa.jsonl", long_and_short_rows(12)), jsonl(tmp_path / "qa_eval.jsonl",
+                                                                                         long_and_short_rows(6))
+    out = tmp_path / "run"
+    flags = ["--train-file", str(train_file), "--eval-file", str(eval_file), "--prompt-column", "instruction",
+             "--completion-column", "output", "--num-dev", "2", "--max-new-tokens", "8", "--max-length", "40"]
+    cli.main(["train", "--model", tiny_llama_dir, *flags, "--max-steps", "2", "--batch-size", "4", "--eval-every", "2",
+              "--no-eval-before", "--output-dir", str(out), "--rank", "2", "--tt-rank", "2"])
+    printed = capsys.readouterr().out
+    [(_, splits)] = load_tasks(TrainConfig(train_file=str(train_file), eval_file=str(eval_file),
+                                           prompt_column="instruction", completion_column="output", num_dev=2))
+    long = {split: sum(len(ex["prompt"]) > 200 for ex in getattr(splits, split)) for split in ("train", "dev", "eval")}
+    assert long["train"] and long["eval"] == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["truncated"] == {"qa": long}
+    line = (f"qa: {long['train']} of 10 train, {long['dev']} of 2 dev, 2 of 6 eval rows are longer than --max-length "
+            "40 tokens (with --max-new-tokens 8 when generating); their prompts are cut from the left")
+    assert line.replace(", 0 of 2 dev", "") in printed and printed.count("are longer than --max-length") == 1
+    rows = [json.loads(r) for r in (out / "predictions-qa-eval.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["index"] for r in rows] == list(range(6)) and [r["input"] for r in rows] == [ex["prompt"] for ex in
+                                                                                           splits.eval]
+    assert all(r["references"] == [" Yes"] and isinstance(r["prediction"], str) and r["loss"] > 0 for r in rows)
+    scores = metrics["eval"]["qa"]
+    assert 100 * sum(r["token_f1"] for r in rows) / 6 == pytest.approx(scores["token_f1"])
+    assert 100 * sum(r["rouge_l"] for r in rows) / 6 == pytest.approx(scores["rouge_l"])
+    assert scores["bleu"] is None  # one-word answers: BLEU-4 measures nothing
+    cli.main(["eval", "--adapter", str(out / "best"), *flags])
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["qa"] == pytest.approx(scores)
+    assert "qa: 2 of 6 eval rows are longer than --max-length 40" in captured.err
+    assert (out / "best" / "predictions-qa-eval.jsonl").read_text() == (out / "predictions-qa-eval.jsonl").read_text()
+
+
+def test_generation_reads_the_prompt_cut_to_leave_room_for_the_new_tokens(tiny_llama_dir, tmp_path, monkeypatch):
+    model, tokenizer = models.load_model(tiny_llama_dir)
+    task, splits = instruction_task(jsonl(tmp_path / "qa.jsonl", long_and_short_rows(3)), prompt_column="instruction",
+                                    completion_column="output", num_dev=0, num_eval=None)
+    cfg = TrainConfig(model=tiny_llama_dir, max_length=40, max_new_tokens=8)
+    run = Loaded(model, objectives.network(model, True), tokenizer, True, accelerator(), cfg)
+    seen, generate = [], model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: seen.append(kw) or generate(**kw))
+    examples = [{"prompt": r["instruction"], "completion": " Yes"} for r in long_and_short_rows(2)]
+    evaluate.generate(run, task, examples)
+    ids, mask = seen[0]["input_ids"], seen[0]["attention_mask"]
+    assert ids.shape[1] == 32  # 40 - 8 new tokens
+    assert ids[0].tolist() == tokenizer(examples[0]["prompt"]).input_ids[-32:]  # the long one: its end
+    short = tokenizer(examples[1]["prompt"]).input_ids
+    assert ids[1, -len(short):].tolist() == short and mask[1].sum() == len(short)  # left-padded, whole
+    assert evaluate.report_truncation(run, [(task, splits)]) == {"qa": {"train": 1, "dev": 0, "eval": 0}}
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"max_length": 4096}, r"--max-length 4096 is beyond the context of .* \(2048 tokens, its max_position_embeddings"
+                           r"\): give --max-length 2048 or less"),
+    ({"max_length": 64, "max_new_tokens": 64}, r"task qa: --max-new-tokens 64 leaves no room for a prompt in "
+                                               r"--max-length 64; raise --max-length or lower --max-new-tokens"),
+    ({"max_length": 12, "max_new_tokens": 2}, r"task qa: the answer ' A long answer.*' is \d+ tokens, which leaves no "
+                                              r"room for its prompt in --max-length 12; raise --max-length above"),
+])
+def test_what_cannot_fit_is_refused_saying_what_to_change(tiny_llama_dir, tmp_path, settings, message):
+    rows = [{"instruction": "Question?", "output": "A long answer: it was great, it was terrible, so the movie."}] * 6
+    task, splits = instruction_task(jsonl(tmp_path / "qa.jsonl", rows), prompt_column="instruction",
+                                    completion_column="output", num_dev=0)
+    model, tokenizer = models.load_model(tiny_llama_dir)
+    run = Loaded(model, objectives.network(model, True), tokenizer, True, accelerator(),
+                 TrainConfig(model=tiny_llama_dir, **settings))
+    with pytest.raises(ValueError, match=message):
+        evaluate.report_truncation(run, [(task, splits)])
 
 
 def test_chat_file_and_a_builtin_task_train_in_one_mixture(chat_model_dir, tmp_path, monkeypatch):

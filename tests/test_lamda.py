@@ -9,7 +9,7 @@ from conftest import FAMILIES, out, perturb, tiny_bert, tiny_llama
 from peft import PeftModel, get_peft_model
 from transformers import DebertaConfig, DebertaModel
 
-from leanft import LamdaConfig
+from leanft import LamdaConfig, optim
 from leanft.methods import count_parameters
 from leanft.models import meta_model
 from leanft.tuners.lamda import lamda_ranks
@@ -106,32 +106,38 @@ def test_freezing_schedule_is_exact():
         assert totals == [0, 4, 8, 16, 16]  # 4 adapted modules
 
 
-def test_frozen_columns_never_move_under_adamw_with_weight_decay(tokens):
-    model = lamda("llama", r=4, freeze_fraction=0.5).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+@pytest.mark.parametrize("init", ["svd_residual", "svd_zero"])  # P_B decays towards its SVD start / towards zero
+def test_frozen_columns_never_move_under_leanfts_adamw_with_weight_decay(init, tokens):
+    """Through ``leanft.optim.FirstOrder``, which ``leanft train`` steps with: neither AdamW's own decay and
+    momentum (svd_zero) nor the decay towards the start (svd_residual) moves a frozen column, before or after
+    all of P_B is frozen, while S and the live columns train."""
+    model = lamda("llama", r=4, freeze_fraction=0.5, lamda_init=init).train()
     found = layers(model)
-    total, history = 8, []
-    for step in range(1, total + 1):
-        model(input_ids=tokens, labels=tokens).loss.backward()
-        for layer in found.values():  # frozen columns get no gradient (nor do they count in clipping)
-            grad = layer.lamda_B["default"].grad
-            assert grad is None or not grad[:, layer.frozen_columns("default")].any()
-        optimizer.step()
-        optimizer.zero_grad()
-        model.base_model.update_freezing(step, total)
+    total, history, frozen_grads = 8, [], []
+    start = {n: m.lamda_B["default"].detach().clone() for n, m in found.items()}
+    for layer in found.values():  # frozen columns get no gradient (nor do they count in the clipped norm)
+        layer.lamda_B["default"].register_post_accumulate_grad_hook(
+            lambda p, layer=layer: frozen_grads.append(p.grad[:, layer.frozen_columns("default")].any()))
+    step = optim.FirstOrder(model, model, lambda net, t: net(input_ids=t, labels=t).loss, 1e-2, weight_decay=0.1,
+                            total_steps=total)
+    assert bool(step.anchors) == (init == "svd_residual")
+    for k in range(total):
+        row = step.step(k, 0, [tokens])
+        assert row["updated_params"] > 0 and row["grad_norm"] > 0
         history.append({n: (m.lamda_B["default"].detach().clone(), m.lamda_S["default"].detach().clone(),
                             m.frozen_columns("default")) for n, m in found.items()})
+    assert frozen_grads and not any(frozen_grads)
     for name in found:
-        b0 = found[name].lamda_B0["default"]
-        for step in range(1, total):
-            before, after = history[step - 1][name], history[step][name]
-            frozen = before[2]
-            assert torch.equal(after[0][:, frozen], before[0][:, frozen]), (name, step)
+        for k in range(1, total):
+            before, after = history[k - 1][name], history[k][name]
+            frozen = before[2]  # k columns of 4 frozen after step k, all 4 after step 4
+            assert torch.equal(after[0][:, frozen], before[0][:, frozen]), (name, k)
             assert not torch.equal(after[1], before[1])  # S keeps training
-            if step < 4:  # f(k) = k columns of 4 frozen after step k: the live ones still train
+            if k < 4:  # the live columns still train
                 live = [c for c in range(4) if c not in range(4)[frozen]]
                 assert not torch.equal(after[0][:, live], before[0][:, live])
-        assert not torch.equal(history[-1][name][0], b0)  # P_B did train before freezing
+        assert torch.equal(history[-1][name][0], history[3][name][0])  # all of P_B as it was when it froze
+        assert not torch.equal(history[-1][name][0], start[name])  # P_B did train before freezing
     counts = model.base_model.trainable_counts()
     assert counts["P_B"] == 0 and counts["S"] == 4 * 16
     for layer in found.values():

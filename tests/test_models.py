@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
+import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +14,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-from leanft import models
+from leanft import cli, models
 from leanft.methods import count_parameters
 from leanft.models import (
     BUILTIN_CONFIGS,
@@ -242,3 +245,18 @@ def test_a_local_models_kind_comes_from_its_own_config(tmp_path, config, kind):
     config().save_pretrained(tmp_path)
     assert models.model_kind(str(tmp_path)) == kind
     assert models.task_type(str(tmp_path)) == ("CAUSAL_LM" if kind == "causal" else "SEQ_CLS")
+
+
+def test_a_folder_with_only_a_config_is_counted_but_refused_for_training(tiny_llama_dir, tmp_path, capsys):
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    shutil.copy(Path(tiny_llama_dir) / "config.json", folder)
+    cli.main(["params", "--model", str(folder), "--method", "lora"])  # counting needs the config alone
+    assert "lora" in capsys.readouterr().out
+    message = re.escape(f"{folder} has a config.json but no weights (model.safetensors / ")
+    with pytest.raises(SystemExit, match="^leanft: error: " + message):
+        cli.main(["train", "--model", str(folder), "--num-train", "8", "--num-dev", "0", "--num-eval", "4",
+                  "--max-steps", "1", "--output-dir", str(tmp_path / "run")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="^leanft: error: .*empty is not a model folder: it has no config.json"):
+        cli.main(["params", "--model", str(tmp_path / "empty")])

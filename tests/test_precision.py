@@ -207,3 +207,76 @@ def test_full_fine_tuning_in_low_precision_is_refused_with_what_to_use(tiny_llam
 
     with pytest.raises(ValueError, match=f"full fine-tuning with --dtype {dtype} is refused.*Use --dtype float32"):
         train.train(TrainConfig(model=tiny_llama_dir, method="full", dtype=dtype, output_dir=str(tmp_path)))
+
+
+def adapted(family: str, method: str, move: float = 0.2, **options):
+    """A tiny bfloat16 model with ``method``'s float32 adapters, moved off their start by ``move`` N(0, 1)."""
+    from conftest import FAMILIES
+    from peft import get_peft_model
+
+    build, task_type = FAMILIES[family]
+    model = get_peft_model(build().to(torch.bfloat16), methods.make_config(method, task_type, **options)).eval()
+    with torch.no_grad():
+        noise = torch.Generator().manual_seed(3)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(move * torch.randn(p.shape, generator=noise))
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    return model
+
+
+def bf16_loss(model, grad: bool = False):
+    tokens = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+    labels = tokens[:, 0] % 3 if model.config.model_type == "bert" else tokens
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        return model(input_ids=tokens, labels=labels).loss
+
+
+ADAPTERS = {"mezo-lora": ("llama", {"rank": 4}), "adazeta": ("llama", {"bottleneck": 8, "tt_rank": 2}),
+            "loretta-rep": ("bert", {"rank": 4, "tt_rank": 2, "tt_classifier": True,
+                                     "classifier_dense": "bert.pooler.dense", "init_mode": "zero_core"})}
+
+
+@pytest.mark.parametrize("method", ADAPTERS)
+def test_perturbed_forward_under_bfloat16_autocast_applies_eps_z_to_float32_adapters(method):
+    """Autocast casts float32 adapters to bfloat16 inside the forward, and 1e-3 z is below half a unit of
+    elements near 0.2 or above: the forward saw the perturbation rounded, with many elements not moved at
+    all (LoRA factors, LoRETTA's TT cores, the TT head). Each module holding trainable tensors must compute
+    its output from theta +- eps z exactly as float32 does."""
+    family, options = ADAPTERS[method]
+    model = adapted(family, method, **options)
+    engine = ZOEngine(model, eps=EPS)
+    owners = {m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))}
+    checked = []
+
+    def compare(module, args, output):  # runs inside the perturbed forward, before the engine's own hooks
+        with torch.autocast("cpu", enabled=False):
+            expected = module.forward(*[a.float() if a.is_floating_point() else a for a in args])
+        torch.testing.assert_close(output.float(), expected, rtol=1e-5, atol=1e-6)
+        checked.append(module)
+
+    hooks = [m.register_forward_hook(compare) for m in owners]
+    engine.projected_gradient(3, lambda: float(bf16_loss(model)))
+    for h in hooks:
+        h.remove()
+    assert set(checked) == owners
+    assert any(p.dtype == torch.bfloat16 for p in model.parameters())  # the base stays bfloat16
+
+
+def test_zo_slope_of_tt_factors_read_outside_their_forward_is_the_float32_slope():
+    """LoRETTA_rep with its noise-free start multiplies dense TT factors inside the adapter layer's own
+    forward, not the factors' modules: the layer computes in float32 around its bfloat16 base layer, so the
+    projected gradients follow the exact slope of the float32 adapters along each direction (autograd)."""
+    model = adapted("llama", "loretta-rep", move=0.05, rank=4, tt_rank=2, init_mode="noise_free")
+    engine = ZOEngine(model, eps=EPS)
+    from leanft.zo import _float32_compute
+
+    with _float32_compute(*engine.regions):
+        exact = torch.autograd.grad(bf16_loss(model, grad=True), engine.params)
+    ours, slope = [], []
+    for seed in range(40):
+        ours.append(engine.projected_gradient(seed, lambda: float(bf16_loss(model)))[0])
+        slope.append(float(sum((g * z).sum() for g, z in zip(exact, engine._directions(seed)))))
+    ours, slope = torch.tensor(ours), torch.tensor(slope)
+    assert torch.nn.functional.cosine_similarity(ours, slope, dim=0) > 0.93  # factors rounded to bfloat16: 0.87
+    assert abs(ours.norm() / slope.norm() - 1) < 0.15

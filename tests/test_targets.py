@@ -122,3 +122,19 @@ def test_unknown_target_module_on_the_command_line_is_a_clear_error(tiny_llama_d
         cli.main(["train", "--model", tiny_llama_dir, "--method", "lora", "--target-modules", "q_proj,nope",
                   "--num-train", "8", "--num-dev", "0", "--num-eval", "4", "--max-steps", "1",
                   "--output-dir", str(tmp_path)])
+
+
+# ---- which modules a method adapted, in a few words -----------------------------------------------
+
+def test_params_and_train_say_which_modules_they_target(tiny_llama_dir, tmp_path, capsys):
+    cli.main(["params", "--model", tiny_llama_dir, "--method", "full,lora,loretta-adp", "--bottleneck", "8"])
+    text = capsys.readouterr().out
+    assert "every weight (full fine-tuning)" in text and "q_proj, v_proj in 2 layers (4 modules)" in text
+    assert "gate_proj, up_proj, down_proj in 2 layers (6 modules)" in text
+    cli.main(["params", "--model", "roberta-base", "--method", "loretta-rep", "--json"])
+    assert "loretta-rep adapts query, value in 12 layers; classifier.dense (25 modules)" in capsys.readouterr().err
+    cli.main(["train", "--model", tiny_llama_dir, "--method", "lora", "--target-modules", "q_proj,o_proj",
+              "--num-train", "8", "--num-dev", "0", "--num-eval", "4", "--max-steps", "1", "--no-eval-before",
+              "--output-dir", str(tmp_path)])
+    first = capsys.readouterr().out.splitlines()[:3]
+    assert any(line.startswith("lora adapts q_proj, o_proj in 2 layers (4 modules): ") for line in first), first

@@ -18,8 +18,10 @@ from leanft.tasks import (
     hub_task,
     load_splits,
     score_generation,
+    score_instruction,
     user_task,
 )
+from leanft.tasks.metrics import words
 
 SHIPPED = Path(__file__).parent.parent / "src" / "leanft" / "tasks" / "data"
 
@@ -268,8 +270,10 @@ def _labelled_csv(path: Path, labels: list[str]) -> Path:
 @pytest.mark.parametrize("files, kwargs, expected", [
     ({"reviews.csv": "text,labels\nok,pos\n"}, {},
      r"reviews\.csv line 1 \(header\): no column 'label'; columns are \['text', 'labels'\]"),
-    ({"data.jsonl": '{"text": "a", "label": 1}\n' * 4 + '{"text": "b", "label": 1\n'}, {},
-     r"data\.jsonl line 5: not valid JSON"),
+    ({"data.jsonl": '{"text": "a", "label": 1}\n' * 4 + '{"text": "b", "label": 1\n'}, {},  # "}" missing at 25
+     r"data\.jsonl line 5, column 25: not valid JSON: Expecting ',' delimiter"),
+    ({"data.jsonl": '{"text": "a", "label": 1}\n{"text": "b" "label": 1}\n'}, {},
+     r"data\.jsonl line 2, column 14: not valid JSON"),
     ({"data.jsonl": '{"text": "a", "label": 1}\n{"label": 0}\n'}, {},
      r"data\.jsonl line 2: no column 'text'"),
     ({"empty.csv": ""}, {}, r"empty\.csv: empty file"),
@@ -367,6 +371,29 @@ def test_score_generation_rouge_best_reference():
     assert score_generation(["a b c d"], [["w x y z", "a b c d"]])["rouge_l"] == pytest.approx(100)
     half = score_generation(["a b c d"], [["a b x y"]])["rouge_l"]
     assert half == pytest.approx(50)  # LCS 2 of 4 tokens on both sides
+
+
+def test_generation_scores_count_the_words_of_any_script():
+    """Chinese has no spaces: its characters are the words, for token F1, ROUGE-L and BLEU alike (rouge-score's
+    own tokenizer drops every non-ASCII letter, and BLEU's 13a takes a sentence as one word); Hindi's vowel signs
+    stay inside their words."""
+    assert words("东京是日本的首都。") == list("东京是日本的首都") and words("हिंदी भाषा।") == ["हिंदी", "भाषा"]
+    assert words("It's Paris, café!") == ["it", "s", "paris", "café"]
+    swapped = score_instruction(["东京是日本的首都"], [["日本的首都是东京"]])
+    assert swapped["token_f1"] == pytest.approx(100) and swapped["exact_match"] == 0  # the same characters
+    assert swapped["rouge_l"] == pytest.approx(100 * 5 / 8)  # longest common subsequence 日本的首都
+    assert 0 < swapped["bleu"] < 100
+    same = score_generation(["东京是日本的首都", "大阪有很多好吃的东西"], [["东京是日本的首都"], ["大阪有很多好吃的东西"]])
+    assert same == {"bleu": pytest.approx(100), "rouge_l": pytest.approx(100)}
+
+
+def test_bleu_is_none_where_references_are_too_short_for_it():
+    """BLEU matches up to 4-grams: one-word answers score 0 whatever the model says, so it is reported as None;
+    token F1, exact match and ROUGE-L still grade them."""
+    right = score_instruction(["Paris.", "rome"], [["Paris"], ["Rome"]])
+    assert right == {"token_f1": 100.0, "exact_match": 100.0, "bleu": None, "rouge_l": 100.0}
+    assert score_generation(["blue", "red"], [["Blue"], ["green"]]) == {"bleu": None, "rouge_l": 50.0}
+    assert score_generation(["a b c d"], [["a b c d"]])["bleu"] == pytest.approx(100)  # 4 words: BLEU counts
 
 
 def test_classification_metrics_by_hand():

@@ -6,12 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import free_port, tiny_llama
+from fault_driver import nan_gradient
 from safetensors.torch import load_file
 
 from leanft import cli, models, objectives, optim, tasks, train
 from leanft.config import TrainConfig
 from leanft.objectives import CandidateLogProbs, candidate_scores
+from leanft.stops import Interrupted
 from leanft.tasks.collate import encode_candidates
 
 
@@ -219,7 +221,7 @@ def test_nan_loss_is_a_clear_error_and_keeps_the_checkpoint(tiny_llama_dir, tmp_
     assert (tmp_path / "checkpoint" / "trainable.safetensors").is_file()
 
 
-def test_encoder_classification_mixture_and_sequential_forgetting(tiny_bert_dir, tmp_path):
+def test_encoder_classification_mixture_and_sequential_forgetting(tiny_bert_dir, tmp_path, capsys):
     mixed = train.train(tiny_cfg(tiny_bert_dir, tmp_path / "mix", method="loretta-adp", task="sst2,cb",
                                  method_options={"bottleneck": 8, "tt_rank": 2}))
     assert set(mixed["eval"]) == {"sst2", "cb"} and mixed["examples_seen"] == 16
@@ -228,6 +230,10 @@ def test_encoder_classification_mixture_and_sequential_forgetting(tiny_bert_dir,
     assert [s["task"] for s in seq["stages"]] == ["sst2", "rte"]
     assert set(seq["stages"][0]["eval"]) == {"sst2"} and set(seq["stages"][1]["eval"]) == {"sst2", "rte"}
     assert set(seq["forgetting"]) == {"sst2", "rte"} and seq["forgetting"]["rte"] == 0
+    for stage in (0, 1):  # each stage's adapter, evaluated again as after its stage
+        capsys.readouterr()
+        cli.main(["eval", "--adapter", str(tmp_path / "seq" / f"stage{stage}" / "best")])
+        assert json.loads(capsys.readouterr().out) == seq["stages"][stage]["eval"]
 
 
 def test_decoder_only_tasks_on_an_encoder_are_a_clear_error(tiny_bert_dir, tmp_path):
@@ -250,7 +256,7 @@ def test_yaml_config_with_flags_overriding(tmp_path):
 def test_two_process_data_parallel_run(tiny_llama_dir, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
            "-m", "leanft.cli", "train", "--model", tiny_llama_dir, "--num-train", "16", "--num-dev", "8",
            "--num-eval", "8", "--max-steps", "2", "--batch-size", "2", "--eval-every", "2", "--lr", "1e-2",
            "--no-eval-before", "--output-dir", str(out), "--rank", "4", "--tt-rank", "2"]
@@ -299,3 +305,242 @@ def test_lamda_freezes_p_b_during_training_and_counts_fewer_updates(tiny_llama_d
     lora = train.train(tiny_cfg(tiny_llama_dir, tmp_path / "lora", method="lora", max_steps=10, num_dev=0,
                                 method_options={"rank": 4}))
     assert lamda["parameter_updates"] < lora["parameter_updates"] / 3
+
+
+def tiny_flags(model_dir: str, out: Path, method: str = "lora") -> list[str]:
+    options = ["--rank", "2"] if method == "lora" else ["--bottleneck", "8", "--tt-rank", "2"]
+    return ["train", "--model", model_dir, "--method", method, "--num-train", "8", "--num-dev", "4", "--num-eval", "4",
+            "--max-steps", "2", "--batch-size", "4", "--eval-every", "2", "--lr", "1e-2", "--no-eval-before",
+            "--output-dir", str(out), *options]
+
+
+def test_a_fresh_run_over_another_run_is_refused_and_overwrite_deletes_it_first(tiny_llama_dir, tmp_path, capsys):
+    """A LoRETTA_adp run in the folder of a finished LoRA run once replaced its best adapter and checkpoint."""
+    out = tmp_path / "run"
+    cli.main(tiny_flags(tiny_llama_dir, out, "lora"))
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    with pytest.raises(SystemExit) as refused:
+        cli.main(tiny_flags(tiny_llama_dir, out, "loretta-adp"))
+    message = str(refused.value)
+    assert message.startswith(f"leanft: error: {out} holds another run (checkpoint, best, metrics.json, metrics.jsonl")
+    assert f"leanft train --resume --output-dir {out}" in message and "--overwrite" in message
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before  # untouched
+    with pytest.raises(SystemExit, match=r"\['nope'\] match no module"):  # a typo with --overwrite loses nothing
+        cli.main(tiny_flags(tiny_llama_dir, out) + ["--overwrite", "--target-modules", "q_proj,nope"])
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    (out / "notes.txt").write_text("mine")  # not a run's file: kept
+    cli.main(tiny_flags(tiny_llama_dir, out, "loretta-adp") + ["--overwrite"])
+    assert json.loads((out / "best" / "leanft_run.json").read_text())["method"] == "loretta-adp"
+    assert (out / "notes.txt").read_text() == "mine"
+    with pytest.raises(SystemExit, match="resume continues the run in output_dir and overwrite deletes it"):
+        cli.main(tiny_flags(tiny_llama_dir, out) + ["--overwrite", "--resume"])
+
+
+def test_an_output_dir_that_cannot_be_written_is_one_line_naming_it(tiny_llama_dir, tmp_path, monkeypatch):
+    """A file, a folder under a file, and an unwritable folder once gave FileExistsError, NotADirectoryError and
+    PermissionError tracebacks (the last only after loading and evaluating)."""
+    (tmp_path / "taken").write_text("a file")
+    for out, says in ((tmp_path / "taken", f"--output-dir {tmp_path / 'taken'} is a file, not a folder"),
+                      (tmp_path / "taken" / "run", f"cannot use --output-dir {tmp_path / 'taken' / 'run'}: "
+                                                    "[Errno 20] Not a directory")):
+        with pytest.raises(SystemExit) as error:
+            cli.main(tiny_flags(tiny_llama_dir, out))
+        assert str(error.value).startswith(f"leanft: error: {says}")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.geteuid() != 0:  # root writes anyway: a read-only folder is then simulated below
+        with pytest.raises(SystemExit, match=f"leanft: error: cannot use --output-dir {locked}: .*Permission denied"):
+            cli.main(tiny_flags(tiny_llama_dir, locked / "run"))
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(SystemExit, match=f"leanft: error: cannot use --output-dir {locked}/run: .*Permission denied"):
+        cli.main(tiny_flags(tiny_llama_dir, locked / "run"))
+
+
+def test_sigint_mid_step_finishes_the_step_checkpoints_it_and_restores_the_handlers(tiny_llama_dir, tmp_path,
+                                                                                    monkeypatch):
+    """Ctrl-C once raised KeyboardInterrupt mid-step, losing the steps since the last checkpoint (here: all)."""
+    import signal
+
+    real_step = optim.FirstOrder.step
+
+    def interrupt_step_3(self, step, epoch, micro_batches):
+        result = real_step(self, step, epoch, micro_batches)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(optim.FirstOrder, "step", interrupt_step_3)
+    mine = lambda signum, frame: None  # noqa: E731
+    before = signal.signal(signal.SIGTERM, mine), signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(Interrupted) as stopped:
+            train.train(tiny_cfg(tiny_llama_dir, tmp_path, max_steps=6, eval_every=50, save_every="0", num_dev=0))
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == (mine, before[1])
+    finally:
+        signal.signal(signal.SIGTERM, before[0])
+    assert (stopped.value.exit_code, stopped.value.step) == (130, 3) and "stopped by SIGINT after step 3" in str(
+        stopped.value)
+    assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+    assert cli.resume_command(["train", "--overwrite", "--output-dir", "a b"]) == "leanft train --output-dir 'a b' --resume"
+
+
+def reviews_csv(path: Path) -> Path:
+    rows = ["review,stars"] + [f"{'great fun' if i % 2 else 'dull and slow'} film {i},{'pos' if i % 2 else 'neg'}"
+                               for i in range(40)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_eval_of_a_run_on_a_users_file_reruns_its_evaluation_without_data_flags(tiny_llama_dir, tmp_path, capsys,
+                                                                               monkeypatch):
+    """`leanft eval --adapter` once answered "unknown task 'arith'" (or evaluated SST-2) unless every data flag
+    was given again: the run's data options are in best/leanft_run.json, its files found from another folder."""
+    monkeypatch.chdir(tmp_path)
+    reviews_csv(tmp_path / "reviews.csv")
+    cli.main(["train", "--model", tiny_llama_dir, "--train-file", "reviews.csv", "--text-columns", "review",
+              "--label-column", "stars", "--label-words", " bad, good", "--template", "{review} It was",
+              "--num-train", "20", "--num-dev", "4", "--num-eval", "7", "--seed", "3", "--max-steps", "2",
+              "--batch-size", "4", "--eval-every", "2", "--lr", "1e-2", "--max-length", "48", "--output-dir", "run",
+              "--rank", "2", "--tt-rank", "2"])
+    final = json.loads((tmp_path / "run" / "metrics.json").read_text())["eval"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    cli.main(["eval", "--adapter", str(tmp_path / "run" / "best")])
+    assert json.loads(capsys.readouterr().out) == final and set(final) == {"reviews"}
+    cli.main(["eval", "--adapter", str(tmp_path / "run" / "best"), "--task", "sst2", "--num-eval", "4"])  # flags win
+    assert set(json.loads(capsys.readouterr().out)) == {"sst2"}
+
+
+def test_eval_reruns_an_instruction_run_from_a_file_in_task(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rows = [{"q": f"add {i} and 1", "a": str(i + 1)} for i in range(16)]
+    (tmp_path / "arith.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metrics = train.train(tiny_cfg(tiny_llama_dir, tmp_path / "run", method="lora", task="arith.jsonl",
+                                   prompt_column="q", completion_column="a", num_train=12, num_dev=2, num_eval=3,
+                                   max_steps=1, max_new_tokens=4, method_options={"rank": 2}))
+    monkeypatch.chdir(tmp_path / "run")
+    capsys.readouterr()
+    cli.main(["eval", "--adapter", "best"])
+    evaluated = json.loads(capsys.readouterr().out)
+    assert set(evaluated) == {"arith"} and evaluated["arith"] == pytest.approx(metrics["eval"]["arith"])  # same rows
+
+
+class Affine(torch.nn.Module):
+    """``loss = <g_w, w> + <g_b, b>``: the gradient is the batch ``(g_w, g_b)`` itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w, self.b = torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.ones(3))
+
+    @staticmethod
+    def loss(net, g) -> torch.Tensor:
+        return (g[0] * net.w).sum() + (g[1] * net.b).sum()
+
+
+def test_gradients_are_clipped_to_max_grad_norm_as_the_trainer_clips():
+    """AdamW with weight decay through ``FirstOrder`` against torch's AdamW fed the same gradients clipped by
+    ``clip_grad_norm_``, as the HF Trainer does: norms 10 and 2 are clipped to 1, 0.5 is not; 0 turns it off."""
+    gen = torch.Generator().manual_seed(0)
+    grads = []
+    for norm in (10.0, 0.5, 2.0):
+        g = (torch.randn(2, 3, generator=gen), torch.randn(3, generator=gen))
+        total = torch.cat([t.flatten() for t in g]).norm()
+        grads.append(tuple(t * norm / total for t in g))
+
+    def by_hand(max_norm: float) -> Affine:
+        model = Affine()
+        groups = [{"params": [model.w], "weight_decay": 0.1}, {"params": [model.b], "weight_decay": 0.0}]
+        adamw = torch.optim.AdamW(groups, lr=1e-2)
+        for gw, gb in grads:
+            model.w.grad, model.b.grad = gw.clone(), gb.clone()
+            if max_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            adamw.step()
+        return model
+
+    for max_norm in (1.0, 0.0):
+        model = Affine()
+        step = optim.FirstOrder(model, model, Affine.loss, 1e-2, weight_decay=0.1, max_grad_norm=max_norm)
+        rows = [step.step(k, 0, [g]) for k, g in enumerate(grads)]
+        assert [r["grad_norm"] for r in rows] == pytest.approx([10.0, 0.5, 2.0], rel=1e-5)  # before clipping
+        expected = by_hand(max_norm)
+        for name in ("w", "b"):
+            torch.testing.assert_close(getattr(model, name), getattr(expected, name), rtol=1e-6, atol=1e-7)
+    clipped, unclipped = by_hand(1.0), by_hand(0.0)
+    assert (clipped.w - unclipped.w).abs().max() > 1e-3  # clipping changes AdamW's update here
+
+
+def test_a_nan_gradient_behind_a_finite_loss_stops_before_any_update(tiny_llama_dir, tmp_path, monkeypatch):
+    """A finite loss whose gradient is NaN (in one tensor) must not update the weights with it: the run stops
+    saying so, with the weights and the checkpoint those of the step before."""
+    real, seen = objectives.mean_loss, {"calls": 0}
+
+    def nan_gradient_in_step_3(net, batches, decoder):
+        loss = real(net, batches, decoder)
+        if net.training:
+            seen["calls"] += 1
+            if seen["calls"] == 3:
+                seen["net"] = net
+                seen["before"] = {n.removeprefix("model."): p.detach().clone()
+                                  for n, p in net.named_parameters() if p.requires_grad}
+                return loss + nan_gradient(net)
+        return loss
+
+    monkeypatch.setattr(objectives, "mean_loss", nan_gradient_in_step_3)
+    with pytest.raises(FloatingPointError, match=r"the gradient became non-finite \(norm nan\) at step 2 with a finite "
+                                                 r"training loss [0-9.]+ .*no update was made; every process stops; "
+                                                 r"the last good checkpoint is in .*lower the learning rate"):
+        train.train(tiny_cfg(tiny_llama_dir, tmp_path, num_dev=0, save_every="1"))
+    now = {n.removeprefix("model."): p for n, p in seen["net"].named_parameters() if p.requires_grad}
+    assert all(torch.equal(now[n], p) for n, p in seen["before"].items())
+    assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
+    saved = load_file(str(tmp_path / "checkpoint" / "trainable.safetensors"))
+    assert all(torch.equal(saved[n], p) for n, p in seen["before"].items())
+
+
+def test_float16_keeps_skipping_an_overflowed_step_instead_of_stopping():
+    """In float16 an inf/NaN gradient is the loss scaler's signal: that step is skipped and the scale lowered."""
+    model = Affine()
+    step = optim.FirstOrder(model, model, lambda net, g: Affine.loss(net, g) + nan_gradient(net), 1e-2,
+                            scaler=torch.amp.GradScaler("cpu"))
+    scale = step.scaler.get_scale()
+    row = step.step(0, 0, [(torch.ones(2, 3), torch.ones(3))])
+    assert row["skipped"] and row["updated_params"] == 0 and step.scaler.get_scale() < scale
+    assert torch.equal(model.w, torch.ones(2, 3)) and torch.equal(model.b, torch.ones(3))
+
+
+@pytest.mark.parametrize("cfg,message", [
+    (dict(max_grad_norm=-1.0), "max_grad_norm must not be negative, got -1.0"),
+    (dict(max_grad_norm=float("nan")), "max_grad_norm must not be negative, got nan"),
+    (dict(method="mezo-lora", max_grad_norm=0.0), "max_grad_norm applies to first-order \\(AdamW\\) training; a "
+                                                  "zeroth-order run has no gradient to clip"),
+])
+def test_max_grad_norm_that_cannot_apply_is_refused(cfg, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**cfg)
+
+
+def test_a_repeated_signal_at_once_is_one_stop_and_one_a_moment_later_aborts(monkeypatch):
+    """Under torchrun a Ctrl-C reaches each process twice at once (the terminal's, and torchrun's forward): that
+    is one request to stop after the step; a signal given again later stops at once."""
+    import signal
+    from types import SimpleNamespace
+
+    from leanft import stops
+
+    with stops.StopSignals(SimpleNamespace(is_main_process=False, num_processes=1)) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.agreed() == signal.SIGINT
+        monkeypatch.setattr(stops, "REPEAT_S", 0.0)
+        with pytest.raises(KeyboardInterrupt, match="SIGINT again: stopped at once"):
+            os.kill(os.getpid(), signal.SIGINT)
+            sum(range(1000))  # the handler runs between bytecodes
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -8,7 +8,7 @@ import torch
 from conftest import FAMILIES, out, perturb, tiny_bert, tiny_llama, tiny_opt
 from peft import PeftModel, get_peft_model
 
-from leanft import LamdaConfig, LorettaAdpConfig, LorettaRepConfig
+from leanft import LamdaConfig, LorettaAdpConfig, LorettaRepConfig, cli
 from leanft.optim import start_anchors
 from leanft.tt import TTMatrix
 
@@ -246,6 +246,65 @@ def test_non_linear_target_is_a_clear_error():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16))
     with pytest.raises(ValueError, match="torch.nn.Linear layers only; .*c_attn is a Conv1D"):
         get_peft_model(gpt2, LorettaRepConfig(target_modules=["c_attn"]))
+
+
+# A rank above what the targeted layers allow (the tiny LLaMA: q_proj 32 x 32, v_proj 32 -> 16) is refused by
+# name and limit before anything is allocated; unchecked, --rank 100000 on a 576-wide model filled 23 GB.
+RANK_CASES = [
+    ("lora", ["--rank", "100000"],
+     r"LoRA rank 100000 exceeds 16, the smaller side of model.layers.0.self_attn.v_proj \(32 in, 16 out\)"),
+    ("mezo-lora", ["--rank", "17"], "LoRA rank 17 exceeds 16"),
+    ("loretta-rep", ["--rank", "100000"],
+     r"module 'model.layers.0.self_attn.q_proj': LoRETTA_rep rank 100000 exceeds 32, the smaller side"),
+    ("loretta-rep", ["--tt-rank", "1000"], r"TT rank 1000 exceeds 8, the most a 32x8 TT matrix of shape \[8, 4, 8\]"),
+    ("loretta-adp", ["--bottleneck", "8", "--tt-rank", "1000"], "TT rank 1000 exceeds"),
+]
+
+
+@pytest.mark.parametrize("method,flags,match", RANK_CASES)
+def test_a_rank_beyond_the_targeted_layers_is_refused_in_one_line(tiny_llama_dir, method, flags, match):
+    with pytest.raises(SystemExit, match="^leanft: error: .*" + match):
+        cli.main(["params", "--model", tiny_llama_dir, "--method", method, *flags])
+
+
+def test_train_refuses_a_lora_rank_beyond_the_layers_before_training(tiny_llama_dir, tmp_path):
+    with pytest.raises(SystemExit, match="^leanft: error: LoRA rank 100000 exceeds 16"):
+        cli.main(["train", "--model", tiny_llama_dir, "--method", "lora", "--rank", "100000", "--num-train", "8",
+                  "--num-dev", "0", "--num-eval", "4", "--max-steps", "1", "--output-dir", str(tmp_path)])
+
+
+def test_ranks_up_to_the_limit_are_taken(tiny_llama_dir, capsys):
+    cli.main(["params", "--model", tiny_llama_dir, "--method", "lora,loretta-rep", "--rank", "16", "--tt-rank", "4"])
+    assert "lora" in capsys.readouterr().out
+
+
+def _edit_truncate(text: str) -> str:
+    return text[:150]
+
+
+def _edit_rename_r(text: str) -> str:
+    return text.replace('"r": 4', '"rr": 4')
+
+
+def _edit_negative_r(text: str) -> str:
+    return text.replace('"r": 4', '"r": -4')
+
+
+@pytest.mark.parametrize("edit,match", [
+    (_edit_truncate, r"adapter_config.json line \d+, column \d+: not valid JSON: \w"),
+    (_edit_rename_r, r"adapter_config.json: unknown key\(s\) \['rr'\]; missing key\(s\) \['r'\]$"),
+    (_edit_negative_r, r"adapter_config.json: r is -4, not a positive integer$"),
+])
+def test_eval_names_a_broken_adapter_config_instead_of_blaming_the_base_model(tiny_llama_dir, tmp_path, edit, match):
+    from leanft import methods, models
+
+    best = tmp_path / "best"
+    methods.apply_method(models.load_model(tiny_llama_dir)[0], "lora", "CAUSAL_LM", rank=4).save_pretrained(best)
+    (best / "leanft_run.json").write_text(json.dumps({"model": tiny_llama_dir, "method": "lora", "tasks": ["sst2"]}))
+    config = best / "adapter_config.json"
+    config.write_text(edit(config.read_text()))
+    with pytest.raises(SystemExit, match=f"^leanft: error: {best}/" + match):
+        cli.main(["eval", "--adapter", str(best), "--num-eval", "4"])
 
 
 @pytest.mark.slow

@@ -68,6 +68,48 @@ def test_the_run_says_how_many_rows_it_used_and_names_the_task_after_the_folder(
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["tasks"] == ["mrpc"] and "accuracy" in metrics["eval"]["mrpc"]
     assert metrics["rows"] == {"mrpc": {"train": 8, "dev": 4, "eval": 6, "of": [40, 20]}}
+    assert metrics["truncated"] == {"mrpc": {"train": 0, "dev": 0, "eval": 0}}
+    # what the model answered to each eval row, next to the metrics
+    rows = [json.loads(line) for line in (out / "predictions-mrpc-eval.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(6)) and rows[0]["input"].endswith("\nAnswer:")
+    assert all(r["prediction"] in (" No", " Yes") and r["correct"] == (r["prediction"] == r["label"]) for r in rows)
+    assert 100 * sum(r["correct"] for r in rows) / 6 == pytest.approx(metrics["eval"]["mrpc"]["accuracy"])
+
+
+def test_a_small_file_keeps_rows_to_train_on_with_the_default_sizes(tmp_path):
+    """With --num-dev and --num-eval left at their defaults (500, 1000), a 64-row file is split 20% eval, then 20%
+    dev of the rest, and the run says so; before, dev took every row left and the file was refused."""
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"q": f"question {i}", "a": f"answer {i}"}) + "\n" for i in range(64)))
+    reviews = write_rows(tmp_path / "reviews.tsv", "a\tb\ty", pair_rows(64))
+    for cfg in (TrainConfig(train_file=str(qa), prompt_column="q", completion_column="a"),
+                TrainConfig(train_file=str(reviews), text_columns=["a", "b"], label_column="y")):
+        [(task, splits)] = load_tasks(cfg)
+        assert (len(splits.train), len(splits.dev), len(splits.eval)) == (42, 10, 12)
+        assert rows_used(task.name, splits) == (f"{task.name}: 42 train, 10 dev and 12 eval rows of 64 (the default "
+                                                "num_dev 500 scaled to the file: 10 of its 52 training rows)")
+    [(_, asked)] = load_tasks(TrainConfig(train_file=str(qa), prompt_column="q", completion_column="a", num_dev=30))
+    assert (len(asked.train), len(asked.dev), asked.note) == (22, 30, "")  # a size given is taken as given
+
+
+@pytest.mark.parametrize("rows,sizes,message", [
+    (1, {"num_dev": 0}, r"one\.jsonl: no training rows left of 1 after 0 dev and 1 held-out eval rows; add rows, or "
+                        r"give an eval file"),
+    (1, {}, r"one\.jsonl: no training rows left of 1 after 0 dev and 1 held-out eval rows; add rows"),
+    (10, {"num_dev": 8}, r"no training rows left of 10 after 8 dev and 2 held-out eval rows; lower num_dev"),
+])
+def test_a_file_too_small_to_train_on_gets_the_hint_that_helps(tmp_path, rows, sizes, message):
+    path = tmp_path / "one.jsonl"
+    path.write_text("".join(json.dumps({"q": f"question {i}", "a": "yes"}) + "\n" for i in range(rows)))
+    with pytest.raises(ValueError, match=message):
+        load_tasks(TrainConfig(train_file=str(path), prompt_column="q", completion_column="a", **sizes))
+
+
+def test_impossible_sizes_are_refused_before_the_model_loads(tmp_path, capsys):
+    with pytest.raises(SystemExit, match=r"leanft: error: num_eval must be positive, got 0"):
+        cli.main(["train", "--model", str(tmp_path / "no-such-model"), "--num-eval", "0"])
+    with pytest.raises(ValueError, match=r"task cb: no training rows left of 250 after 250 dev rows; lower num_dev"):
+        load_tasks(TrainConfig(task="cb", num_dev=300))
 
 
 # ---- task names ----------------------------------------------------------------------------------

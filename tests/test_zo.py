@@ -1,8 +1,9 @@
 import math
+import warnings
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import free_port, tiny_llama
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
@@ -80,6 +81,51 @@ def test_query_schedule_values():
     assert [query_schedule(e, beta=0.4, q_max=15) for e in (8, 9, 100, 159)] == [1, 2, 5, 6]  # METHODS.md 5.4
     assert query_schedule(50, q_min=3) == 4 and query_schedule(0, q_min=3) == 3
     assert query_seed(0, 5, 1) != query_seed(0, 5, 2) and query_seed(0, 5, 1) == query_seed(0, 5, 1)
+
+
+def test_each_stage_of_a_sequential_run_draws_its_own_directions_and_stage_0_keeps_the_old_seeds(tokens):
+    """Every stage restarts at step 0: without the stage in the seed, stage 2 would replay stage 1's
+    directions. Stage 0 (every single-stage run) keeps the seeds it always had."""
+    assert [query_seed(42, 0, q) for q in range(2)] == [3444837047, 1896493428]
+    seeds = [ZOEngine(lora_model(), seed=42, stage=stage).step(0, loss_of(lora_model(), tokens), 2, 1e-3).seeds
+             for stage in (0, 1, 2)]
+    assert seeds[0] == [3444837047, 1896493428]
+    assert len({s for stage in seeds for s in stage}) == 6
+
+
+def quantised(model, tokens):
+    """A loss that a perturbation of 1e-3 almost never moves (a step function of the true loss)."""
+    return lambda: round(loss_of(model, tokens)(), 1)
+
+
+def test_a_healthy_model_whose_loss_no_query_moves_takes_a_normal_step_not_a_rollback(tokens):
+    """``l+ == l-`` on every query happens to healthy models (a perturbation below the compute precision, a
+    piecewise-constant loss); it once rolled back the previous good update and halved the lr each time. Now
+    one unperturbed forward looks for overflowed activations, finds none, and the step is a normal one with
+    zero projected gradient: weight decay applies, and a long run of them warns once that eps may be too
+    small."""
+    model = get_peft_model(tiny_llama().to(torch.bfloat16), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                        init_lora_weights=False))
+    engine = ZOEngine(model, eps=1e-3, weight_decay=0.1, decays=decays)
+    fn, start = quantised(model, tokens), [p.detach().clone() for p in engine.params]
+    with pytest.warns(UserWarning, match="20 zeroth-order steps in a row left the loss exactly unchanged.*--zo-eps"):
+        records = [engine.step(s, fn, queries=2, lr=1e-2) for s in range(20)]
+    assert not any(r.rolled_back for r in records) and engine.lr_scale == 1.0
+    assert all(r.grads == [0.0, 0.0] for r in records) and engine.extra_forwards == 1
+    for p, p0 in zip(engine.params, start):  # decay only: theta * (1 - lr wd)^20
+        torch.testing.assert_close(p, p0 * (1 - 1e-2 * 0.1) ** 20, rtol=1e-5, atol=0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*zeroth-order steps in a row")  # once only
+        engine.step(20, fn, queries=2, lr=1e-2)
+
+
+def test_the_overflow_check_is_a_counted_forward(tokens):
+    """The check's forward counts in the step's forwards (and so in the budget and in forward_passes)."""
+    model = lora_model()
+    objective = lambda net, batch: round(float(net(input_ids=batch, labels=batch).loss), 1)  # noqa: E731
+    step = optim.ZerothOrder(model, model, objective, 1e-3, queries=lambda epoch: 3)
+    row = step.step(0, 0, [tokens])
+    assert row["forwards"] == 7 and step.forwards == 7 and not row.get("rolled_back")
 
 
 def test_divergence_rolls_back_and_halves_the_learning_rate(tokens):
@@ -285,7 +331,7 @@ def test_two_process_zo_equals_a_single_process_run(tiny_llama_dir, tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
     multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                            "29534", *args, "--output-dir", str(tmp_path / "two")], env=env, capture_output=True,
+                            free_port(), *args, "--output-dir", str(tmp_path / "two")], env=env, capture_output=True,
                            text=True, timeout=300)
     assert multi.returncode == 0, multi.stderr[-3000:]
     one, two = zo_log(tmp_path / "one"), zo_log(tmp_path / "two")

@@ -1,11 +1,13 @@
 """Checkpoints that a crash never leaves half-written, and the state a resume needs to be exact.
 
-Every folder is written to a temporary sibling and renamed into place, replacing the older one only
-afterwards. A first-order checkpoint holds the trainable tensors, optimiser and scheduler state and the
-RNG states (torch CPU, every CUDA device when the run used CUDA, python, numpy); loading reads and checks
-every file before it restores anything, so a damaged checkpoint is a clear error, never a half load. A
-zeroth-order run keeps instead its trainable start state and one logged line per step (``ZOLog``), and
-rebuilds the exact parameters by replaying the log on the device type its directions were drawn on.
+Every folder is written to a temporary sibling, fsynced, and renamed into place, replacing the older one
+only afterwards; a crash between the renames leaves one of the two complete, which ``complete_dir`` finds
+and the next write puts back in place. A first-order checkpoint holds the trainable tensors, optimiser and
+scheduler state and each process's RNG states (torch CPU, every CUDA device when the run used CUDA, python,
+numpy; ``rng-<rank>.pt``); loading reads and checks every file before it restores anything, so a damaged
+checkpoint is a clear error, never a half load. A zeroth-order run keeps instead its trainable start state
+and one logged line per step (``ZOLog``), and rebuilds the exact parameters by replaying the log on the
+device type its directions were drawn on.
 """
 
 from __future__ import annotations
@@ -93,16 +95,77 @@ def load_tensors(model: nn.Module, path: Path) -> None:
     _copy(_fit(model, tensors, path), tensors)
 
 
+def fsync(path: Path) -> None:
+    """Flush ``path`` to disk: a file's bytes, or a folder's entries (the names of what was created or
+    renamed in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_file(path: Path, write) -> None:
+    """``write(tmp)`` a sibling and rename it over ``path``, both on disk: ``path`` is whole before and after."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    fsync(tmp)
+    os.replace(tmp, path)
+    fsync(path.parent)
+
+
+def _leftovers(target: Path, kind: str) -> list[Path]:
+    """``atomic_dir``'s folders of that ``kind`` for ``target``, newest last."""
+    found = [p for p in target.parent.glob(f".{target.name}.{kind}-*") if p.is_dir()]
+    return sorted(found, key=lambda p: p.stat().st_mtime_ns)
+
+
+def complete_dir(target: Path) -> Path | None:
+    """The newest complete folder ``atomic_dir`` left for ``target``, None when there is none.
+
+    ``.new-`` folders are complete (written and fsynced before renamed to that name), newer than ``target``
+    (a crash came before they replaced it); ``.old-`` ones are complete and older (moved aside, a crash came
+    before the new one took their place); ``.tmp-`` ones may be half-written and never count."""
+    new, old = _leftovers(target, "new"), _leftovers(target, "old")
+    return new[-1] if new else target if target.is_dir() else old[-1] if old else None
+
+
+def _recover(target: Path) -> None:
+    """Put the folder a crash left for ``target`` (``complete_dir``) in place, and delete the others."""
+    found = complete_dir(target)
+    if found is not None and found != target:
+        shutil.rmtree(target, ignore_errors=True)  # older: until the rename, ``found`` is still the one found
+        found.rename(target)
+        fsync(target.parent)
+    for kind in ("tmp", "new", "old"):
+        for stale in _leftovers(target, kind):
+            shutil.rmtree(stale)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and folder under ``root`` and ``root`` itself, deepest first."""
+    for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        fsync(path)
+    fsync(root)
+
+
 def atomic_dir(target: Path, write) -> None:
-    """Run ``write(tmp_dir)`` and move the result to ``target``, replacing an older one only after."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Run ``write(tmp_dir)`` and move the result to ``target``, replacing an older one only after.
+
+    The result is on disk (every file and folder fsynced) before it is renamed ``.new-``, which marks it
+    complete, and the renames are fsynced, so a crash or power cut at any point leaves the older or the
+    newer folder complete; ``complete_dir`` finds it, and this function, run again, first puts it back."""
+    _recover(target)
+    tmp, new, old = (target.with_name(f".{target.name}.{kind}-{os.getpid()}") for kind in ("tmp", "new", "old"))
     tmp.mkdir(parents=True)
     write(tmp)
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    _fsync_tree(tmp)
+    tmp.rename(new)
+    fsync(target.parent)
     if target.exists():
         target.rename(old)
-    tmp.rename(target)
+    new.rename(target)
+    fsync(target.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -150,23 +213,28 @@ def _set_rng(rng: dict, cuda: bool) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def save(out: Path, state: dict, model: nn.Module | None = None, optimizer_state: dict | None = None) -> None:
+def save(out: Path, state: dict, model: nn.Module | None = None, optimizer_state: dict | None = None,
+         rngs: list[dict] | None = None) -> None:
     """``out/checkpoint``: the loop's ``state`` and, for first-order runs, the trainable tensors, the
-    optimiser's ``optimizer_state`` and every RNG state (``rng_states``)."""
+    optimiser's ``optimizer_state`` and the RNG states of every process (``rngs``, in rank order; by
+    default this process's ``rng_states`` alone), one ``rng-<rank>.pt`` each."""
     def write(d: Path) -> None:
         if model is not None:
+            every = rngs or [rng_states()]
             save_file(trainable_state(model), str(d / "trainable.safetensors"))
-            torch.save({**(optimizer_state or {}), "rng": rng_states()}, d / "optimizer.pt")
+            torch.save({**(optimizer_state or {}), "processes": len(every)}, d / "optimizer.pt")
+            for rank, rng in enumerate(every):
+                torch.save(rng, d / f"rng-{rank}.pt")
         (d / "trainer_state.json").write_text(json.dumps(state, indent=1))
 
     atomic_dir(out / "checkpoint", write)
 
 
 def exists(out: Path) -> bool:
-    """Whether ``out`` has a checkpoint to resume from. A ``checkpoint`` folder is only ever renamed into
-    place complete, so one lacking files is damaged: it counts, and ``load`` says what is wrong with it
-    (rather than a fresh start silently overwriting it)."""
-    return (out / "checkpoint").is_dir()
+    """Whether ``out`` has a checkpoint to resume from (``complete_dir``: also one a crash left aside). A
+    ``checkpoint`` folder is only ever renamed into place complete, so one lacking files is damaged: it
+    counts, and ``load`` says what is wrong with it (rather than a fresh start silently overwriting it)."""
+    return complete_dir(out / "checkpoint") is not None
 
 
 def _read_json(path: Path):
@@ -177,18 +245,56 @@ def _read_json(path: Path):
         raise CheckpointError(f"damaged checkpoint: {path} is not valid JSON ({e})") from e
 
 
-def load(out: Path, model: nn.Module | None = None, *, allow_inexact: bool = False) -> tuple[dict, dict | None]:
-    """The loop's state and, when ``model`` is given, its trainable tensors restored, the RNG states
-    restored and the optimiser's state returned.
+def _read_pickle(path: Path, holds: str) -> dict:
+    _need(path)
+    try:
+        data = torch.load(path, weights_only=False)
+    except Exception as e:  # truncated pickle / zip: EOFError, RuntimeError, UnpicklingError ...
+        raise CheckpointError(f"damaged checkpoint: {path} cannot be read ({type(e).__name__}: {e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"damaged checkpoint: {path} does not hold {holds}")
+    return data
+
+
+def _own_rng(ckpt: Path, extra: dict, rank: int, world: int, allow_inexact: bool) -> tuple[dict, Path]:
+    """Process ``rank``'s saved RNG states and the file they are in. A checkpoint of another number of
+    processes is refused: neither the processes' random streams (dropout) nor their shares of every batch
+    would continue as in the uninterrupted run; ``allow_inexact`` resumes with a warning."""
+    extra_file = ckpt / "optimizer.pt"
+    if "rng" in extra:  # written by an older leanft: the first process's states, in optimizer.pt
+        saved, path = 1, extra_file
+    else:
+        saved = extra.get("processes")
+        if not isinstance(saved, int) or saved < 1:
+            raise CheckpointError(f"damaged checkpoint: {extra_file} does not say how many processes wrote it")
+        path = ckpt / f"rng-{rank if rank < saved else 0}.pt"
+    if saved != world:
+        why = (f"{ckpt} holds the random states of {saved} process(es) and is resumed on {world}: their random "
+               "streams (dropout) and their shares of every batch would not continue as in the uninterrupted run")
+        if not allow_inexact:
+            raise CheckpointError(f"{why}. Resume on {saved} process(es) (torchrun --nproc_per_node {saved}, "
+                                  f"accelerate launch --num_processes {saved}) or start the run afresh; to resume "
+                                  "anyway, accepting a run that differs from the uninterrupted one, load with "
+                                  "allow_inexact=True")
+        warnings.warn(f"{why}, so the resumed run will not be bit-exact", stacklevel=3)
+    return (extra["rng"] if path == extra_file else _read_pickle(path, "RNG states")), path
+
+
+def load(out: Path, model: nn.Module | None = None, *, allow_inexact: bool = False, rank: int = 0,
+         world: int = 1) -> tuple[dict, dict | None]:
+    """The loop's state and, when ``model`` is given, its trainable tensors restored, process ``rank``'s
+    RNG states restored (of ``world`` processes) and the optimiser's state returned.
 
     Every file is read and checked before anything is restored: a missing, truncated or garbled file,
     or tensors that do not fit ``model``, raise an error naming the file and leave model and RNGs as they
-    were. CUDA random states that this machine cannot take (no CUDA, another GPU count) are refused, as
-    the resume could not be bit-exact; ``allow_inexact=True`` resumes anyway, with a warning.
+    were. CUDA random states that this machine cannot take (no CUDA, another GPU count), or a checkpoint
+    of another number of processes, are refused, as the resume could not be bit-exact;
+    ``allow_inexact=True`` resumes anyway, with a warning.
     """
-    ckpt = out / "checkpoint"
-    if not ckpt.is_dir():
-        raise FileNotFoundError(f"cannot resume: no checkpoint in {ckpt} (was the run started with this output_dir?)")
+    ckpt = complete_dir(out / "checkpoint")
+    if ckpt is None:
+        raise FileNotFoundError(f"cannot resume: no checkpoint in {out / 'checkpoint'} (was the run started with this "
+                                "output_dir?)")
     state = _read_json(ckpt / "trainer_state.json")
     if not isinstance(state, dict):
         raise CheckpointError(f"damaged checkpoint: {ckpt / 'trainer_state.json'} does not hold the loop's state")
@@ -202,16 +308,12 @@ def load(out: Path, model: nn.Module | None = None, *, allow_inexact: bool = Fal
     _need(extra_file)
     tensors = read_tensors(tensors_file)
     targets = _fit(model, tensors, tensors_file)
-    try:
-        extra = torch.load(extra_file, weights_only=False)
-    except Exception as e:  # truncated pickle / zip: EOFError, RuntimeError, UnpicklingError ...
-        raise CheckpointError(f"damaged checkpoint: {extra_file} cannot be read ({type(e).__name__}: {e})") from e
-    if not isinstance(extra, dict):
-        raise CheckpointError(f"damaged checkpoint: {extra_file} does not hold the optimiser state")
+    extra = _read_pickle(extra_file, "the optimiser state")
+    rng, rng_file = _own_rng(ckpt, extra, rank, world, allow_inexact)
     on_cuda = any(t.device.type == "cuda" for t in targets.values())
-    cuda = _check_rng(extra.get("rng"), extra_file, allow_inexact, on_cuda)
+    cuda = _check_rng(rng, rng_file, allow_inexact, on_cuda)
     _copy(targets, tensors)
-    _set_rng(extra["rng"], cuda)
+    _set_rng(rng, cuda)
     return state, extra
 
 
@@ -249,11 +351,9 @@ class ZOLog:
             kind = device_types(params)
             meta = {"format": self.FORMAT, "device_type": kind, "device_name": _device_name(kind),
                     "dtype": _dtypes(params), "torch": torch.__version__}
-            tmp = self.meta.with_name(f".{self.meta.name}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(meta, indent=1))
-            os.replace(tmp, self.meta)
-            save_file(trainable_state(model), str(self.start))
-            self.log.write_text("")
+            replace_file(self.meta, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+            replace_file(self.start, lambda tmp: save_file(trainable_state(model), str(tmp)))
+            replace_file(self.log, lambda tmp: tmp.write_text(""))
 
     def append(self, record: ZOStep) -> None:
         if self.main:
@@ -317,8 +417,8 @@ class ZOLog:
         lines, records = self._records(steps)
         load_tensors(model, self.start)
         engine.replay(records)
-        if self.main:
-            self.log.write_text("".join(line + "\n" for line in lines))
+        if self.main:  # a kill while the log is rewritten must leave it whole
+            replace_file(self.log, lambda tmp: tmp.write_text("".join(line + "\n" for line in lines)))
         return records
 
 
@@ -334,7 +434,8 @@ def save_best(out: Path, model: nn.Module, tokenizer, run_info: dict) -> None:
 
 
 def load_best_weights(best: Path, model: nn.Module) -> None:
-    """Put the kept best trainable weights back into ``model``."""
+    """Put the kept best trainable weights back into ``model`` (from where a crash left them: ``complete_dir``)."""
+    best = complete_dir(best) or best
     if isinstance(model, PeftModel):
         from peft import set_peft_model_state_dict
         from peft.utils import load_peft_weights

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import warnings
 from dataclasses import fields
 from pathlib import Path
 
+import huggingface_hub
 import transformers
 import yaml
 
@@ -17,9 +19,10 @@ from . import methods, models
 from .config import CHOICES, TrainConfig
 from .config import HELP as TRAIN_HELP
 from .measure import bench, budget, params, report, steps
+from .loading import read_json
 from .measure.system import save
 from .precision import DTYPES
-from .train import train
+from .train import Interrupted, train
 from .trainflags import DENSE_CLASSIFIER_HELP, add_train_flags, comma_list, train_config  # noqa: F401
 
 
@@ -54,7 +57,7 @@ def cmd_params(args: argparse.Namespace) -> None:
     if args.json:
         data = [{"model": args.model, "method": r["method"], "trainable": r["trainable"], "total": r["total"]}
                 for r in rows]
-        print(note, file=sys.stderr)
+        print("\n".join([note] + [f"{r['method']} adapts {r['targets']}" for r in rows]), file=sys.stderr)
         print(json.dumps(data[0] if len(data) == 1 else data, indent=2))
     else:
         print(note + "\n" + report.text_table(rows, list(rows[0])))
@@ -148,9 +151,35 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import evaluate_saved
 
-    cfg = train_config(args)
-    cfg.task = getattr(args, "task", "")
+    info = Path(args.adapter) / "leanft_run.json"  # its absence is evaluate_saved's error
+    data = read_json(info).get("data") if info.is_file() else None
+    cfg = train_config(args, under=rerun_data(data) if data else {"task": ""})  # no task: the run's, from the file
     print(json.dumps(evaluate_saved(args.adapter, cfg, getattr(args, "model", None)), indent=1))
+
+
+def rerun_data(data: dict) -> dict:
+    """A run's data options (``leanft_run.json``) with each file at its absolute path, or at the path as given
+    when only that one exists (the run and its data moved together)."""
+    data = dict(data)
+    files = data.pop("files", {})
+
+    def moved(given: str) -> str:
+        absolute = files.get(given, given)
+        return given if not Path(absolute).exists() and Path(given).exists() else absolute
+
+    for key in ("train_file", "eval_file"):
+        if data.get(key):
+            data[key] = moved(data[key])
+    data["task"] = ",".join(map(moved, data["task"].split(",")))
+    return data
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that continues an interrupted ``leanft train``: its own arguments with --resume."""
+    kept = [a for a in argv if a not in ("--resume", "--no-resume", "--overwrite", "--no-overwrite")]
+    data_parallel = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    launcher = "torchrun <the same torchrun options> -m leanft.cli" if data_parallel else "leanft"
+    return f"{launcher} {shlex.join(kept)} --resume"
 
 
 def cmd_memory(args: argparse.Namespace) -> None:
@@ -302,14 +331,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    huggingface_hub.utils.logging.set_verbosity_error()  # its retry notices; a failed fetch is one error line
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         sys.exit(f"leanft: error: {e}")
+    except Interrupted as e:  # SIGINT / SIGTERM: a checkpoint was written at the step it stopped after
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"leanft: stopped by {e.signal} after step {e.step}; the checkpoint is in {e.out / 'checkpoint'}\n"
+                  f"resume with: {resume_command(argv)}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt as e:  # a second signal: stopped at once
+        print(f"leanft: {e or 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,10 @@ CHOICES = {
                   "inverse_sqrt"),
 }
 # Fields that must be positive (> 0) and those that must not be negative.
-POSITIVE = ("num_train", "epochs", "batch_size", "grad_accum", "eval_every", "max_length", "max_new_tokens",
-            "eval_batch_size", "zo_eps", "zo_queries", "zo_q_max", "zo_recover")
-NON_NEGATIVE = ("num_dev", "num_eval", "max_steps", "max_forwards", "lr", "weight_decay", "warmup_ratio", "patience",
-                "zo_blowup", "zo_alpha", "zo_beta", "zo_max_rollbacks")
+POSITIVE = ("num_train", "num_eval", "epochs", "batch_size", "grad_accum", "eval_every", "max_length",
+            "max_new_tokens", "eval_batch_size", "zo_eps", "zo_queries", "zo_q_max", "zo_recover")
+NON_NEGATIVE = ("num_dev", "max_steps", "max_forwards", "lr", "weight_decay", "max_grad_norm", "warmup_ratio",
+                "patience", "zo_blowup", "zo_alpha", "zo_beta", "zo_max_rollbacks")
 SAVE_UNITS = {"s": 1, "m": 60, "h": 3600}
 
 
@@ -56,13 +56,17 @@ HELP = {
             "entry ending in .jsonl/.csv/.tsv is your own file, read with the column flags (e.g. sst2,notes.jsonl)",
     "sequential": "train the comma-separated tasks one after another and report forgetting",
     "num_train": "training examples sampled per task (built-in or your files alike; the run prints how many of "
-                 "how many)", "num_dev": "dev examples (model selection), sampled from the training rows",
+                 "how many)",
+    "num_dev": "dev examples (model selection), sampled from the training rows (left at 500, a users' file gets "
+               "20%% of its training rows, at least 1)",
     "num_eval": "evaluation examples, sampled from the labelled validation split or --eval-file (without one, "
                 "held out of your training file: at most 20%%)",
     "epochs": "passes over the training sample", "max_steps": "optimiser steps; overrides --epochs when > 0",
     "max_forwards": "zeroth-order budget in forward passes (2 per query); stops the run when reached",
     "batch_size": "examples per process and micro-step", "grad_accum": "micro-steps per optimiser step",
     "lr": "peak learning rate (0 = the method's default)", "weight_decay": "AdamW weight decay (not on biases/norms)",
+    "max_grad_norm": "AdamW: clip the gradient's total norm at this value, as the HF Trainer does (0 = no clipping; "
+                     "zeroth-order runs have no gradient to clip)",
     "scheduler": "linear, cosine, constant, constant_with_warmup, ...", "warmup_ratio": "fraction of steps warming up",
     "eval_every": "evaluate on dev every N steps (and keep the best adapter)",
     "patience": "stop after N evaluations without dev improvement (0 = never)",
@@ -70,6 +74,7 @@ HELP = {
     "max_new_tokens": "generation length when evaluating generation tasks",
     "eval_batch_size": "examples per evaluation batch", "seed": "seed of sampling, data order and init",
     "output_dir": "where metrics, checkpoints and the best adapter go", "resume": "continue from output_dir's checkpoint",
+    "overwrite": "start afresh in an output_dir that holds another run, deleting that run's files first",
     "dtype": "base weights dtype: float32, bfloat16 or float16; every trainable parameter stays float32 and the "
              "forward runs under autocast (float16 scales the loss); full-model MeZO keeps low-precision weights "
              "and rounds stochastically",
@@ -116,6 +121,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 0.0  # 0 = DEFAULT_LR of the method
     weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # the HF Trainer's default; 0 turns clipping off (first-order only)
     scheduler: str = "linear"
     warmup_ratio: float = 0.0
     eval_every: int = 50
@@ -128,6 +134,7 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "runs/latest"
     resume: bool = False
+    overwrite: bool = False  # a fresh run over another run's files deletes them; without it, it is refused
     dtype: str = "float32"
     optimizer: str = "adamw"  # "adamw" or "zo" (implied by the methods mezo, mezo-lora, adazeta)
     zo_eps: float = 1e-3
@@ -172,11 +179,14 @@ class TrainConfig:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         for name in NON_NEGATIVE:
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:  # NaN too
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)!r}")
         save_cadence(self.save_every)
         if self.warmup_ratio > 1:
             raise ValueError(f"warmup_ratio is a fraction of the steps, at most 1; got {self.warmup_ratio}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume continues the run in output_dir and overwrite deletes it: give one, not both "
+                             "(--no-overwrite clears an overwrite: true of a --config file)")
         if self.eval_file and not self.train_file:
             raise ValueError("eval_file needs train_file (the task whose evaluation it holds); without train_file "
                              "the run would train and evaluate the built-in task instead")
@@ -213,6 +223,10 @@ class TrainConfig:
         if set_zo and not zo:
             raise ValueError(f"{', '.join(set_zo)} apply to zeroth-order training; method {self.method!r} trains with "
                              "AdamW (use --optimizer zo, or a zeroth-order method: mezo, mezo-lora, adazeta)")
+        if zo and self.max_grad_norm != TrainConfig.max_grad_norm:
+            raise ValueError("max_grad_norm applies to first-order (AdamW) training; a zeroth-order run has no "
+                             "gradient to clip (drop it: its guard against divergence is zo_blowup and "
+                             "zo_max_rollbacks)")
 
     def _check_task_name(self) -> None:
         """``task_name`` names the one users' task of a run (a file, or a hub dataset)."""

@@ -8,9 +8,13 @@ once, atomically; ``models`` decides where (the cache) and when (the folder is m
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
+import math
+import mmap
 import os
 import shutil
+import struct
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -27,11 +31,110 @@ def is_gguf(name: str | os.PathLike) -> bool:
 
 
 def gguf_file(name: str | os.PathLike) -> Path:
-    """The GGUF file of a model name, which must exist (a clear error instead of transformers' own)."""
+    """The GGUF file of a model name, which must exist and be whole (a clear error instead of transformers' own)."""
     path = Path(name).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {name} does not exist")
+    check_gguf(path)
     return path.resolve()
+
+
+# struct formats of GGUF's scalar metadata value types, by type number (GGUF spec)
+SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+STRING, ARRAY = 8, 9
+
+
+class _Cursor:
+    """Reads a GGUF header in place; values it does not need (arrays: the tokenizer's vocabulary) are skipped."""
+
+    def __init__(self, data) -> None:
+        self.data, self.pos, self.order = data, 4, "<"
+
+    def take(self, fmt: str):
+        value = struct.unpack_from(self.order + fmt, self.data, self.pos)[0]
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def skip(self, n: int) -> None:
+        self.pos += n
+        if self.pos > len(self.data):
+            raise struct.error("past the end")
+
+    def string(self) -> bytes:
+        n = self.take("Q")
+        start = self.pos
+        self.skip(n)
+        return bytes(self.data[start:self.pos])
+
+    def value(self, kind: int):
+        if kind == STRING:
+            return self.string()
+        if kind == ARRAY:
+            item, count = self.take("I"), self.take("Q")
+            if item in SCALAR_FORMATS:
+                self.skip(count * struct.calcsize(SCALAR_FORMATS[item]))
+            else:
+                for _ in range(count):
+                    self.value(item)
+            return None
+        if kind not in SCALAR_FORMATS:
+            raise ValueError(f"unknown metadata value type {kind} at byte {self.pos}")
+        return self.take(SCALAR_FORMATS[kind])
+
+
+def tensor_data_end(data) -> tuple[int, str]:
+    """Where the tensor data a GGUF header declares ends, and the tensor that ends there."""
+    from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType
+
+    if bytes(data[:4]) != b"GGUF":
+        raise ValueError("it does not start with the GGUF magic number")
+    cursor = _Cursor(data)
+    if cursor.take("I") & 0xFFFF == 0:  # the version reads byte-swapped: a big-endian file
+        cursor.order = ">"
+    n_tensors, n_kv = cursor.take("Q"), cursor.take("Q")
+    alignment = GGUF_DEFAULT_ALIGNMENT
+    for _ in range(n_kv):
+        key = cursor.string()
+        value = cursor.value(cursor.take("I"))
+        if key == b"general.alignment":
+            alignment = value
+    ends = [(0, "")]
+    for _ in range(n_tensors):
+        name = cursor.string().decode(errors="replace")
+        dims = [cursor.take("Q") for _ in range(cursor.take("I"))]
+        kind, offset = cursor.take("I"), cursor.take("Q")
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+        ends.append((offset + math.prod(dims) // block * size, name))
+    if not isinstance(alignment, int) or alignment <= 0:
+        raise ValueError(f"its header gives an alignment of {alignment!r}")
+    start = -(-cursor.pos // alignment) * alignment  # tensor data begins at the next aligned byte
+    end, name = max(ends)
+    return start + end, name
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse a GGUF file cut short (an interrupted download or copy) or no GGUF file at all, by comparing the
+    tensor data its header declares with the file's size: transformers would fail with a struct or reshape
+    error that says neither. Reads the header only (the vocabulary's strings are skipped, not decoded), once
+    per file version."""
+    stat = path.stat()
+    reason = _gguf_problem(path, stat.st_size, stat.st_mtime_ns)
+    if reason:
+        raise ValueError(f"{path} is truncated or not a GGUF file ({reason})")
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_problem(path: Path, size: int, mtime_ns: int) -> str | None:
+    if not size:
+        return "it is empty"
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            end, name = tensor_data_end(data)
+    except struct.error:
+        return f"its header runs past the end of the file, at {size:,} bytes"
+    except ValueError as e:
+        return str(e)
+    return f"tensor {name!r} ends at byte {end:,}, the file has {size:,}" if end > size else None
 
 
 def cache_key(path: Path) -> str:
@@ -43,7 +146,14 @@ def cache_key(path: Path) -> str:
 
 
 def gguf_config(path: Path) -> PretrainedConfig:
-    """The transformers config a GGUF file's metadata describes (no tensors are read)."""
+    """The transformers config a GGUF file's metadata describes (no tensors are read); a copy of the one read
+    first for this file version, since transformers decodes the whole vocabulary to get it (seconds)."""
+    stat = path.stat()
+    return copy.deepcopy(_read_gguf_config(path, stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=8)
+def _read_gguf_config(path: Path, size: int, mtime_ns: int) -> PretrainedConfig:
     return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
 
 

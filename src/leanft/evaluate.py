@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,14 +18,17 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import models, objectives, tasks
 from .config import TrainConfig
-from .loading import Loaded, accelerator, load_tasks
+from .loading import Loaded, accelerator, check_adapter_config, load_tasks, read_json
 from .precision import dtype_of
-from .tasks.collate import encode, to_device
+from .tasks.collate import cut_rows, encode, generation_prompts, to_device
 
 
 @torch.no_grad()
-def evaluate(run: Loaded, task: tasks.Task, examples: list[dict]) -> dict[str, float]:
-    """Task metrics on ``examples``; each process scores every ``num_processes``-th example."""
+def evaluate(run: Loaded, task: tasks.Task, examples: list[dict],
+             predictions: Path | None = None) -> dict[str, float]:
+    """Task metrics on ``examples``; each process scores every ``num_processes``-th example. With
+    ``predictions``, the main process also writes there what the model answered to each example
+    (``_prediction_rows``), one JSON line per example."""
     accel, cfg = run.accelerator, run.cfg
     was_training = run.net.training
     run.net.eval()
@@ -45,6 +50,9 @@ def evaluate(run: Loaded, task: tasks.Task, examples: list[dict]) -> dict[str, f
     preds = sorted(gather_object(preds)) if accel.num_processes > 1 else preds
     run.net.train(was_training)
     values = [p for _, p in preds]
+    if predictions is not None and accel.is_main_process:
+        rows = _prediction_rows(run, task, examples, values)
+        predictions.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     if task.kind == "generation":
         texts = [v[0] for v in values] if task.answer_loss else values
         metrics = (task.scorer or tasks.score_generation)(texts, [task.references(ex) for ex in examples])
@@ -53,6 +61,26 @@ def evaluate(run: Loaded, task: tasks.Task, examples: list[dict]) -> dict[str, f
             metrics.update(loss=loss, perplexity=math.exp(loss) if loss < 700 else math.inf)
         return metrics
     return tasks.classification_metrics(values, [task.label(ex) for ex in examples], task.num_labels)
+
+
+def _prediction_rows(run: Loaded, task: tasks.Task, examples: list[dict], values: list) -> list[dict]:
+    """Per example: its index in the split, what the model read (a decoder's prompt, an encoder's text pair),
+    and its answer with the reference: a generated text with its best-reference scores (and the loss of the
+    gold answer's tokens), or the chosen candidate with the gold one."""
+    rows = []
+    for i, (ex, value) in enumerate(zip(examples, values)):
+        row = {"index": i, "input": task.prompt(ex) if run.decoder else task.encoder_text(ex)}
+        if task.kind == "generation":
+            text = value[0] if task.answer_loss else value
+            row.update(prediction=text, references=task.references(ex),
+                       **tasks.example_scores(text, task.references(ex)))
+            if task.answer_loss:
+                row["loss"] = value[1] / value[2]
+        else:
+            candidates, gold = task.candidates(ex), task.label(ex)
+            row.update(prediction=candidates[value], label=candidates[gold], correct=value == gold)
+        rows.append(row)
+    return rows
 
 
 def answer_nll(run: Loaded, task: tasks.Task, examples: list[dict]) -> tuple[list[float], list[int]]:
@@ -69,15 +97,69 @@ def answer_nll(run: Loaded, task: tasks.Task, examples: list[dict]) -> tuple[lis
 
 
 def generate(run: Loaded, task: tasks.Task, examples: list[dict]) -> list[str]:
-    """Greedy generation from the prompts (left-padded), cut at the first newline for one-line tasks."""
-    tokenizer = run.tokenizer
+    """Greedy generation from the prompts (cut to fit as ``generation_prompts`` says, left-padded), cut at
+    the first newline for one-line tasks."""
+    tokenizer, cfg = run.tokenizer, run.cfg
+    ids, _ = generation_prompts(task, examples, tokenizer, cfg.max_length, cfg.max_new_tokens)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    enc = tokenizer([task.prompt(ex) for ex in examples], return_tensors="pt", padding=True).to(run.device)
+    enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(run.device)
     tokenizer.padding_side = side
-    out = run.model.generate(**enc, max_new_tokens=run.cfg.max_new_tokens, do_sample=False,
+    out = run.model.generate(**enc, max_new_tokens=cfg.max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     return [t.strip().split("\n")[0] if task.first_line else t.strip() for t in texts]
+
+
+def context_length(model) -> int | None:
+    """The model's context in tokens (``max_position_embeddings``, GPT-2's ``n_positions``), None if unknown."""
+    config = getattr(model, "config", None)
+    return next((n for n in (getattr(config, k, None) for k in ("max_position_embeddings", "n_positions"))
+                 if isinstance(n, int)), None)
+
+
+def report_truncation(run: Loaded, task_data: list[tuple[tasks.Task, tasks.Splits]],
+                      splits: tuple[str, ...] = ("train", "dev", "eval"), file=None) -> dict[str, dict[str, int]]:
+    """Rows of each task and split whose inputs are cut to fit ``max_length`` (training and evaluation cut
+    alike: ``collate``), printed once by the main process to ``file`` and returned for metrics.json.
+
+    A ``max_length`` beyond the model's context, or generation settings that leave no room for a prompt, are
+    refused here, before anything runs.
+    """
+    cfg = run.cfg
+    context = context_length(run.model)
+    if context is not None and cfg.max_length > context:
+        raise ValueError(f"--max-length {cfg.max_length} is beyond the context of {cfg.model} ({context} tokens, its "
+                         f"max_position_embeddings): give --max-length {context} or less")
+    counts = {}
+    for task, split_data in task_data:
+        counts[task.name] = {split: sum(truncated_rows(run, task, getattr(split_data, split), split == "train"))
+                             for split in splits}
+        cut = [f"{n} of {len(getattr(split_data, split))} {split}" for split, n in counts[task.name].items() if n]
+        if cut and run.accelerator.is_main_process:
+            print(f"{task.name}: {', '.join(cut)} rows are longer than --max-length {cfg.max_length} tokens"
+                  f"{_room(run, task)}; {_how_cut(run)}", file=file)
+    return counts
+
+
+def truncated_rows(run: Loaded, task: tasks.Task, examples: list[dict], training: bool) -> list[bool]:
+    """Which of ``examples`` are cut to fit, read as training or as evaluation reads them (generation tasks:
+    the prompt to generate from and, with ``answer_loss``, the gold answer scored after it)."""
+    cfg = run.cfg
+    cut = cut_rows(task, examples, run.tokenizer, cfg.max_length, run.decoder, training)
+    if task.kind == "generation" and not training:
+        generated = generation_prompts(task, examples, run.tokenizer, cfg.max_length, cfg.max_new_tokens)[1]
+        cut = [g or (c and task.answer_loss) for g, c in zip(generated, cut)]
+    return cut
+
+
+def _room(run: Loaded, task: tasks.Task) -> str:
+    return f" (with --max-new-tokens {run.cfg.max_new_tokens} when generating)" if task.kind == "generation" else ""
+
+
+def _how_cut(run: Loaded) -> str:
+    if run.decoder:
+        return "their prompts are cut from the left, the answers kept whole (raise --max-length to keep more)"
+    return "their texts are cut from the end (raise --max-length to keep more)"
 
 
 def _load_adapter(base, adapter_dir: Path, model_name: str):
@@ -93,8 +175,11 @@ def _load_adapter(base, adapter_dir: Path, model_name: str):
                              f"leanft_run.json names ({first})") from e
     missing = [w for w in caught if "missing adapter keys" in str(w.message)]
     if missing:
-        raise ValueError(f"the adapter in {adapter_dir} does not fit the base model {model_name!r}: "
-                         f"{str(missing[0].message)[:300]}")
+        keys = re.findall(r"'([^']+)'", str(missing[0].message))
+        raise ValueError(f"the adapter in {adapter_dir} does not fit the base model {model_name!r}: Found missing "
+                         f"adapter keys while loading the checkpoint: {len(keys)} keys, e.g. {keys[0]!r}"
+                         if keys else f"the adapter in {adapter_dir} does not fit the base model {model_name!r}: "
+                         f"{str(missing[0].message).splitlines()[0][:300]}")
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return model
@@ -102,12 +187,14 @@ def _load_adapter(base, adapter_dir: Path, model_name: str):
 
 def evaluate_saved(adapter_dir: str | Path, cfg: TrainConfig, base_model: str | None = None) -> dict[str, dict[str, float]]:
     """Evaluate a saved ``best/`` folder (a PEFT adapter, or a fully fine-tuned model) on cfg's tasks, on
-    the base model its ``leanft_run.json`` names or on ``base_model`` (``leanft eval --model``)."""
+    the base model its ``leanft_run.json`` names or on ``base_model`` (``leanft eval --model``). Each task's
+    predictions go into that folder, as ``predictions-<task>-eval.jsonl``; notes go to stderr, so that stdout
+    is the metrics' JSON."""
     adapter_dir = Path(adapter_dir)
     info_file = adapter_dir / "leanft_run.json"
     if not info_file.is_file():
         raise FileNotFoundError(f"{adapter_dir} is not a leanft run output (no leanft_run.json)")
-    info = json.loads(info_file.read_text())
+    info = read_json(info_file)
     if base_model and base_model != info["model"]:  # the base moved (another folder, the same weights)
         print(f"evaluating on {base_model} (the run was trained on {info['model']})")
     cfg.model, cfg.method = base_model or info["model"], info["method"]
@@ -119,6 +206,7 @@ def evaluate_saved(adapter_dir: str | Path, cfg: TrainConfig, base_model: str | 
     num_labels = max(t.num_labels for t, _ in task_data)
     dtype = dtype_of(cfg.dtype)
     if (adapter_dir / "adapter_config.json").is_file():
+        check_adapter_config(adapter_dir)  # before the base model is loaded (and blamed)
         base, tokenizer = models.load_model(cfg.model, num_labels=num_labels, dtype=dtype)
         model = _load_adapter(base, adapter_dir, cfg.model)
     else:
@@ -126,4 +214,10 @@ def evaluate_saved(adapter_dir: str | Path, cfg: TrainConfig, base_model: str | 
                                              task="causal" if decoder else "seq_cls")
     model = model.to(accel.device).eval()
     run = Loaded(model, objectives.network(model, decoder), tokenizer, decoder, accel, cfg)
-    return {t.name: evaluate(run, t, splits.eval) for t, splits in task_data}
+    report_truncation(run, task_data, ("eval",), file=sys.stderr)
+    results = {t.name: evaluate(run, t, splits.eval, adapter_dir / f"predictions-{t.name}-eval.jsonl")
+               for t, splits in task_data}
+    if accel.is_main_process:
+        print(f"predictions: {', '.join(str(adapter_dir / f'predictions-{t.name}-eval.jsonl') for t, _ in task_data)}",
+              file=sys.stderr)
+    return results

@@ -11,7 +11,9 @@ no autograd graph, eval mode), then ``theta -= lr * mean_q p_q z_q``. The Traine
 at (data, lr schedule, logging, checkpoints); its optimiser is a stateless stand-in that carries the lr.
 Under ``torchrun``/``accelerate launch`` every process gathers the whole global batch and evaluates its
 share of the queries, so a run equals a single-process run with the same global batch (the data order
-is a permutation drawn from the seed and epoch, ``EpochPermutation``, the same for any process count). Checkpoints hold
+is a permutation drawn from the seed and epoch, ``EpochPermutation``, the same for any process count); FSDP and
+DeepSpeed, which shard the tensors each process perturbs whole, are refused. ``fp16``/``bf16`` set the forwards'
+autocast; no loss scaler runs (there are no gradients), and no ``grad_norm`` is logged. Checkpoints hold
 the weights plus the engine's state (lr scale after rollbacks, its rollback copy), so
 ``resume_from_checkpoint`` continues exactly.
 """
@@ -19,8 +21,11 @@ the weights plus the engine's state (lr scale after rollbacks, its rollback copy
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 import warnings
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -34,11 +39,13 @@ from .zo import ZOEngine, query_schedule
 
 ZO_STATE, ZO_GOOD = "leanft_zo_state.json", "leanft_zo_good.safetensors"
 SCHEDULES = ("fixed", "adazeta")
+logger = logging.getLogger(__name__)
 
 
 class LamdaCallback(TrainerCallback):
     """LaMDA's gradual freezing of P_B in a ``Trainer``/``SFTTrainer``: after every optimiser step,
-    ``update_freezing(global_step, max_steps)``. ``Trainer(..., callbacks=[leanft.LamdaCallback()])``."""
+    ``update_freezing(global_step, max_steps)``. ``Trainer(..., callbacks=[leanft.LamdaCallback()])``; a Trainer
+    that trains a LaMDA model without it gets it at its first training forward."""
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         tuner = lamda_tuner(model)
@@ -50,6 +57,28 @@ class LamdaCallback(TrainerCallback):
         tuner = lamda_tuner(model)
         if tuner is not None and state.global_step:  # resumed: re-apply what the schedule had reached
             tuner.update_freezing(state.global_step, state.max_steps)
+
+
+def _running_trainer() -> Trainer | None:
+    """The ``Trainer`` whose method is on the call stack, if any."""
+    frame = sys._getframe(1)
+    while frame is not None and not isinstance(frame.f_locals.get("self"), Trainer):
+        frame = frame.f_back
+    return None if frame is None else frame.f_locals["self"]
+
+
+def schedule_lamda_in_trainer(tuner) -> None:
+    """Called by a LaMDA model's training forwards until its schedule first runs: when a ``Trainer`` (or
+    ``SFTTrainer``) runs it without ``LamdaCallback``, add the callback, so P_B freezes on schedule anyway
+    (the Trainer's steps are the schedule's, and only the call stack ties a forward to its Trainer)."""
+    trainer = _running_trainer()
+    if trainer is None or any(isinstance(c, LamdaCallback) for c in trainer.callback_handler.callbacks):
+        return
+    trainer.add_callback(LamdaCallback())
+    logger.info("LaMDA freezes P_B on a schedule of optimiser steps: added leanft.LamdaCallback() to the %s",
+                type(trainer).__name__)
+    if trainer.state.global_step:  # resumed: re-apply what the schedule had reached, as the callback would have
+        tuner.update_freezing(trainer.state.global_step, trainer.state.max_steps)
 
 
 class _SaveZOState(TrainerCallback):
@@ -95,6 +124,11 @@ class ZOTrainingMixin:
             raise ValueError(f"zo_schedule {zo_schedule!r} is not one of: {', '.join(SCHEDULES)}")
         if not (zo_eps > 0 and zo_queries >= 1):
             raise ValueError(f"zo_eps must be positive and zo_queries at least 1, got {zo_eps} and {zo_queries}")
+        if self.is_fsdp_enabled or self.is_fsdp_xla_enabled or self.is_deepspeed_enabled:
+            sharder = "DeepSpeed" if self.is_deepspeed_enabled else "FSDP"
+            raise ValueError(f"zeroth-order training perturbs each trainable tensor whole, the same on every process, "
+                             f"and {sharder} shards them: leave it out and launch the processes plain (torchrun runs "
+                             "them data-parallel, each on its share of the queries) or use one process")
         if self.args.gradient_accumulation_steps != 1:
             raise ValueError("zeroth-order training takes one batch per step: set gradient_accumulation_steps=1 "
                              "and raise per_device_train_batch_size instead")
@@ -121,7 +155,17 @@ class ZOTrainingMixin:
         if self.optimizer is None:
             self._lr_carrier = torch.nn.Parameter(torch.zeros(1))
             self.optimizer = torch.optim.SGD([self._lr_carrier], lr=self.args.learning_rate)
+        # fp16's loss scaler (GPU) would step the stand-in through a scaler that scaled no loss, which it refuses;
+        # with no gradients there is nothing to scale, and fp16 keeps its autocast forwards
+        self.accelerator.scaler = None
         return self.optimizer
+
+    def _clip_grad_norm(self, model):
+        """No gradients: nothing to clip, and no ``grad_norm`` to log."""
+        return None
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        return None
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
@@ -166,6 +210,7 @@ class ZOTrainingMixin:
 
         epoch = int(self.state.epoch or 0)
         record = engine.step(self.state.global_step, loss_fn, self.zo_queries(epoch), self._get_learning_rate())
+        net.train()  # as a Trainer's step leaves it: logging reads the mode (TRL's logs eval metrics otherwise)
         self._stats.append((len(record.seeds), float(sum(record.grads) / len(record.grads)), record.rolled_back))
         return torch.tensor(record.loss, device=self.args.device)
 
@@ -212,6 +257,28 @@ class ZOTrainingMixin:
                     g.copy_(good[n])
 
 
+class _SFTMetrics:
+    """For ``ZOSFTTrainer``: TRL's ``compute_loss`` records entropy, token accuracy and the tokens seen under the
+    model's mode, and the zeroth-order forwards (two a query) run in eval mode. What they record becomes one
+    training record a step, and the step's tokens are counted once, as TRL counts a first-order step's."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        held, self._metrics["eval"] = self._metrics["eval"], defaultdict(list)
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            forwards, self._metrics["eval"] = self._metrics["eval"], held
+        train = self._metrics["train"]
+        for key, values in forwards.items():
+            if key != "num_tokens" and values:
+                train[key].append(sum(values) / len(values))
+        mask = inputs.get("attention_mask")
+        local = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())  # padding-free: all
+        self._total_train_tokens += int(self.accelerator.gather_for_metrics(local.to(self.accelerator.device)).sum())
+        train["num_tokens"] = [self._total_train_tokens]
+        return loss
+
+
 class ZOTrainer(ZOTrainingMixin, Trainer):
     """``transformers.Trainer`` trained by zeroth-order SPSA (MeZO; AdaZeta with ``zo_schedule="adazeta"``
     on a ``LorettaAdpConfig`` model): forward passes only, memory of inference."""
@@ -224,7 +291,7 @@ def __getattr__(name: str):
             from trl import SFTTrainer
         except ImportError as e:
             raise ImportError("leanft.ZOSFTTrainer needs TRL: pip install 'leanft[trl]'") from e
-        cls = type("ZOSFTTrainer", (ZOTrainingMixin, SFTTrainer), {
+        cls = type("ZOSFTTrainer", (_SFTMetrics, ZOTrainingMixin, SFTTrainer), {
             "__doc__": "TRL's SFTTrainer trained by zeroth-order SPSA (see leanft.hf.ZOTrainingMixin).",
             "__module__": __name__})
         globals()[name] = cls

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -102,3 +105,59 @@ def load(cfg: TrainConfig, task_list: list[tasks.Task], accel: Accelerator) -> L
     model, tokenizer, decoder = build_model(cfg, task_list)
     model.to(accel.device)
     return Loaded(model, objectives.network(model, decoder), tokenizer, decoder, accel, cfg)
+
+
+# adapter_config.json keys whose defaults would silently give other adapter shapes than the saved weights have
+SHAPE_KEYS = ("r", "tt_rank", "bottleneck_size", "target_modules")
+
+
+def read_json(path: Path):
+    """A JSON file's content; a broken file is an error that names it, the line and the column."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} line {e.lineno}, column {e.colno}: not valid JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _type_problem(key: str, default, value) -> str | None:
+    """What is wrong with ``value``: a size that is no positive integer, or another JSON type than the field's
+    default has (true/false, a number, a string)."""
+    if key in SHAPE_KEYS[:3]:
+        return None if type(value) is int and value > 0 else f"{key} is {json.dumps(value)}, not a positive integer"
+    kind = "true or false" if isinstance(default, bool) else "a number" if isinstance(default, (int, float)) \
+        else "a string" if isinstance(default, str) else None
+    ok = {"true or false": (bool,), "a number": (int, float), "a string": (str,)}.get(kind, object)
+    if kind and (not isinstance(value, ok) or (isinstance(value, bool) and kind != "true or false")):
+        return f"{key} is {json.dumps(value)}, not {kind}"
+    return None
+
+
+def check_adapter_config(adapter_dir: Path) -> None:
+    """What is wrong in an adapter's adapter_config.json, said against the file before a base model is loaded:
+    PEFT drops unknown keys with a warning and fills missing ones with defaults, so an edited file would
+    otherwise surface as an adapter that "does not fit the base model"."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    path = adapter_dir / "adapter_config.json"
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, not a {type(data).__name__}")
+    if "peft_type" not in data:
+        raise ValueError(f"{path} has no peft_type (the adapter's method, e.g. \"LORA\")")
+    config_cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(data["peft_type"])
+    if config_cls is None:
+        known = ", ".join(sorted(str(getattr(k, "value", k)) for k in PEFT_TYPE_TO_CONFIG_MAPPING))
+        raise ValueError(f"{path}: peft_type {data.get('peft_type')!r} is not a known adapter type ({known})")
+    fields = {f.name: f.default for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(data) - set(fields))
+    missing = [k for k in SHAPE_KEYS if k in fields and k not in data]
+    problems = ([f"unknown key(s) {unknown}"] if unknown else []) + ([f"missing key(s) {missing}"] if missing else [])
+    problems += filter(None, (_type_problem(k, fields[k], v) for k, v in data.items() if k in fields))
+    if problems:
+        raise ValueError(f"{path}: {'; '.join(problems)}")
+    try:
+        config_cls(**data)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from e

@@ -8,15 +8,18 @@ benchmarks all build methods the same way.
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Any
 
-from peft import LoraConfig, PeftConfig, get_peft_model
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from .precision import upcast_trainable
 from .tuners import LamdaConfig, LorettaAdpConfig, LorettaRepConfig
-from .tuners.targets import attention_targets, check_targets
+from .tuners.common import check_rank
+from .tuners.targets import attention_targets, check_targets, linear_modules
 
 METHODS = ("full", "lora", "loretta-adp", "loretta-rep", "lamda", "lamda++", "mezo", "mezo-lora", "adazeta")
 # Zeroth-order methods: the trainable set of another method, trained by SPSA (leanft.zo).
@@ -101,8 +104,48 @@ def apply_method(model: nn.Module, method: str, task_type: str, **options: Any) 
             check_targets(model, config.target_modules, "LoRA", conv1d=True)
             if config.target_modules is None:
                 config.target_modules = attention_targets(model, "LoRA", conv1d=True)
+            check_lora_rank(model, config)
         model = get_peft_model(model, config)
     return model if resolve_method(method) == "mezo" else upcast_trainable(model)
+
+
+def check_lora_rank(model: nn.Module, config: LoraConfig) -> None:
+    """LoRA's rank against the narrowest layer it targets, before PEFT allocates anything (PEFT checks nothing)."""
+    sides = {}
+    for name in linear_modules(model, conv1d=True):
+        if config.target_modules == "all-linear" or check_target_module_exists(config, name):
+            module = model.get_submodule(name)  # Linear: (out, in) weight; transformers' Conv1D: (in, out)
+            out_in = module.weight.shape if isinstance(module, nn.Linear) else module.weight.shape[::-1]
+            sides[name] = (out_in[1], out_in[0])
+    if sides:
+        name = min(sides, key=lambda n: min(sides[n]))
+        check_rank("LoRA", config.r, name, *sides[name])
+
+
+def targeted_modules(model: nn.Module) -> list[str]:
+    """Names of the modules a method adapted (none for full fine-tuning)."""
+    return list(model.base_model.targeted_module_names) if isinstance(model, PeftModel) else []
+
+
+def describe_targets(model: nn.Module) -> str:
+    """The adapted modules in a few words, layer indices folded: ``q_proj, v_proj in 30 layers``."""
+    names = targeted_modules(model)
+    if not names:
+        return "every weight (full fine-tuning)"
+    layers: dict[str, set[str]] = {}  # name within a layer -> layer indices
+    for name in names:
+        found = re.match(r".*?\.(\d+)\.(.+)", name)
+        suffix, index = (found.group(2), found.group(1)) if found else (name, None)
+        layers.setdefault(suffix, set()).add(index)
+    inside = [s for s, indices in layers.items() if None not in indices]  # a module outside layers keeps its name
+    leaves = [s.rsplit(".", 1)[-1] for s in inside]
+    short = {s: s for s in layers} | (dict(zip(inside, leaves)) if len(set(leaves)) == len(leaves) else {})
+    groups: dict[frozenset, list[str]] = {}  # suffixes adapted in the same layers go together
+    for suffix, indices in layers.items():
+        groups.setdefault(frozenset(indices), []).append(short[suffix])
+    parts = [", ".join(group) + ("" if None in indices else f" in {len(indices)} layers")
+             for indices, group in groups.items()]
+    return f"{'; '.join(parts)} ({len(names)} modules)"
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

@@ -29,6 +29,7 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
 )
+from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from . import convert
 
@@ -121,6 +122,9 @@ PACKAGED_MODELS: dict[str, tuple[str, str]] = {
 }
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# The files transformers loads a local folder's weights from (sharded checkpoints have the index).
+WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
 
 # task name -> transformers Auto class ("base" = bare encoder/decoder, no head).
 TASKS = {
@@ -282,7 +286,24 @@ def checkpoint_config(name: str, **kwargs) -> PretrainedConfig:
         config = convert.gguf_config(convert.gguf_file(name))
         config.update(kwargs)
         return config
-    return AutoConfig.from_pretrained(name, **kwargs)
+    if Path(name).is_dir() and not (Path(name) / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{name} is not a model folder: it has no {CONFIG_NAME}")
+    try:
+        return AutoConfig.from_pretrained(name, **kwargs)
+    except OSError as e:  # a hub id that cannot be fetched: offline, unknown or gated
+        if Path(name).is_dir():
+            raise
+        raise FileNotFoundError(f"cannot load {name!r}: there is no such local folder, and the Hugging Face hub "
+                                f"did not give it ({str(e).strip().splitlines()[0]})") from e
+
+
+def check_weights(name: str) -> None:
+    """A local model folder must hold weights to load: one with only a config.json is enough to count on
+    (``leanft params``), and transformers' own error for it is a traceback."""
+    folder = Path(name)
+    if folder.is_dir() and not any((folder / f).is_file() for f in WEIGHT_FILES):
+        raise FileNotFoundError(f"{name} has a {CONFIG_NAME} but no weights ({' / '.join(WEIGHT_FILES)}); "
+                                "leanft params counts it from its config, training and evaluating need the weights")
 
 
 def _from_folder(folder, task: str, num_labels: int, dtype: torch.dtype):
@@ -326,6 +347,7 @@ def _folder(name: str) -> str | Path:
     if name == "minilm-l6":
         return package_dir(name) / "model"
     if is_checkpoint(name):
+        check_weights(name)
         return name
     if name in BUILTIN_CONFIGS:
         raise ValueError(

@@ -14,6 +14,9 @@ pretrained one (``start_anchors``).
 
 Low precision: the objective runs under ``autocast`` (``leanft.precision``); float16 first-order steps
 scale the loss with a ``GradScaler``.
+
+First-order steps clip the gradient's total norm at ``max_grad_norm`` (1.0, the HF Trainer's default,
+which the papers' reference codes train with) and stop on a non-finite gradient as on a non-finite loss.
 """
 
 from __future__ import annotations
@@ -94,6 +97,11 @@ def after_step(model: nn.Module, total_steps: int) -> Callable[[int], None]:
     return lambda done: None
 
 
+def process_rank() -> int:
+    """This process's rank under data parallelism, 0 without a process group."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 class FirstOrder:
     """AdamW with a learning-rate schedule and gradient accumulation; data-parallel through DDP.
 
@@ -102,7 +110,7 @@ class FirstOrder:
     micro-batch of a step only (``no_sync`` before it), and the wrapper is rebuilt when the method changes
     which parameters train (LaMDA's fully frozen P_B), since DDP expects a gradient for every parameter it
     was built with. ``method_schedule=False`` keeps a method's own schedule still (a measurement of one
-    phase of LaMDA).
+    phase of LaMDA). ``max_grad_norm`` clips the gradient's total norm as the HF Trainer does (0: no clipping).
     """
 
     shard = True  # each process trains on its own slice of the global batch
@@ -110,7 +118,8 @@ class FirstOrder:
     def __init__(self, model: nn.Module, net: nn.Module, objective: Objective, lr: float, *, weight_decay: float = 0.0,
                  scheduler: str = "constant", warmup_steps: int = 0, total_steps: int = 1, accelerator=None,
                  method_schedule: bool = True, autocast: Callable = contextlib.nullcontext,
-                 scaler: torch.amp.GradScaler | None = None) -> None:
+                 scaler: torch.amp.GradScaler | None = None, max_grad_norm: float = 1.0) -> None:
+        self.max_grad_norm = max_grad_norm
         self.anchors = start_anchors(model) if weight_decay else {}
         self.optimizer = torch.optim.AdamW(param_groups(model, weight_decay, self.anchors), lr=lr)
         self.autocast, self.scaler = autocast, scaler
@@ -151,9 +160,10 @@ class FirstOrder:
         return self.scheduler.get_last_lr()[0]
 
     def step(self, step: int, epoch: int, micro_batches: list) -> dict:
-        """Forward and backward of every micro-batch (gradients averaged), then one AdamW update. A
-        non-finite loss on any process stops every process before any update: the row then has the
-        ``nonfinite`` processes and their losses."""
+        """Forward and backward of every micro-batch (gradients averaged), clipping, then one AdamW update.
+        A non-finite loss on any process stops every process before any update: the row then has the
+        ``nonfinite`` processes and their losses. So does a non-finite gradient behind finite losses (the
+        row's ``nonfinite`` is ``"gradient"``), except in float16, where the scaler skips that step."""
         self.net.train()
         losses = []
         for m, batch in enumerate(micro_batches):
@@ -170,6 +180,11 @@ class FirstOrder:
                 scaled = loss / len(micro_batches)
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             losses.append(sum(everywhere) / len(everywhere))
+        average = sum(losses) / len(losses)
+        grad_norm = self._clip_gradients()
+        if self.scaler is None and not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return {"loss": average, "grad_norm": grad_norm, "nonfinite": "gradient"}
         if self.scaler is None:
             self.optimizer.step()
             stepped = True
@@ -178,31 +193,58 @@ class FirstOrder:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             stepped = self.scaler.get_scale() >= scale
+        if stepped:
+            self._decay_towards_start()
         self.optimizer.zero_grad(set_to_none=True)
         if not stepped:  # as the Trainer does: the schedule waits for a step that was taken
-            return {"loss": sum(losses) / len(losses), "updated_params": 0, "skipped": True}
-        self._decay_towards_start()
+            return {"loss": average, "updated_params": 0, "skipped": True}
         self.scheduler.step()
         updated = trainable_now(self.model)
         self._method_schedule(step + 1)
-        return {"loss": sum(losses) / len(losses), "updated_params": updated}
+        return {"loss": average, "grad_norm": grad_norm, "updated_params": updated}
+
+    def _clip_gradients(self) -> float:
+        """The total gradient norm, before clipping it to ``max_grad_norm`` (float16: unscaled first).
+
+        DDP has all-reduced the gradients by now, so every process clips alike, and a non-finite gradient
+        on one process is non-finite on all of them. LaMDA's frozen columns have zero gradient: they add
+        nothing to the norm.
+        """
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = nn.utils.get_total_norm([p.grad for p in params])
+        if self.max_grad_norm and torch.isfinite(norm):
+            nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm)
+        return float(norm)
 
     @torch.no_grad()
     def _decay_towards_start(self) -> None:
-        """``theta <- theta - lr * wd * (theta - theta_0)`` for the tensors anchored at their start."""
+        """``theta <- theta - lr * wd * (theta - theta_0)`` for the tensors anchored at their start that
+        AdamW just updated: as its own decay, none for a tensor without a gradient (LaMDA's P_B once
+        wholly frozen, which must stay exactly as it froze)."""
         for group in self.optimizer.param_groups:
             if group.get("towards_start"):
                 for p in group["params"]:
-                    p.sub_(group["lr"] * group["towards_start"] * (p - self.anchors[id(p)]))
+                    if p.grad is not None:
+                        p.sub_(group["lr"] * group["towards_start"] * (p - self.anchors[id(p)]))
 
     def save(self, out: Path, state: dict) -> None:
+        """Called by every process at the same step: each one's RNG states (its own dropout stream) are
+        gathered into the checkpoint, which the first process writes."""
+        rngs = [checkpoint.rng_states()]
+        if self.world > 1:
+            rngs = [None] * self.world if process_rank() == 0 else None
+            dist.gather_object(checkpoint.rng_states(), rngs, dst=0)
+        if process_rank() != 0:
+            return
         extra = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         if self.scaler is not None:
             extra["scaler"] = self.scaler.state_dict()
-        checkpoint.save(out, state, self.model, extra)
+        checkpoint.save(out, state, self.model, extra, rngs)
 
     def resume(self, out: Path) -> dict:
-        state, extra = checkpoint.load(out, self.model)
+        state, extra = checkpoint.load(out, self.model, rank=process_rank(), world=self.world)
         self.optimizer.load_state_dict(extra["optimizer"])
         self.scheduler.load_state_dict(extra["scheduler"])
         if self.scaler is not None and "scaler" in extra:
@@ -216,7 +258,9 @@ class ZerothOrder:
     with the queries split between processes.
 
     ``queries(epoch)`` is the schedule's query count; with ``max_forwards`` the last step's queries are
-    cut so the run spends exactly that many forward passes. With a ``log`` every step is appended to it,
+    cut so the run spends exactly that many forward passes (one fewer when a step's overflow check, a
+    forward of its own, left an odd number). A row's ``forwards`` are those of its step. ``stage`` (of a
+    sequential run) is part of every query's seed. With a ``log`` every step is appended to it,
     and ``resume`` replays the log to the exact parameters.
     """
 
@@ -226,13 +270,13 @@ class ZerothOrder:
                  weight_decay: float = 0.0, seed: int = 0, blowup: float = 0.0, recover: int = 10,
                  max_rollbacks: int = 5, queries: Callable[[int], int] = lambda epoch: 1, max_forwards: int = 0,
                  scheduler: str = "constant", warmup_steps: int = 0, total_steps: int = 1, log: checkpoint.ZOLog | None = None,
-                 resuming: bool = False, autocast: Callable = contextlib.nullcontext) -> None:
+                 resuming: bool = False, autocast: Callable = contextlib.nullcontext, stage: int = 0) -> None:
         if max_forwards % 2:
             raise ValueError(f"--max-forwards {max_forwards} is odd: each zeroth-order query costs 2 forward "
                              "passes, so only an even budget can be spent exactly")
         self.engine = ZOEngine(model, eps=eps, weight_decay=weight_decay, seed=seed, blowup=blowup, recover=recover,
                                max_rollbacks=max_rollbacks, decays=decays,
-                               anchors=start_anchors(model) if weight_decay else None)
+                               anchors=start_anchors(model) if weight_decay else None, stage=stage)
         self.autocast = autocast
         self.dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)  # carries the lr schedule
         self.scheduler = get_scheduler(scheduler, self.dummy, warmup_steps, total_steps)
@@ -257,17 +301,21 @@ class ZerothOrder:
                 return float(self.objective(self.net, micro_batches[0]))
 
         record = self.engine.step(step, loss_fn, self.queries(epoch), self.lr())
-        self.forwards += 2 * len(record.seeds)
+        spent = 2 * len(record.seeds) + self.engine.extra_forwards
+        self.forwards += spent
         self.dummy.step()
         self.scheduler.step()
         if self.log is not None:
             self.log.append(record)
-        return {"loss": record.loss, "queries": len(record.seeds), "projected_grad": float(np.mean(record.grads)),
+        return {"loss": record.loss, "queries": len(record.seeds), "forwards": spent,
+                "projected_grad": float(np.mean(record.grads)),
                 "updated_params": 0 if record.rolled_back else self.engine.numel,
                 **({"rolled_back": True, "diverged": self.engine.why} if record.rolled_back else {})}
 
     def save(self, out: Path, state: dict) -> None:
-        checkpoint.save(out, state)
+        """Called by every process; the first writes (the log, not random states, rebuilds the run)."""
+        if process_rank() == 0:
+            checkpoint.save(out, state)
 
     def resume(self, out: Path) -> dict:
         state, _ = checkpoint.load(out)

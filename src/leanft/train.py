@@ -36,18 +36,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from . import checkpoint, methods, objectives, optim, tasks
 from .config import DEFAULT_LR, TrainConfig, save_cadence
-from .evaluate import evaluate
+from .evaluate import evaluate, report_truncation
 from .loading import Loaded, accelerator, load, load_tasks
 from .measure.report import plot_curves
 from .measure.system import machine, peak_memory
+from .runfolder import claim_output, clear_output, run_data
+from .stops import Interrupted, StopSignals
 from .tasks.collate import task_batches
 from .zo import query_schedule
 
-__all__ = ["TrainConfig", "train"]
+__all__ = ["Interrupted", "TrainConfig", "train"]
 
 
 @dataclass
@@ -58,6 +61,7 @@ class Run:
     task_data: list[tuple[tasks.Task, tasks.Splits]]
     lr: float
     log: Path
+    stop: StopSignals
     history: list[dict] = field(default_factory=list)  # rows of metrics.jsonl so far
 
     @property
@@ -68,10 +72,12 @@ class Run:
     def main(self) -> bool:
         return self.loaded.accelerator.is_main_process
 
-    def evaluate(self, split: str, task_indices, net=None) -> dict[str, dict[str, float]]:
+    def evaluate(self, split: str, task_indices, net=None, save: bool = False) -> dict[str, dict[str, float]]:
+        """Metrics per task; with ``save``, each task's predictions too, in ``predictions-<task>-<split>.jsonl``."""
         loaded = self.loaded if net is None else replace(self.loaded, net=net)
-        return {self.task_data[i][0].name: evaluate(loaded, self.task_data[i][0], getattr(self.task_data[i][1], split))
-                for i in task_indices}
+        return {t.name: evaluate(loaded, t, getattr(s, split),
+                                 self.log.parent / f"predictions-{t.name}-{split}.jsonl" if save else None)
+                for t, s in (self.task_data[i] for i in task_indices)}
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -92,8 +98,13 @@ def train(cfg: TrainConfig) -> dict:
             f"--optimizer adamw for {cfg.method}, or --method mezo-lora or adazeta for zeroth-order training")
     accel = accelerator()
     out = Path(cfg.output_dir)
-    if accel.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+    claim_output(out, cfg, accel)
+    with StopSignals(accel) as stop:
+        return run_all(cfg, accel, out, stop)
+
+
+def run_all(cfg: TrainConfig, accel, out: Path, stop: StopSignals) -> dict:
+    """Every stage of the run and the evaluations around them, with ``out`` claimed and the signals handled."""
     t_start = time.perf_counter()
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
     task_data = load_tasks(cfg)
@@ -101,11 +112,17 @@ def train(cfg: TrainConfig) -> dict:
     if accel.is_main_process:
         print("\n".join(tasks.rows_used(t.name, s) for t, s in task_data))
     loaded = load(cfg, task_list, accel)
+    truncated = report_truncation(loaded, task_data)  # printed once; refuses a max_length beyond the model's context
     memory = peak_memory(accel.device)
     counts = methods.count_parameters(loaded.model)
+    if accel.is_main_process:
+        print(f"{cfg.method} adapts {methods.describe_targets(loaded.model)}: {counts['trainable']:,} trainable "
+              f"parameters of {counts['total']:,}")
     lr = cfg.lr or DEFAULT_LR["causal" if loaded.decoder else "encoder"][cfg.method]
-    run = Run(loaded, task_data, lr, out / "metrics.jsonl")
+    run = Run(loaded, task_data, lr, out / "metrics.jsonl", stop)
     every = range(len(task_data))
+    if run.main and cfg.overwrite:
+        clear_output(out)
 
     before_file = out / "eval_before.json"
     if cfg.resume and before_file.is_file():
@@ -124,14 +141,19 @@ def train(cfg: TrainConfig) -> dict:
     done = {"steps": 0, "examples": 0, "train_time_s": 0.0, "forwards": 0}
     stage_results = []
     for stage_no, stage in enumerate(stages):
-        result = run_stage(run, stage_no, stage, out / (f"stage{stage_no}" if cfg.sequential else ""))
+        stage_out = out / (f"stage{stage_no}" if cfg.sequential else "")
+        result = run_stage(run, stage_no, stage, stage_out)
+        signum = stop.agreed()  # the stage's last step was checkpointed
+        if signum:
+            raise Interrupted(signum, result["steps"], stage_out)
         done = {k: done[k] + result[k] for k in done}
         if cfg.sequential:
             name = task_data[stage[0]][0].name
-            stage_results.append({"stage": stage_no, "task": name, "eval": run.evaluate("eval", range(stage[0] + 1))})
+            evals = run.evaluate("eval", range(stage[0] + 1), save=True)
+            stage_results.append({"stage": stage_no, "task": name, "eval": evals})
             if run.main:
                 print(f"after stage {stage_no} ({name}): {json.dumps(stage_results[-1]['eval'])}")
-    after = stage_results[-1]["eval"] if cfg.sequential else run.evaluate("eval", every)
+    after = stage_results[-1]["eval"] if cfg.sequential else run.evaluate("eval", every, save=True)
 
     mem, mem_kind = memory()
     history = run.history
@@ -139,7 +161,8 @@ def train(cfg: TrainConfig) -> dict:
         "model": cfg.model, "method": cfg.method, "tasks": [t.name for t in task_list], "eval": after,
         "rows": {t.name: {"train": len(s.train), "dev": len(s.dev), "eval": len(s.eval), "of": s.pool}
                  for t, s in task_data},
-        "eval_before": before, **counts, "steps": done["steps"], "examples_seen": done["examples"],
+        "truncated": truncated, "eval_before": before, **counts, "steps": done["steps"],
+        "examples_seen": done["examples"],
         "forward_passes": done["forwards"], "parameter_updates": sum(h.get("updated_params", 0) for h in history),
         "trainable_at_end": next((h["updated_params"] for h in reversed(history) if "updated_params" in h), 0),
         "peak_memory_mb": round(mem, 1), "peak_memory_kind": mem_kind, "train_time_s": round(done["train_time_s"], 2),
@@ -158,7 +181,7 @@ def train(cfg: TrainConfig) -> dict:
     return metrics
 
 
-def make_updater(run: Run, total_steps: int, out: Path, resuming: bool):
+def make_updater(run: Run, total_steps: int, out: Path, resuming: bool, stage_no: int = 0):
     """AdamW, or SPSA for zeroth-order methods (``--optimizer zo``), minimising ``objectives.mean_loss``."""
     cfg, loaded = run.cfg, run.loaded
     objective = lambda net, batches: objectives.mean_loss(net, batches, loaded.decoder)  # noqa: E731
@@ -166,7 +189,7 @@ def make_updater(run: Run, total_steps: int, out: Path, resuming: bool):
                   weight_decay=cfg.weight_decay, autocast=loaded.precision.autocast)
     if not cfg.zeroth_order:
         return optim.FirstOrder(loaded.model, loaded.net, objective, run.lr, accelerator=loaded.accelerator,
-                                scaler=loaded.precision.scaler(), **common)
+                                scaler=loaded.precision.scaler(), max_grad_norm=cfg.max_grad_norm, **common)
     if cfg.grad_accum != 1:
         raise ValueError("zeroth-order training takes one batch per step: use --batch-size, not --grad-accum")
     schedule = cfg.zo_schedule if cfg.zo_schedule != "auto" else ("adazeta" if cfg.method == "adazeta" else "fixed")
@@ -175,7 +198,7 @@ def make_updater(run: Run, total_steps: int, out: Path, resuming: bool):
     updater = optim.ZerothOrder(loaded.model, loaded.net, objective, run.lr, eps=cfg.zo_eps, seed=cfg.seed,
                                 blowup=cfg.zo_blowup, recover=cfg.zo_recover,
                                 max_rollbacks=cfg.zo_max_rollbacks, queries=queries, max_forwards=cfg.max_forwards,
-                                log=checkpoint.ZOLog(out, run.main), resuming=resuming, **common)
+                                log=checkpoint.ZOLog(out, run.main), resuming=resuming, stage=stage_no, **common)
     loaded.accelerator.wait_for_everyone()
     return updater
 
@@ -198,7 +221,7 @@ def run_stage(run: Run, stage_no: int, stage: list[int], out: Path) -> dict:
     resuming = cfg.resume and checkpoint.exists(out)
     if cfg.resume and not resuming and run.main:
         print(f"--resume: no checkpoint in {out}; this stage starts at step 0")
-    updater = make_updater(run, total_steps, out, resuming)
+    updater = make_updater(run, total_steps, out, resuming, stage_no)
     state = {"step": 0, "best": None, "bad_evals": 0, "examples": 0, "train_time_s": 0.0, "stopped": False,
              "forwards": 0}
     if resuming:
@@ -237,18 +260,21 @@ def run_stage(run: Run, stage_no: int, stage: list[int], out: Path) -> dict:
         row = {"stage": stage_no, "step": state["step"] + 1, "lr": lr_now,
                **updater.step(state["step"], epoch, micro_batches)}
         if row.get("nonfinite"):
-            where = "" if world == 1 else f" on process(es) {sorted(row['nonfinite'])} of {world}"
             kept = (f"the last good checkpoint is in {out / 'checkpoint'}" if checkpoint.exists(out)
                     else "no checkpoint was written yet")
-            raise FloatingPointError(
-                f"the training loss became {row['loss']} at step {state['step']}{where} (micro-batch "
-                f"{row['micro_batch']}, lr {lr_now:.2e}); every process stops; {kept}: lower the learning rate "
-                "and resume")
+            if row["nonfinite"] == "gradient":  # all-reduced: every process holds the same gradient
+                what = (f"the gradient became non-finite (norm {row['grad_norm']}) at step {state['step']} with a "
+                        f"finite training loss {row['loss']:.6g} (lr {lr_now:.2e}); no update was made")
+            else:
+                where = "" if world == 1 else f" on process(es) {sorted(row['nonfinite'])} of {world}"
+                what = (f"the training loss became {row['loss']} at step {state['step']}{where} (micro-batch "
+                        f"{row['micro_batch']}, lr {lr_now:.2e})")
+            raise FloatingPointError(f"{what}; every process stops; {kept}: lower the learning rate and resume")
         # 4. bookkeeping, evaluation, checkpoint
         state["step"] += 1
-        state["forwards"] = state.get("forwards", 0) + (2 * row["queries"] if zo else len(micro_batches))
+        state["forwards"] = state.get("forwards", 0) + (row["forwards"] if zo else len(micro_batches))
         row["forwards"] = state["forwards"]
-        if zo and cfg.max_forwards and state["forwards"] >= cfg.max_forwards:
+        if zo and cfg.max_forwards and state["forwards"] > cfg.max_forwards - 2:  # no query fits any more
             total_steps = state["step"]  # budget spent: this is the last step (evaluate, save)
         dt = time.perf_counter() - t0
         n_all = sum(n for batches in micro_batches for n, _ in batches) * (1 if zo else world)
@@ -272,21 +298,27 @@ def run_stage(run: Run, stage_no: int, stage: list[int], out: Path) -> dict:
                 if run.main:
                     checkpoint.save_best(out, loaded.model, loaded.tokenizer,
                                          {"model": cfg.model, "method": cfg.method, "tasks": dev_names,
-                                          "step": state["step"], "dev": dev})
+                                          "step": state["step"], "dev": dev, "data": run_data(cfg, stage)})
             else:
                 state["bad_evals"] += 1
                 state["stopped"] = bool(cfg.patience) and state["bad_evals"] >= cfg.patience
             if run.main:
                 stop = " (early stop)" if state["stopped"] else ""
                 bar.write(f"step {state['step']}: dev {json.dumps(dev)}{stop}")
+        signum = run.stop.agreed()  # SIGINT/SIGTERM on any process: all checkpoint this step and stop
         if run.main:
             with open(run.log, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            if at_eval or (save_steps and state["step"] % save_steps == 0) or (
-                    save_seconds and time.perf_counter() - last_save >= save_seconds):
-                updater.save(out, state)
-                last_save = time.perf_counter()
+        due = signum or at_eval or (save_steps and state["step"] % save_steps == 0)
+        if save_seconds and not due:  # each process has its own clock: the first one's decides for all
+            due = broadcast_object_list([time.perf_counter() - last_save >= save_seconds])[0]
+        if due:  # every process takes part: each one's random states go into the checkpoint
+            updater.save(out, state)
+            last_save = time.perf_counter()
         loaded.accelerator.wait_for_everyone()
+        if signum:
+            bar.close()
+            raise Interrupted(signum, state["step"], out)
     bar.close()
     if state["best"] is not None:  # evaluate the best adapter, not the last one
         checkpoint.load_best_weights(out / "best", loaded.model)

@@ -70,13 +70,30 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                    help=DENSE_CLASSIFIER_HELP)
 
 
-def train_config(args: argparse.Namespace) -> TrainConfig:
+# Where a run's data comes from: naming one of these drops all of them from the values underneath (``train_config``)
+DATA_SOURCE = ("task", "train_file", "eval_file", "dataset", "dataset_config", "task_name")
+
+
+def _yaml_place(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    return f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's explanation in one line (its own text spans several, with a copy of the line)."""
+    parts = [getattr(error, "context", None), getattr(error, "problem", None)]
+    return ", ".join(p for p in parts if p) or str(error).splitlines()[0]
+
+
+def train_config(args: argparse.Namespace, under: dict | None = None) -> TrainConfig:
+    """The flags given, over the --config file's keys, over ``under`` (``leanft eval``: the run's data options;
+    naming another data source there, --task, --train-file or --dataset, drops the run's whole source)."""
     values = {}
     if getattr(args, "config", None):
         try:
             values = yaml.safe_load(Path(args.config).read_text())
         except yaml.YAMLError as e:
-            raise ValueError(f"{args.config} is not valid YAML: {e}") from e
+            raise ValueError(f"{args.config}{_yaml_place(e)}: not valid YAML: {_yaml_problem(e)}") from e
     if not isinstance(values, dict):
         raise ValueError(f"{args.config}: expected a mapping of TrainConfig keys")
     given = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command", "adapter")}
@@ -84,5 +101,9 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         given["tt_shapes"] = dict(given["tt_shapes"])
     flags = {*METHOD_FLAGS, "train_norms", "tt_classifier", "tt_shapes"}
     options = {**values.pop("method_options", {}), **{k: given.pop(k) for k in list(given) if k in flags}}
-    return TrainConfig.from_dict({**values, **given, "method_options": options})
+    chosen = {**values, **given}
+    under = dict(under or {})
+    if chosen.keys() & {"task", "train_file", "dataset"}:
+        under = {k: v for k, v in under.items() if k not in DATA_SOURCE}
+    return TrainConfig.from_dict({**under, **chosen, "method_options": options})
 

@@ -103,6 +103,13 @@ def tt_shape(in_features: int, out_features: int, max_mode: int = MAX_MODE) -> l
         raise ValueError(f"the {in_features}x{out_features} matrix: {e}") from e
 
 
+def useful_rank(shape: list[int]) -> int | None:
+    """The largest TT rank a matrix of factor ``shape`` can use: at each cut between cores the unfolding has
+    rank at most the smaller product of the modes on either side, so a uniform rank above the largest of these
+    only adds parameters. None for a single core (no TT rank)."""
+    return max((min(math.prod(shape[:k]), math.prod(shape[k:])) for k in range(1, len(shape))), default=None)
+
+
 def tt_num_params(shape: list[int], rank: int) -> int:
     """``sum_k r_{k-1} n_k r_k`` with ``r_0 = r_N = 1``."""
     ranks = [1] + [rank] * (len(shape) - 1) + [1]
@@ -161,6 +168,11 @@ class TTMatrix(nn.Module):
                 f"TT shape {shape} has product {math.prod(shape)}, but a {in_features} x {out_features} matrix "
                 f"needs {in_features * out_features}"
             )
+        limit = useful_rank(shape)
+        if limit is not None and rank > limit:  # checked before the cores (rank^2 * mode each) are allocated
+            raise ValueError(f"TT rank {rank} exceeds {limit}, the most a {in_features}x{out_features} TT matrix of "
+                             f"shape {shape} can use (a higher rank only adds parameters); use a TT rank of at "
+                             f"most {limit} (--tt-rank)")
         self.in_features, self.out_features, self.rank, self.shape = in_features, out_features, rank, shape
         self.trainable = trainable
         self.ranks = [1] + [rank] * (len(shape) - 1) + [1]

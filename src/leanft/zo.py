@@ -10,8 +10,9 @@ of inference plus, for small trainable sets, one copy of them.
 Choices where the sources leave room (all configurable):
 
 * ``z`` comes from a dedicated ``torch.Generator`` seeded per query (never the global RNG); seeds are
-  a deterministic function of (run seed, step, query index), so ranks draw distinct directions and a
-  distributed run equals a single-process run with the same seeds.
+  a deterministic function of (run seed, stage, step, query index), so ranks draw distinct directions,
+  a distributed run equals a single-process run with the same seeds, and each stage of a sequential run
+  draws its own.
 * Exact restore: small float32 trainable sets (``<= copy_limit`` elements) are snapshotted and perturbed
   from the snapshot, so parameters come back bit-for-bit; larger float32 sets (full-model MeZO) are
   perturbed in place (``+eps z, -2 eps z, +eps z``), which may drift by float32 rounding, as in MeZO.
@@ -26,15 +27,23 @@ Choices where the sources leave room (all configurable):
   so ``E[p z] = E[z (z + r)^T] grad = grad``: unbiased (moving along ``z + r`` would scale each
   coordinate by ``1 + var(r)``). Random numbers are drawn per parameter in chunks of ``CHUNK``
   elements from seeds, so no full-size float32 temporary exists and replay stays exact.
+* Float32 adapters under autocast: a perturbed forward computes the modules around float32 trainable
+  tensors (adapter layers, TT heads, trained norms) in float32, their frozen base layers as before
+  (``_float32_compute``). Autocast would cast those tensors to bfloat16 where they are used, and a
+  perturbation of 1e-3 on an element of 0.2 is below half its unit in the last place: the forward
+  would apply a rounded perturbation, with many elements not moved at all.
 * Divergence: a step whose loss or projected gradient is non-finite rolls back to the last good
   parameters and halves the learning rate; after ``recover`` good steps the lr doubles back, up to the
-  schedule's. A step whose every query left the loss exactly unchanged (``l+ == l-``, loss above 0) is
-  divergence too: activations beyond 1.8e19 square to inf in float32, and an RMS/LayerNorm then maps
-  them to exact zeros, so the loss sits at ln(number of candidates) with a finite value that no
-  perturbation moves; the same signature means eps is below the compute precision. ``blowup > 0`` also
+  schedule's. Activations that overflow can also leave a finite loss: beyond 1.8e19 they square to inf
+  in float32 and an RMS/LayerNorm maps them to zeros, so no perturbation moves the loss. An unchanged
+  loss alone is no evidence (a healthy model gives ``l+ == l-`` when the perturbation is below the
+  compute precision, or when the loss is piecewise constant), so a step whose every query left it
+  unchanged runs one more, unperturbed forward that looks for a module output beyond 1.8e19 or non-finite:
+  only that is divergence. Otherwise the step is a normal one with zero projected gradient, and a long
+  run of them warns that eps may be below the compute precision. ``blowup > 0`` also
   rolls back a loss above ``blowup`` times its running mean (off by default: one hard batch is not
   divergence). ``max_rollbacks`` rollbacks in a row stop the run with an
-  error; ``max_rollbacks=0`` turns the guard off (the first non-finite step stops the run), as do
+  error; ``max_rollbacks=0`` turns the guard off (the first divergent step stops the run), as do
   full-model sets too large to keep a rollback copy.
 * Replay: every step is logged as (seeds, projected gradients, lr); the start state plus the log
   rebuilds the exact parameters (``replay``), which is how a ZO run resumes.
@@ -44,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -59,10 +69,15 @@ def query_schedule(epoch: int, alpha: float = 0.85, beta: float = 0.45, q_max: i
     return min(max(math.floor(alpha * epoch**beta), q_min), q_max)
 
 
-def query_seed(run_seed: int, step: int, query: int) -> int:
-    """The seed of query ``query`` at ``step``: independent streams, reproducible anywhere."""
-    return int(np.random.SeedSequence([run_seed, step, query]).generate_state(1)[0])
+def query_seed(run_seed: int, step: int, query: int, stage: int = 0) -> int:
+    """The seed of query ``query`` at ``step`` of ``stage``: independent streams, reproducible anywhere.
+    Each stage of a sequential run restarts at step 0, so the stage is part of the seed (stage 0 keeps
+    the single-stage seeds)."""
+    return int(np.random.SeedSequence([run_seed, step, query, *([stage] if stage else [])]).generate_state(1)[0])
 
+
+OVERFLOW = math.sqrt(torch.finfo(torch.float32).max)  # ~1.8e19: its square is inf in float32
+FLAT_WARNING = 20  # healthy steps in a row with an unchanged loss before the warning that eps may be too small
 
 # streams drawn per parameter in low precision, from (query seed, parameter index, stream, chunk)
 Z, ROUND_PLUS, ROUND_MINUS, ROUND_UPDATE = range(4)
@@ -101,6 +116,7 @@ class ZOEngine:
         max_rollbacks: int = 5,
         decays: Callable[[torch.Tensor], bool] = lambda param: True,
         anchors: dict[int, torch.Tensor] | None = None,
+        stage: int = 0,
     ) -> None:
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.named:
@@ -109,6 +125,7 @@ class ZOEngine:
         self.decay = [weight_decay if decays(p) else 0.0 for p in self.params]
         self.anchors = [(anchors or {}).get(id(p)) for p in self.params]
         self.eps, self.seed, self.blowup, self.recover, self.max_rollbacks = eps, seed, blowup, recover, max_rollbacks
+        self.stage, self.model = stage, model
         self.numel = sum(p.numel() for p in self.params)
         self.rounded = any(p.dtype != torch.float32 for p in self.params)
         self.exact = self.numel <= copy_limit and not self.rounded
@@ -116,11 +133,14 @@ class ZOEngine:
         # the parameters before the last update, for a rollback: none with the guard off or too many to copy
         self.good = [p.detach().clone() for p in self.params] if self.numel <= copy_limit and max_rollbacks else None
         self.owners = _owners(model, self.params) if self.rounded else None
+        self.regions = _float32_regions(model, self.params)
         self.running_loss: float | None = None
         self.lr_scale = 1.0  # halved at every rollback, doubled back after ``recover`` good steps
         self.good_steps = 0  # good steps since the last rollback or recovery
         self.rollbacks = 0  # rollbacks in a row
         self.why = ""  # why the last step was divergence ("" when it was not)
+        self.extra_forwards = 0  # forwards of the last step beyond 2 per query: 1 when it checked for overflow
+        self.flat_steps = 0  # steps in a row whose every query left the loss unchanged
 
     # -- perturbation ------------------------------------------------------------------------------
 
@@ -176,23 +196,28 @@ class ZOEngine:
         """``(p, l+)`` of one query; parameters are restored afterwards."""
         if self.rounded:
             with _swapped(self, seed, +1.0):
-                plus = loss_fn()
+                plus = self._perturbed_loss(loss_fn)
             with _swapped(self, seed, -1.0):
-                minus = loss_fn()
+                minus = self._perturbed_loss(loss_fn)
             return (plus - minus) / (2 * self.eps), plus
         if self.exact:
             for s, p in zip(self.snapshot, self.params):
                 s.copy_(p)
         self._set(seed, +1.0)
-        plus = loss_fn()
+        plus = self._perturbed_loss(loss_fn)
         self._set(seed, -1.0 if self.exact else -2.0)
-        minus = loss_fn()
+        minus = self._perturbed_loss(loss_fn)
         if self.exact:
             for s, p in zip(self.snapshot, self.params):
                 p.copy_(s)
         else:
             self._set(seed, +1.0)
         return (plus - minus) / (2 * self.eps), plus
+
+    def _perturbed_loss(self, loss_fn: Callable[[], float]) -> float:
+        """``loss_fn()`` with the modules holding float32 trainable parameters computing in float32."""
+        with _float32_compute(*self.regions):
+            return loss_fn()
 
     # -- update ------------------------------------------------------------------------------------
 
@@ -235,10 +260,15 @@ class ZOEngine:
 
         Under torch.distributed each rank evaluates queries ``rank, rank + world, ...`` and only the
         (seed, projected gradient, loss) triples are exchanged; every rank applies the same update.
+        A rank with fewer queries than another runs as many forwards anyway, of the unperturbed model,
+        their losses discarded: a ``loss_fn`` may make collective calls (TRL gathers its metrics in
+        each forward), which hang or abort unless every rank makes them equally often.
         """
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        mine = [(i, query_seed(self.seed, step, i)) for i in range(rank, queries, world)]
+        mine = [(i, query_seed(self.seed, step, i, self.stage)) for i in range(rank, queries, world)]
         results = [(i, s, *self.projected_gradient(s, loss_fn)) for i, s in mine]
+        for _ in range(2 * (math.ceil(queries / world) - len(mine))):
+            loss_fn()
         if world > 1:
             gathered: list = [None] * world
             dist.all_gather_object(gathered, results)
@@ -246,25 +276,68 @@ class ZOEngine:
         seeds, grads, losses = [r[1] for r in results], [r[2] for r in results], [r[3] for r in results]
         loss = float(np.mean(losses))
         record = ZOStep(step, seeds, grads, lr * self.lr_scale, loss)
-        self.why = self._unhealthy(loss, grads)
+        self.extra_forwards = 0
+        self.why = self._unhealthy(loss, grads, loss_fn)
         if self.why:
             self.rollback(self.why)
             record.rolled_back = True
             return record
+        self._count_flat(all(g == 0 for g in grads))
         self._update(record)
         return record
 
-    def _unhealthy(self, loss: float, grads: list[float]) -> str:
+    def _unhealthy(self, loss: float, grads: list[float], loss_fn: Callable[[], float]) -> str:
         """Why this step is divergence, or "" when it is not."""
         if not (math.isfinite(loss) and all(map(math.isfinite, grads))):
             return "non-finite loss or projected gradient"
-        if loss > 0 and all(g == 0 for g in grads):
-            return (f"the loss ({loss:.6g}) did not change under any perturbation: the model's output no longer "
-                    "depends on the trainable parameters (activations overflowed and a normalisation layer turned "
-                    "them into zeros), or eps is below the compute precision (raise --zo-eps, or train in float32)")
+        where = self._overflow(loss_fn) if all(g == 0 for g in grads) else ""
+        if where:
+            return (f"the loss ({loss:.6g}) did not change under any perturbation and the output of {where} is "
+                    f"beyond {OVERFLOW:.2g} or not finite: the activations overflowed, and a normalisation layer "
+                    "turned them into zeros, so the output no longer depends on the trainable parameters")
         if self.blowup and self.running_loss is not None and loss > self.blowup * max(self.running_loss, 1e-8):
             return f"a loss above {self.blowup}x its running mean"
         return ""
+
+    @torch.no_grad()
+    def _overflow(self, loss_fn: Callable[[], float]) -> str:
+        """The first module whose output overflowed, in one more forward of the unperturbed model, or "".
+
+        Run when every query left the loss exactly unchanged. That happens to a healthy model when a
+        perturbation is below the compute precision or the loss is piecewise constant, and to one whose
+        activations overflowed (an RMS/LayerNorm maps values beyond ``OVERFLOW``, whose square is inf in
+        float32, to zeros); only the latter shows values that large. Every process runs the forward and
+        the first module any process found is the answer, so all decide alike."""
+        self.extra_forwards = 1
+        names = {m: name or "the model" for name, m in self.model.named_modules()}
+        found: list[str] = []
+
+        def check(module, args, output):
+            outputs = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) \
+                else (output,)
+            if not found and any(torch.is_tensor(t) and t.is_floating_point() and not bool((t.abs() <= OVERFLOW).all())
+                                 for t in outputs):
+                found.append(names[module])
+
+        hooks = [m.register_forward_hook(check) for m in names]
+        try:
+            loss_fn()
+        finally:
+            for h in hooks:
+                h.remove()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            every: list = [None] * dist.get_world_size()
+            dist.all_gather_object(every, found)
+            found = [name for part in every for name in part]
+        return found[0] if found else ""
+
+    def _count_flat(self, flat: bool) -> None:
+        """Warn once when ``FLAT_WARNING`` healthy steps in a row left the loss unchanged under every query."""
+        self.flat_steps = self.flat_steps + 1 if flat else 0
+        if self.flat_steps == FLAT_WARNING:
+            warnings.warn(f"{FLAT_WARNING} zeroth-order steps in a row left the loss exactly unchanged under every "
+                          f"perturbation, so they moved only by weight decay: eps ({self.eps:g}) may be below the "
+                          "compute precision; raise it (--zo-eps) or train in float32", stacklevel=3)
 
     def _update(self, record: ZOStep) -> None:
         """Apply a healthy step (keeping the parameters before it for a rollback) and keep the books."""
@@ -285,12 +358,12 @@ class ZOEngine:
                      f"{self.numel:,} trainable parameters are too many to keep a rollback copy")
             raise FloatingPointError(
                 f"zeroth-order training diverged ({why}) and {cause}: the run stops here (its checkpoint is from "
-                "before this step); lower the lr or eps and resume")
+                "before this step); lower the lr and resume")
         self.rollbacks += 1
         if self.rollbacks > self.max_rollbacks:
             raise FloatingPointError(
                 f"zeroth-order training rolled back {self.max_rollbacks} steps in a row ({why}) and diverged again: "
-                "the run stops (its checkpoint is from before these steps); lower the lr or eps and resume")
+                "the run stops (its checkpoint is from before these steps); lower the lr and resume")
         for g, p in zip(self.good, self.params):
             p.copy_(g)
         self.lr_scale *= 0.5
@@ -312,6 +385,79 @@ def _owners(model: torch.nn.Module, params: list[torch.Tensor]) -> list[tuple[to
     index = {p: i for i, p in enumerate(params)}
     return [(m, name, index[p]) for m in model.modules() for name, p in m._parameters.items()
             if p is not None and p in index]
+
+
+def _float32_regions(model: torch.nn.Module, params: list[torch.Tensor]):
+    """Where a perturbed forward computes in float32: ``(regions, frozen)``. A region (module -> device
+    type) is, for each module holding a float32 trainable parameter, the lowest module around it that
+    also holds frozen parameters (an adapter layer with its base layer, a wrapper with the original), or
+    the whole model; so code that reads the parameter outside its own module's forward (a factor made
+    dense, a frozen start copy subtracted) is inside too. ``frozen`` are the regions' children without
+    trainable parameters (base layers): they compute as before. A region that itself holds a frozen
+    low-precision tensor is left out: float32 code cannot read it."""
+    parent = {child: m for m in model.modules() for child in m.children()}
+    regions = {}
+    for module, _, i in _owners(model, params):
+        if params[i].dtype != torch.float32:
+            continue
+        while module in parent and all(p.requires_grad for p in module.parameters()):
+            module = parent[module]
+        if all(p.dtype == torch.float32 for p in module.parameters(recurse=False)):
+            regions[module] = params[i].device.type
+    frozen = {c for m in regions for c in m.children()
+              if any(not p.requires_grad for p in c.parameters()) and not any(p.requires_grad for p in c.parameters())}
+    return regions, frozen
+
+
+def _float32(x):
+    return x.float() if torch.is_tensor(x) and x.is_floating_point() else x
+
+
+@contextlib.contextmanager
+def _float32_compute(regions: dict[torch.nn.Module, str], frozen: set[torch.nn.Module]):
+    """While a perturbed loss is computed under autocast, each region (``_float32_regions``) runs without
+    autocast, its floating inputs made float32, and its frozen children run under the autocast it left.
+    Under autocast a float32 trainable tensor is cast to the low dtype where it is used, rounding
+    ``eps z`` away for most elements (a bfloat16 element of 0.2 moves in steps of 1e-3), so the loss would
+    not see the perturbation the update assumes. Outside autocast the hooks change nothing."""
+    entered: list = []  # per running hooked module: the autocast context it entered, or None
+    left: list[tuple[str, torch.dtype]] = []  # the autocast each running region turned off
+
+    def into_region(module, args, kwargs):
+        device = regions[module]
+        if not torch.is_autocast_enabled(device):
+            entered.append(None)
+            return None
+        left.append((device, torch.get_autocast_dtype(device)))
+        entered.append(torch.autocast(device, enabled=False))
+        entered[-1].__enter__()
+        return tuple(map(_float32, args)), {k: _float32(v) for k, v in kwargs.items()}
+
+    def into_frozen(module, args):
+        if not left or torch.is_autocast_enabled(left[-1][0]):
+            entered.append(None)
+            return
+        entered.append(torch.autocast(left[-1][0], dtype=left[-1][1]))
+        entered[-1].__enter__()
+
+    def out_of(module, args, output):
+        context = entered.pop()
+        if context is not None:
+            context.__exit__(None, None, None)
+            if module in regions:
+                left.pop()
+
+    hooks = [m.register_forward_pre_hook(into_region, with_kwargs=True) for m in regions]
+    hooks += [m.register_forward_pre_hook(into_frozen) for m in frozen]
+    hooks += [m.register_forward_hook(out_of) for m in (*regions, *frozen)]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        for context in reversed(entered):  # a forward that raised midway
+            if context is not None:
+                context.__exit__(None, None, None)
 
 
 @contextlib.contextmanager

@@ -52,12 +52,13 @@ def weights_note(name: str, names: list[str], spec: str = "") -> str:
 
 
 def count_rows(build: Callable[[str], nn.Module], task_type: str, names: list[str], options: dict) -> list[dict]:
-    """Parameter counts of each method on a fresh model from ``build(method)``."""
+    """Parameter counts of each method on a fresh model from ``build(method)``, and the modules it adapts."""
     rows = []
     for method in names:
         model = methods.apply_method(build(method), method, task_type, **options_for(method, options))
         counts = methods.count_parameters(model)
-        rows.append({"method": method, **counts, "trainable %": f"{100 * counts['trainable'] / counts['total']:.4f}"})
+        rows.append({"method": method, **counts, "trainable %": f"{100 * counts['trainable'] / counts['total']:.4f}",
+                     "targets": methods.describe_targets(model)})
     return rows
 
 

@@ -7,9 +7,10 @@ The benchmark files ship in ``data/`` (provenance and licences in ``data/SOURCES
 from .base import Splits, Task, rows_used
 from .builtin import TASK_NAMES, get_task, load_splits
 from .instruct import instruction_task, render_chat
-from .metrics import classification_metrics, score_generation, score_instruction
+from .metrics import classification_metrics, example_scores, score_generation, score_instruction
 from .user import file_task_name, hub_task, is_data_file, user_task
 
-__all__ = ["TASK_NAMES", "Splits", "Task", "classification_metrics", "file_task_name", "get_task", "hub_task",
+__all__ = ["TASK_NAMES", "Splits", "Task", "classification_metrics", "example_scores", "file_task_name", "get_task",
+           "hub_task",
            "instruction_task", "is_data_file", "load_splits", "render_chat", "rows_used", "score_generation",
            "score_instruction", "user_task"]

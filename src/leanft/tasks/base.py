@@ -8,6 +8,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+# The default dev size (``--num-dev``): built-in tasks with small training splits and users' small files scale
+# it down (``load_splits``, ``user.sample_sizes``).
+DEFAULT_DEV = 500
+
 
 @dataclass(frozen=True)
 class Task:
@@ -44,17 +48,20 @@ class Splits:
     # rows they were sampled from: (training pool, eval pool), the eval pool None when eval was held out of
     # the training pool; None where no single pool applies (E2E)
     pool: tuple[int, int | None] | None = None
+    # how the sizes were chosen when not as asked (a default scaled down to a small file), for rows_used
+    note: str = ""
 
 
 def rows_used(name: str, splits: Splits) -> str:
     """One line saying how many rows a task uses of how many, so a sample is never mistaken for the file."""
     train, dev, held = len(splits.train), len(splits.dev), len(splits.eval)
+    note = f" ({splits.note})" if splits.note else ""
     if splits.pool is None:
-        return f"{name}: {train:,} train, {dev:,} dev, {held:,} eval rows"
+        return f"{name}: {train:,} train, {dev:,} dev, {held:,} eval rows{note}"
     pool, eval_pool = splits.pool
     if eval_pool is None:
-        return f"{name}: {train:,} train, {dev:,} dev and {held:,} eval rows of {pool:,}"
-    return f"{name}: {train:,} train and {dev:,} dev rows of {pool:,}; {held:,} eval rows of {eval_pool:,}"
+        return f"{name}: {train:,} train, {dev:,} dev and {held:,} eval rows of {pool:,}{note}"
+    return f"{name}: {train:,} train and {dev:,} dev rows of {pool:,}; {held:,} eval rows of {eval_pool:,}{note}"
 
 
 def data_root(data_dir: str | Path | None = None) -> Path:
@@ -80,6 +87,16 @@ def check_sizes(**sizes: int) -> None:
     for key, value in sizes.items():
         if value < 0:
             raise ValueError(f"{key} must be >= 0, got {value}")
+
+
+def check_training_left(name: str, train: list, dev: list, pool: int, held_out: int | None = None) -> None:
+    """A sample with no training row (a dev or held-out eval set that took the whole pool) is refused before
+    the model loads, with the change that would leave one; ``held_out``: eval rows taken from the same pool."""
+    if train:
+        return
+    held = "" if held_out is None else f" and {held_out} held-out eval"
+    hint = "lower num_dev" if dev else "add rows, or give an eval file (eval_file) so that none are held out"
+    raise ValueError(f"{name}: no training rows left of {pool:,} after {len(dev)} dev{held} rows; {hint}")
 
 
 def split_train_dev(pool: list, num_train: int, num_dev: int, seed: int) -> tuple[list, list]:

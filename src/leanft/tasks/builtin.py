@@ -7,7 +7,16 @@ import difflib
 import json
 from pathlib import Path
 
-from .base import Splits, Task, check_sizes, data_file, sample_indices, split_train_dev
+from .base import (
+    DEFAULT_DEV,
+    Splits,
+    Task,
+    check_sizes,
+    check_training_left,
+    data_file,
+    sample_indices,
+    split_train_dev,
+)
 
 TASK_NAMES: tuple[str, ...] = ("sst2", "rte", "cb", "boolq", "copa", "wsc", "multirc", "e2e")
 
@@ -15,7 +24,6 @@ TASK_NAMES: tuple[str, ...] = ("sst2", "rte", "cb", "boolq", "copa", "wsc", "mul
 # dev counts MRs): the default dev size drops to 100, as MeZO does for CB and COPA (for WSC a dev of
 # 500 would leave 54 examples to train on).
 _SMALL_DEV_TASKS = ("cb", "copa", "wsc", "e2e")
-_DEFAULT_DEV = 500
 _SMALL_DEV = 100
 
 
@@ -171,7 +179,7 @@ _FILES = {
 }
 
 
-def load_splits(name: str, num_train: int = 1000, num_dev: int = _DEFAULT_DEV, num_eval: int = 1000,
+def load_splits(name: str, num_train: int = 1000, num_dev: int = DEFAULT_DEV, num_eval: int = 1000,
                 seed: int = 0, data_dir: str | Path | None = None) -> Splits:
     """Seeded MeZO-style samples of a built-in task.
 
@@ -190,18 +198,23 @@ def load_splits(name: str, num_train: int = 1000, num_dev: int = _DEFAULT_DEV, n
       hold one example per MR with all its references; dev and train share no MR.
     """
     task = get_task(name)
-    if name in _SMALL_DEV_TASKS and num_dev == _DEFAULT_DEV:
+    if name in _SMALL_DEV_TASKS and num_dev == DEFAULT_DEV:
         num_dev = _SMALL_DEV
     check_sizes(num_train=num_train, num_dev=num_dev, num_eval=num_eval)
     if task.name == "boolq":
-        return _boolq_splits(num_train, num_dev, num_eval, seed, data_dir)
-    if task.name == "e2e":
-        return _e2e_splits(num_train, num_dev, num_eval, seed, data_dir)
-    train_file, eval_file, read = _FILES[task.name]
-    rows = read(data_file(train_file, data_dir))
-    train, dev = split_train_dev(rows, num_train, num_dev, seed)
-    pool = read(data_file(eval_file, data_dir))
-    return Splits(train, dev, [pool[i] for i in sample_indices(len(pool), num_eval, seed)], (len(rows), len(pool)))
+        splits = _boolq_splits(num_train, num_dev, num_eval, seed, data_dir)
+    elif task.name == "e2e":
+        splits = _e2e_splits(num_train, num_dev, num_eval, seed, data_dir)
+    else:
+        train_file, eval_file, read = _FILES[task.name]
+        rows = read(data_file(train_file, data_dir))
+        train, dev = split_train_dev(rows, num_train, num_dev, seed)
+        pool = read(data_file(eval_file, data_dir))
+        splits = Splits(train, dev, [pool[i] for i in sample_indices(len(pool), num_eval, seed)],
+                        (len(rows), len(pool)))
+    if num_train:
+        check_training_left(f"task {name}", splits.train, splits.dev, len(splits.train) + len(splits.dev))
+    return splits
 
 
 def _boolq_splits(num_train: int, num_dev: int, num_eval: int, seed: int, data_dir) -> Splits:

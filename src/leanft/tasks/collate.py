@@ -35,6 +35,38 @@ def _in_context(tokenizer, prompt: list[int], text: str, option: str, where: str
     return full, start
 
 
+def _gold_only(task: Task, training: bool) -> bool:
+    """Training on a decoder scores only the gold continuation of multiple-choice and generation tasks;
+    classification always scores every candidate."""
+    return training and task.kind != "classification"
+
+
+def _candidate_pieces(task: Task, ex: dict, tokenizer, max_length: int, gold_only: bool
+                      ) -> tuple[list[tuple[list[int], list[int]]], bool]:
+    """The ``(prompt ids, answer ids)`` of each candidate of ``ex`` to score, and whether a prompt was cut.
+
+    Prompts are cut from the left so that prompt and answer fit ``max_length`` (the end of a prompt, next to
+    its answer, matters most); answers are never cut: one that leaves no room for a prompt token is refused.
+    Generation targets end with EOS so that the model learns to stop.
+    """
+    text = task.prompt(ex)
+    prompt = tokenizer(text).input_ids
+    candidates = task.candidates(ex)
+    eos = [tokenizer.eos_token_id] if task.kind == "generation" and tokenizer.eos_token_id is not None else []
+    pieces, cut = [], False
+    for i in [task.label(ex)] if gold_only else range(len(candidates)):
+        full, start = _in_context(tokenizer, prompt, text, candidates[i], f"task {task.name}")
+        answer = full[start:] + eos
+        room = max_length - len(answer)
+        if room < 1:
+            raise ValueError(f"task {task.name}: the answer {candidates[i][:60]!r} is {len(answer)} tokens, which "
+                             f"leaves no room for its prompt in --max-length {max_length}; raise --max-length "
+                             f"above {len(answer)}")
+        cut |= start > room
+        pieces.append((full[:start][-room:], answer))
+    return pieces, cut
+
+
 def encode_candidates(
     task: Task, examples: list[dict], tokenizer, max_length: int, gold_only: bool = False
 ) -> dict[str, Any]:
@@ -42,38 +74,26 @@ def encode_candidates(
 
     Each candidate is a *slot*; each of its tokens is a ``(row, col, target, slot)`` entry: the model's
     prediction at ``col - 1`` of sequence ``row`` is scored against ``target``. Candidate tokens are
-    those of ``prompt + candidate`` tokenised together (see ``_in_context``). When all candidates of
-    an example are single tokens after the same prompt tokens (most classification verbalisers), they
-    share one sequence, the prompt alone, scored at its last position: the same numbers at a fraction
-    of the compute. Otherwise each candidate gets its own ``prompt + candidate`` sequence. Prompts are
-    cut from the left so that candidates always fit; generation targets end with EOS so the model
-    learns to stop.
+    those of ``prompt + candidate`` tokenised together (see ``_in_context``), cut to fit as
+    ``_candidate_pieces`` says. When all candidates of an example are single tokens after the same prompt
+    tokens (most classification verbalisers), they share one sequence, the prompt alone, scored at its last
+    position: the same numbers at a fraction of the compute. Otherwise each candidate gets its own
+    ``prompt + candidate`` sequence.
     """
     seqs, rows, cols, targets, slots, first, golds = [], [], [], [], [], [], []
     n_slots = 0
-    eos = [tokenizer.eos_token_id] if task.kind == "generation" and tokenizer.eos_token_id is not None else []
     for ex in examples:
-        text = task.prompt(ex)
-        prompt = tokenizer(text).input_ids
-        candidates, gold = task.candidates(ex), task.label(ex)
-        chosen = [gold] if gold_only else list(range(len(candidates)))
-        joint = [_in_context(tokenizer, prompt, text, candidates[i], f"task {task.name}") for i in chosen]
-        joint = [(full + eos, start) for full, start in joint]
+        pieces, _ = _candidate_pieces(task, ex, tokenizer, max_length, gold_only)
         first.append(n_slots)
-        if all(len(full) - start == 1 for full, start in joint) and len({start for _, start in joint}) == 1:
-            ids = prompt[:joint[0][1]][-(max_length - 1):]
-            for j, (full, _) in enumerate(joint):
-                rows.append(len(seqs)), cols.append(len(ids)), targets.append(full[-1]), slots.append(n_slots + j)
-            seqs.append(ids)
-        else:
-            for j, (full, start) in enumerate(joint):
-                ids = full[-max_length:]
-                n = min(len(full) - start, len(ids) - 1)
-                for k in range(len(ids) - n, len(ids)):
-                    rows.append(len(seqs)), cols.append(k), targets.append(ids[k]), slots.append(n_slots + j)
-                seqs.append(ids)
-        n_slots += len(joint)
-        golds.append(0 if gold_only else gold)
+        shared = all(len(answer) == 1 for _, answer in pieces) and len({tuple(p) for p, _ in pieces}) == 1
+        for j, (prompt, answer) in enumerate(pieces):
+            if not shared or j == 0:
+                seqs.append(prompt if shared else prompt + answer)
+            for k, token in enumerate(answer):
+                rows.append(len(seqs) - 1), cols.append(len(prompt) + k), targets.append(token)
+                slots.append(n_slots + j)
+        n_slots += len(pieces)
+        golds.append(0 if gold_only else task.label(ex))
     first.append(n_slots)
     width = max(map(len, seqs))
     pad = tokenizer.pad_token_id
@@ -83,6 +103,18 @@ def encode_candidates(
         "rows": torch.tensor(rows), "cols": torch.tensor(cols), "targets": torch.tensor(targets),
         "slots": torch.tensor(slots), "first": torch.tensor(first), "gold": torch.tensor(golds), "kind": task.kind,
     }
+
+
+def generation_prompts(task: Task, examples: list[dict], tokenizer, max_length: int,
+                       max_new_tokens: int) -> tuple[list[list[int]], list[bool]]:
+    """The prompt ids to generate from, each cut from the left as for scoring, so that it and ``max_new_tokens``
+    fit ``max_length``; and which were cut."""
+    room = max_length - max_new_tokens
+    if room < 1:
+        raise ValueError(f"task {task.name}: --max-new-tokens {max_new_tokens} leaves no room for a prompt in "
+                         f"--max-length {max_length}; raise --max-length or lower --max-new-tokens")
+    ids = [tokenizer(task.prompt(ex)).input_ids for ex in examples]
+    return [i[-room:] for i in ids], [len(i) > room for i in ids]
 
 
 def encode_pairs(task: Task, examples: list[dict], tokenizer, max_length: int) -> dict[str, Any]:
@@ -96,12 +128,22 @@ def encode_pairs(task: Task, examples: list[dict], tokenizer, max_length: int) -
 
 def encode(task: Task, examples: list[dict], tokenizer, max_length: int, decoder: bool,
            training: bool = False) -> dict[str, Any]:
-    """One task's examples as a batch. Training on a decoder scores only the gold continuation of
-    multiple-choice and generation tasks; classification always scores every candidate."""
+    """One task's examples as a batch (``_gold_only`` says which candidates a decoder scores)."""
     if not decoder:
         return encode_pairs(task, examples, tokenizer, max_length)
-    return encode_candidates(task, examples, tokenizer, max_length,
-                             gold_only=training and task.kind != "classification")
+    return encode_candidates(task, examples, tokenizer, max_length, gold_only=_gold_only(task, training))
+
+
+def cut_rows(task: Task, examples: list[dict], tokenizer, max_length: int, decoder: bool,
+             training: bool = False) -> list[bool]:
+    """Which examples ``encode`` cuts to fit ``max_length``: a decoder's prompts, cut from the left; an
+    encoder's text pairs, cut from the end (the tokenizer's ``truncation=True``)."""
+    if not decoder:
+        texts = [task.encoder_text(ex) for ex in examples]
+        lengths = [len(tokenizer(a, b).input_ids) for a, b in texts]
+        return [n > max_length for n in lengths]
+    gold_only = _gold_only(task, training)
+    return [_candidate_pieces(task, ex, tokenizer, max_length, gold_only)[1] for ex in examples]
 
 
 def to_device(batch: dict, device: torch.device | str) -> dict:

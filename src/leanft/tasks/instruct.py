@@ -16,7 +16,7 @@ from pathlib import Path
 from .base import Splits, Task
 from .builtin import _decoder_only
 from .metrics import score_instruction
-from .user import _check_columns, _read_table, _Table, file_task_name, sample_sizes, split_rows
+from .user import _check_columns, _read_table, _Table, file_task_name, split_rows
 
 
 def _text(value, where: str, column: str, what: str) -> str:
@@ -36,7 +36,8 @@ def _messages(value, where: str, column: str) -> list[dict]:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{where}, column {column!r}: not valid JSON: {e.msg} (character {e.colno})") from None
+            raise ValueError(f"{where}, column {column!r}: not valid JSON: {e.msg} (character {e.pos + 1} of the "
+                             "cell)") from None
     if not isinstance(value, list) or not value:
         raise ValueError(f"{where}, column {column!r}: expected a non-empty list of messages "
                          f'{{"role": ..., "content": ...}}, got {type(value).__name__}')
@@ -109,12 +110,7 @@ def instruction_task(train_file: str | Path, eval_file: str | Path | None = None
     columns = (prompt_column, completion_column, messages_column, tokenizer)
     train = _examples(_read_table(train_file), *columns)
     eval_rows = _examples(_read_table(eval_file), *columns) if eval_file is not None else None
-    num_train, num_eval = sample_sizes(len(train), None if eval_rows is None else len(eval_rows), num_train,
-                                       num_eval)
-    splits = split_rows(train, eval_rows, num_train, num_dev, num_eval, seed)
-    if not splits.train:
-        raise ValueError(f"{train_file}: no training rows left after {len(splits.dev)} dev and "
-                         f"{len(train) - len(splits.dev) - len(splits.train)} eval rows; lower num_dev")
+    splits = split_rows(str(train_file), train, eval_rows, num_train, num_dev, num_eval, seed)
     name = file_task_name(train_file)
     task = Task(name, "generation", lambda ex: ex["prompt"], lambda ex: [ex["completion"]], lambda ex: 0,
                 _decoder_only(name), 0, references=lambda ex: [ex["completion"]], metric="token_f1",

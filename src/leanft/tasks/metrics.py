@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
-import string
+import re
+import types
+import unicodedata
 from collections import Counter
 
+# Scripts written without spaces between words (Thai, Lao, Myanmar, Khmer, Japanese kana, Chinese characters):
+# each of their characters counts as a word, as sacrebleu's Chinese tokenizer counts Chinese characters.
+_UNSPACED = re.compile("[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff"
+                       "\uf900-\ufaff\U00020000-\U0002ffff]")
+# BLEU counts matching 1- to 4-grams: on references shorter than 4 words it is 0 (or smoothing noise) whatever
+# the outputs, so it is reported as None (JSON null) when most examples' references are.
+_BLEU_MIN_WORDS = 4
 
-def score_generation(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
-    """Corpus BLEU (sacrebleu, all references of each input) and mean best-reference ROUGE-L F1.
 
-    Examples may have different numbers of references (E2E MRs have 1 to 45); sacrebleu takes
-    missing ones as None. The scorers are imported here: classification never needs them.
-    """
-    import sacrebleu
+def words(text: str) -> list[str]:
+    """Lower-cased words of any script: runs of letters, marks and digits, punctuation and symbols dropped
+    ("Paris." and "paris" are the same answer); each character of an unspaced script is a word."""
+    return "".join(c if unicodedata.category(c)[0] in "LMN" else " " for c in _spaced(text.lower())).split()
 
-    _check_pairs(predictions, references)
-    depth = max(len(refs) for refs in references)
-    streams = [[refs[i] if i < len(refs) else None for refs in references] for i in range(depth)]
-    bleu = sacrebleu.corpus_bleu(predictions, streams).score
-    return {"bleu": bleu, "rouge_l": _rouge_l(predictions, references)}
+
+def _spaced(text: str) -> str:
+    """``text`` with a space around each character of an unspaced script, so that tokenizers split them."""
+    return _UNSPACED.sub(r" \g<0> ", text)
 
 
 def _check_pairs(predictions: list[str], references: list[list[str]]) -> None:
@@ -30,18 +36,15 @@ def _check_pairs(predictions: list[str], references: list[list[str]]) -> None:
         raise ValueError("every prediction needs at least one reference")
 
 
-def _rouge_l(predictions: list[str], references: list[list[str]]) -> float:
-    """Mean best-reference ROUGE-L F1 in percent."""
+def example_scores(prediction: str, references: list[str]) -> dict[str, float]:
+    """One output's best-reference scores, as fractions: token F1 and exact match of ``words`` (SQuAD's answer
+    F1 and EM), and ROUGE-L F1 (rouge-score, reading ``words``: its own tokenizer drops all but ASCII)."""
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"])
-    rouge = [scorer.score_multi(refs, pred)["rougeL"].fmeasure for pred, refs in zip(predictions, references)]
-    return 100 * sum(rouge) / len(rouge)
-
-
-def _normalise(text: str) -> list[str]:
-    """Lower-cased words without punctuation: "Paris." and "paris" are the same answer."""
-    return "".join(" " if c in string.punctuation else c for c in text.lower()).split()
+    tokens, gold = words(prediction), [words(r) for r in references]
+    rouge = rouge_scorer.RougeScorer(["rougeL"], tokenizer=types.SimpleNamespace(tokenize=words))
+    return {"token_f1": max(_token_f1(tokens, g) for g in gold), "exact_match": float(tokens in gold),
+            "rouge_l": rouge.score_multi(references, prediction)["rougeL"].fmeasure}
 
 
 def _token_f1(prediction: list[str], reference: list[str]) -> float:
@@ -55,20 +58,41 @@ def _token_f1(prediction: list[str], reference: list[str]) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def score_instruction(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
-    """Token F1 (first: dev model selection needs a graded score), exact match, ROUGE-L and corpus BLEU.
+def _bleu(predictions: list[str], references: list[list[str]]) -> float | None:
+    """Corpus BLEU (sacrebleu) over all references of each input, unspaced scripts split into characters; None
+    when most inputs' references are shorter than ``_BLEU_MIN_WORDS`` words.
 
-    F1 and exact match compare normalised words (``_normalise``) with the best reference of each input.
+    Examples may have different numbers of references (E2E MRs have 1 to 45); sacrebleu takes missing ones
+    as None. sacrebleu is imported here: classification never needs it.
     """
+    import sacrebleu
+
+    short = sum(max(len(words(r)) for r in refs) < _BLEU_MIN_WORDS for refs in references)
+    if 2 * short > len(references):
+        return None
+    depth = max(len(refs) for refs in references)
+    streams = [[_spaced(refs[i]) if i < len(refs) else None for refs in references] for i in range(depth)]
+    return sacrebleu.corpus_bleu([_spaced(p) for p in predictions], streams).score
+
+
+def _percent(scores: list[dict[str, float]], key: str) -> float:
+    return 100 * sum(s[key] for s in scores) / len(scores)
+
+
+def score_generation(predictions: list[str], references: list[list[str]]) -> dict[str, float | None]:
+    """Corpus BLEU (``_bleu``) and mean best-reference ROUGE-L F1 (``example_scores``)."""
     _check_pairs(predictions, references)
-    f1, exact = [], []
-    for pred, refs in zip(predictions, references):
-        words, gold = _normalise(pred), [_normalise(r) for r in refs]
-        f1.append(max(_token_f1(words, g) for g in gold))
-        exact.append(any(words == g for g in gold))
-    n = len(predictions)
-    return {"token_f1": 100 * sum(f1) / n, "exact_match": 100 * sum(exact) / n,
-            **score_generation(predictions, references)}
+    scores = list(map(example_scores, predictions, references))
+    return {"bleu": _bleu(predictions, references), "rouge_l": _percent(scores, "rouge_l")}
+
+
+def score_instruction(predictions: list[str], references: list[list[str]]) -> dict[str, float | None]:
+    """Token F1 (first: dev model selection needs a graded score), exact match, ROUGE-L and corpus BLEU, each
+    example compared with its best reference (``example_scores``)."""
+    _check_pairs(predictions, references)
+    scores = list(map(example_scores, predictions, references))
+    return {"token_f1": _percent(scores, "token_f1"), "exact_match": _percent(scores, "exact_match"),
+            "bleu": _bleu(predictions, references), "rouge_l": _percent(scores, "rouge_l")}
 
 
 def classification_metrics(predictions: list[int], labels: list[int], num_labels: int) -> dict[str, float]:

@@ -13,7 +13,7 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import Splits, Task, check_sizes, sample_indices, split_train_dev
+from .base import DEFAULT_DEV, Splits, Task, check_sizes, check_training_left, sample_indices, split_train_dev
 
 _EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json-lines": "jsonl"}
 _MAX_HELD_OUT_EVAL = 1000
@@ -86,9 +86,9 @@ def _read_jsonl(path: Path) -> _Table:
             if not text.strip():
                 continue
             try:
-                row = json.loads(text)
+                row = json.loads(text.rstrip())  # the line alone: an error at its end is not "line 2, column 1"
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {line}: not valid JSON: {e.msg} (character {e.colno})") from None
+                raise ValueError(f"{path} line {line}, column {e.colno}: not valid JSON: {e.msg}") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path} line {line}: expected a JSON object, got {type(row).__name__}")
             rows.append((f"{path} line {line}", row))
@@ -162,12 +162,11 @@ def _label_order(labels: list[str]) -> list[str]:
 
 
 def _build(name: str, train: _Table, eval_: _Table | None, *, text_columns: list[str], label_column: str,
-           template: str | None, label_words: list[str] | None, num_train: int, num_dev: int,
-           num_eval: int, seed: int) -> tuple[Task, Splits]:
+           template: str | None, label_words: list[str] | None, num_train: int | None, num_dev: int,
+           num_eval: int | None, seed: int) -> tuple[Task, Splits]:
     """The task and splits shared by ``user_task`` and ``hub_task``."""
     if len(text_columns) not in (1, 2):
         raise ValueError(f"text_columns must name 1 or 2 columns (text_a[, text_b]), got {text_columns}")
-    check_sizes(num_train=num_train, num_dev=num_dev, num_eval=num_eval)
     template_columns = _template_columns(template) if template else []
     for table in (train, eval_) if eval_ is not None else (train,):
         _check_columns(table, [*text_columns, *template_columns, label_column], template_columns)
@@ -195,15 +194,18 @@ def _build(name: str, train: _Table, eval_: _Table | None, *, text_columns: list
     words = list(label_words)
     task = Task(name, "classification", prompt, lambda ex: list(words),
                 lambda ex: index[_label_text(ex[label_column])], encoder_text, len(labels))
-    return task, split_rows([row for _, row in train.rows], None if eval_ is None else [row for _, row in eval_.rows],
-                            num_train, num_dev, num_eval, seed)
+    eval_rows = None if eval_ is None else [row for _, row in eval_.rows]
+    return task, split_rows(train.name, [row for _, row in train.rows], eval_rows, num_train, num_dev, num_eval, seed)
 
 
-def split_rows(rows: list[dict], eval_rows: list[dict] | None, num_train: int, num_dev: int, num_eval: int,
-               seed: int) -> Splits:
-    """Seeded train/dev/eval samples, drawn as ``load_splits`` draws a built-in task's (``split_train_dev``,
-    ``sample_indices``); without eval rows, eval is held out of ``rows`` first."""
+def split_rows(name: str, rows: list[dict], eval_rows: list[dict] | None, num_train: int | None, num_dev: int,
+               num_eval: int | None, seed: int) -> Splits:
+    """Seeded train/dev/eval samples of the sizes ``sample_sizes`` gives, drawn as ``load_splits`` draws a
+    built-in task's (``split_train_dev``, ``sample_indices``); without eval rows, eval is held out of ``rows``
+    first. A file too small to leave a training row is refused with the change that would leave one."""
     pool = (len(rows), None if eval_rows is None else len(eval_rows))
+    num_train, num_dev, num_eval, note = sample_sizes(*pool, num_train, num_dev, num_eval)
+    check_sizes(num_train=num_train, num_dev=num_dev, num_eval=num_eval)
     if eval_rows is None:
         held = set(sample_indices(len(rows), num_eval, seed))
         eval_rows = [rows[i] for i in sorted(held)]
@@ -211,7 +213,9 @@ def split_rows(rows: list[dict], eval_rows: list[dict] | None, num_train: int, n
     else:
         eval_rows = [eval_rows[i] for i in sample_indices(len(eval_rows), num_eval, seed)]
     train_rows, dev_rows = split_train_dev(rows, num_train, num_dev, seed)
-    return Splits(train_rows, dev_rows, eval_rows, pool)
+    if num_train:
+        check_training_left(name, train_rows, dev_rows, pool[0], len(eval_rows) if pool[1] is None else None)
+    return Splits(train_rows, dev_rows, eval_rows, pool, note)
 
 
 def _held_out(n: int) -> int:
@@ -219,16 +223,31 @@ def _held_out(n: int) -> int:
     return min(_MAX_HELD_OUT_EVAL, max(1, n // 5))
 
 
-def sample_sizes(n_train: int, n_eval: int | None, num_train: int | None, num_eval: int | None) -> tuple[int, int]:
-    """``num_train`` and ``num_eval`` for files of ``n_train`` and ``n_eval`` rows (None: no eval file). None
-    takes every row; without an eval file, eval is held out of the training rows: ``num_eval`` of them but
-    at most ``_held_out``, so that most rows stay for training."""
-    held = _held_out(n_train)
+def _scaled_dev(n: int) -> int:
+    """The default dev size for a training pool of ``n`` rows: 20%, at most ``DEFAULT_DEV``, and at least 1
+    while a row is left to train on."""
+    return min(DEFAULT_DEV, max(1, n // 5)) if n > 1 else 0
+
+
+def sample_sizes(n_train: int, n_eval: int | None, num_train: int | None, num_dev: int,
+                 num_eval: int | None) -> tuple[int, int, int, str]:
+    """``num_train``, ``num_dev``, ``num_eval`` for files of ``n_train`` and ``n_eval`` rows (None: no eval file),
+    and a note when a default was scaled to the file. A None size takes every row; without an eval file, eval
+    is held out of the training rows: ``num_eval`` of them but at most ``_held_out``, so that most rows stay for
+    training. ``num_dev`` left at ``DEFAULT_DEV`` is scaled to the rows left for training (``_scaled_dev``), as
+    ``load_splits`` lowers it for the small built-in tasks, so a 64-row file is not all dev."""
     if n_eval is None:
+        held = _held_out(n_train)
         num_eval = held if num_eval is None else min(num_eval, held)
     elif num_eval is None:
         num_eval = n_eval
-    return (n_train if num_train is None else num_train), num_eval
+    note = ""
+    if num_dev == DEFAULT_DEV:
+        pool = n_train - (num_eval if n_eval is None else 0)
+        num_dev = _scaled_dev(pool)
+        if num_dev < DEFAULT_DEV:
+            note = f"the default num_dev {DEFAULT_DEV} scaled to the file: {num_dev} of its {pool:,} training rows"
+    return (n_train if num_train is None else num_train), num_dev, num_eval, note
 
 
 def user_task(train_file: str | Path, eval_file: str | Path | None = None, *, text_columns: list[str],
@@ -247,8 +266,6 @@ def user_task(train_file: str | Path, eval_file: str | Path | None = None, *, te
     """
     train = _read_table(train_file)
     eval_ = _read_table(eval_file) if eval_file is not None else None
-    num_train, num_eval = sample_sizes(len(train.rows), None if eval_ is None else len(eval_.rows), num_train,
-                                       num_eval)
     return _build(file_task_name(train_file), train, eval_, text_columns=list(text_columns),
                   label_column=label_column, template=template, label_words=label_words, num_train=num_train,
                   num_dev=num_dev, num_eval=num_eval, seed=seed)
@@ -282,8 +299,6 @@ def hub_task(dataset: str, *, config: str | None = None, text_columns: list[str]
 
     train = table(train_split)
     eval_ = table(eval_split) if eval_split in loaded else None
-    if eval_ is None:
-        num_eval = sample_sizes(len(train.rows), None, num_train, num_eval)[1]
     return _build(dataset.split("/")[-1], train, eval_, text_columns=list(text_columns), label_column=label_column,
                   template=template, label_words=label_words, num_train=num_train, num_dev=num_dev,
                   num_eval=num_eval, seed=seed)

@@ -258,6 +258,18 @@ def linear_features(module: nn.Module, name: str, method: str) -> tuple[int, int
     return module.in_features, module.out_features
 
 
+def check_rank(method: str, rank: int, name: str, in_features: int, out_features: int) -> None:
+    """Refuse a rank above the smaller side of the layer it adapts, before anything is allocated: such an
+    update is no more expressive than the whole weight and costs more than the layer (a mistyped rank of
+    100000 would otherwise fill the memory)."""
+    limit = min(in_features, out_features)
+    if rank > limit:
+        raise ValueError(f"{method} rank {rank} exceeds {limit}, the smaller side of {name} ({in_features} in, "
+                         f"{out_features} out): an update of that rank is no more expressive than training the "
+                         f"layer in full and costs more than the layer; use a rank of at most {limit} (--rank), "
+                         "or --method full")
+
+
 def shape_for(config_shapes: dict[str, list[int]] | None, in_features: int, out_features: int) -> list[int] | None:
     """An explicit TT shape from a config's ``tt_shapes`` (keyed ``"INxOUT"``), if one is given."""
     return (config_shapes or {}).get(f"{in_features}x{out_features}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import torch
@@ -31,13 +32,17 @@ class LamdaModel(LeanftTuner):
 
     def forward(self, *args, **kwargs):
         if self.training and torch.is_grad_enabled() and not getattr(self, "_schedule_ran", False):
+            if "transformers.trainer" in sys.modules:  # trained by a Trainer lacking LamdaCallback: it gets one
+                from ...hf import schedule_lamda_in_trainer
+
+                schedule_lamda_in_trainer(self)
             self._unscheduled = getattr(self, "_unscheduled", 0) + 1
             if self._unscheduled == self.UNFROZEN_WARNING:
                 warnings.warn(
                     f"LaMDA has trained for {self.UNFROZEN_WARNING} forward passes and P_B was never frozen: without "
-                    "its schedule LaMDA is a plain SVD-initialised adapter. In a Trainer/SFTTrainer pass "
-                    "callbacks=[leanft.LamdaCallback()]; in your own loop call "
-                    "model.base_model.update_freezing(step, total_steps) after every optimiser step", stacklevel=2)
+                    "its schedule LaMDA is a plain SVD-initialised adapter. In your own loop call "
+                    "model.base_model.update_freezing(step, total_steps) after every optimiser step (a Trainer or "
+                    "SFTTrainer does it through leanft.LamdaCallback, which it gets by itself)", stacklevel=2)
         return super().forward(*args, **kwargs)
 
     def lamda_layers(self) -> list[LamdaLayer]:

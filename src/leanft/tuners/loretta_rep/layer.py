@@ -7,7 +7,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ...tt import TTMatrix
-from ..common import DeltaLinearMixin, linear_features, param_device, shape_for
+from ..common import DeltaLinearMixin, check_rank, linear_features, param_device, shape_for
 from ..tt_head import TTHead
 from .config import LorettaRepConfig
 
@@ -33,6 +33,7 @@ class LorettaRepLayer(BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: LorettaRepConfig) -> None:
         device = param_device(self.get_base_layer())
         i, o, r = self.in_features, self.out_features, config.r
+        check_rank("LoRETTA_rep", r, "the layer", i, o)
         a = TTMatrix(i, r, config.tt_rank, shape_for(config.tt_shapes, i, r), device=device)
         b = TTMatrix(r, o, config.tt_rank, shape_for(config.tt_shapes, r, o), device=device)
         self.loretta_rep_A[adapter_name], self.loretta_rep_B[adapter_name] = a, b
