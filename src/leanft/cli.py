@@ -18,10 +18,11 @@ import yaml
 from . import methods, models
 from .config import CHOICES, TrainConfig
 from .config import HELP as TRAIN_HELP
-from .measure import bench, budget, params, report, steps
 from .loading import read_json
+from .measure import bench, budget, params, report, steps
 from .measure.system import save
 from .precision import DTYPES
+from .runfolder import rerun_data
 from .train import Interrupted, train
 from .trainflags import DENSE_CLASSIFIER_HELP, add_train_flags, comma_list, train_config  # noqa: F401
 
@@ -155,23 +156,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
     data = read_json(info).get("data") if info.is_file() else None
     cfg = train_config(args, under=rerun_data(data) if data else {"task": ""})  # no task: the run's, from the file
     print(json.dumps(evaluate_saved(args.adapter, cfg, getattr(args, "model", None)), indent=1))
-
-
-def rerun_data(data: dict) -> dict:
-    """A run's data options (``leanft_run.json``) with each file at its absolute path, or at the path as given
-    when only that one exists (the run and its data moved together)."""
-    data = dict(data)
-    files = data.pop("files", {})
-
-    def moved(given: str) -> str:
-        absolute = files.get(given, given)
-        return given if not Path(absolute).exists() and Path(given).exists() else absolute
-
-    for key in ("train_file", "eval_file"):
-        if data.get(key):
-            data[key] = moved(data[key])
-    data["task"] = ",".join(map(moved, data["task"].split(",")))
-    return data
 
 
 def resume_command(argv: list[str]) -> str:

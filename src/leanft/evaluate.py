@@ -20,6 +20,7 @@ from . import models, objectives, tasks
 from .config import TrainConfig
 from .loading import Loaded, accelerator, check_adapter_config, load_tasks, read_json
 from .precision import dtype_of
+from .runfolder import predictions_file
 from .tasks.collate import cut_rows, encode, generation_prompts, to_device
 
 
@@ -215,9 +216,9 @@ def evaluate_saved(adapter_dir: str | Path, cfg: TrainConfig, base_model: str | 
     model = model.to(accel.device).eval()
     run = Loaded(model, objectives.network(model, decoder), tokenizer, decoder, accel, cfg)
     report_truncation(run, task_data, ("eval",), file=sys.stderr)
-    results = {t.name: evaluate(run, t, splits.eval, adapter_dir / f"predictions-{t.name}-eval.jsonl")
+    results = {t.name: evaluate(run, t, splits.eval, predictions_file(adapter_dir, t.name, "eval"))
                for t, splits in task_data}
     if accel.is_main_process:
-        print(f"predictions: {', '.join(str(adapter_dir / f'predictions-{t.name}-eval.jsonl') for t, _ in task_data)}",
+        print(f"predictions: {', '.join(str(predictions_file(adapter_dir, t.name, 'eval')) for t, _ in task_data)}",
               file=sys.stderr)
     return results

@@ -67,18 +67,22 @@ def _running_trainer() -> Trainer | None:
     return None if frame is None else frame.f_locals["self"]
 
 
-def schedule_lamda_in_trainer(tuner) -> None:
+def schedule_lamda_in_trainer(tuner) -> bool:
     """Called by a LaMDA model's training forwards until its schedule first runs: when a ``Trainer`` (or
     ``SFTTrainer``) runs it without ``LamdaCallback``, add the callback, so P_B freezes on schedule anyway
-    (the Trainer's steps are the schedule's, and only the call stack ties a forward to its Trainer)."""
+    (the Trainer's steps are the schedule's, and only the call stack ties a forward to its Trainer).
+    Whether a Trainer was found: once it was, the callback is there and the stack need not be walked again."""
     trainer = _running_trainer()
-    if trainer is None or any(isinstance(c, LamdaCallback) for c in trainer.callback_handler.callbacks):
-        return
+    if trainer is None:
+        return False
+    if any(isinstance(c, LamdaCallback) for c in trainer.callback_handler.callbacks):
+        return True
     trainer.add_callback(LamdaCallback())
     logger.info("LaMDA freezes P_B on a schedule of optimiser steps: added leanft.LamdaCallback() to the %s",
                 type(trainer).__name__)
     if trainer.state.global_step:  # resumed: re-apply what the schedule had reached, as the callback would have
         tuner.update_freezing(trainer.state.global_step, trainer.state.max_steps)
+    return True
 
 
 class _SaveZOState(TrainerCallback):

@@ -97,11 +97,6 @@ def after_step(model: nn.Module, total_steps: int) -> Callable[[int], None]:
     return lambda done: None
 
 
-def process_rank() -> int:
-    """This process's rank under data parallelism, 0 without a process group."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 class FirstOrder:
     """AdamW with a learning-rate schedule and gradient accumulation; data-parallel through DDP.
 
@@ -125,6 +120,7 @@ class FirstOrder:
         self.autocast, self.scaler = autocast, scaler
         self.scheduler = get_scheduler(scheduler, self.optimizer, warmup_steps, total_steps)
         self.world = accelerator.num_processes if accelerator is not None else 1
+        self.rank = accelerator.process_index if accelerator is not None else 0
         self.device = accelerator.device if accelerator is not None else None
         self.model, self.objective, self.net = model, objective, net
         self._wrap()
@@ -214,9 +210,10 @@ class FirstOrder:
             self.scaler.unscale_(self.optimizer)
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         norm = nn.utils.get_total_norm([p.grad for p in params])
-        if self.max_grad_norm and torch.isfinite(norm):
+        value = float(norm)  # one host sync
+        if self.max_grad_norm and math.isfinite(value):
             nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm)
-        return float(norm)
+        return value
 
     @torch.no_grad()
     def _decay_towards_start(self) -> None:
@@ -232,11 +229,11 @@ class FirstOrder:
     def save(self, out: Path, state: dict) -> None:
         """Called by every process at the same step: each one's RNG states (its own dropout stream) are
         gathered into the checkpoint, which the first process writes."""
-        rngs = [checkpoint.rng_states()]
+        rngs = None  # one process: checkpoint.save takes this one's
         if self.world > 1:
-            rngs = [None] * self.world if process_rank() == 0 else None
+            rngs = [None] * self.world if self.rank == 0 else None
             dist.gather_object(checkpoint.rng_states(), rngs, dst=0)
-        if process_rank() != 0:
+        if self.rank != 0:
             return
         extra = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         if self.scaler is not None:
@@ -244,7 +241,7 @@ class FirstOrder:
         checkpoint.save(out, state, self.model, extra, rngs)
 
     def resume(self, out: Path) -> dict:
-        state, extra = checkpoint.load(out, self.model, rank=process_rank(), world=self.world)
+        state, extra = checkpoint.load(out, self.model, rank=self.rank, world=self.world)
         self.optimizer.load_state_dict(extra["optimizer"])
         self.scheduler.load_state_dict(extra["scheduler"])
         if self.scaler is not None and "scaler" in extra:
@@ -314,7 +311,7 @@ class ZerothOrder:
 
     def save(self, out: Path, state: dict) -> None:
         """Called by every process; the first writes (the log, not random states, rebuilds the run)."""
-        if process_rank() == 0:
+        if self.log is None or self.log.main:
             checkpoint.save(out, state)
 
     def resume(self, out: Path) -> dict:

@@ -18,8 +18,9 @@ RUN_FILES = ("checkpoint", "best", "metrics.json", "metrics.jsonl", "eval_before
              "zo_start.safetensors", "zo_meta.json", "stage[0-9]*", ".checkpoint.*", ".best.*", ".zo_*",
              "predictions-*.jsonl")
 # The options that chose and encoded a run's data: best/leanft_run.json keeps them for `leanft eval`
-DATA_FIELDS = ("task", "train_file", "eval_file", "dataset", "dataset_config", "task_name", "text_columns",
-               "label_column", "template", "label_words", "prompt_column", "completion_column", "messages_column",
+# where a run's data comes from: naming another source at eval drops all of these
+DATA_SOURCE = ("task", "train_file", "eval_file", "dataset", "dataset_config", "task_name")
+DATA_FIELDS = (*DATA_SOURCE, "text_columns", "label_column", "template", "label_words", "prompt_column", "completion_column", "messages_column",
                "num_train", "num_dev", "num_eval", "seed", "max_length", "max_new_tokens", "dtype")
 
 
@@ -75,3 +76,25 @@ def run_data(cfg: TrainConfig, stage: list[int]) -> dict:
         data["task"] = ",".join(cfg.task.split(",")[: stage[-1] + 1])
     files = [f for f in (cfg.train_file, cfg.eval_file, *cfg.task.split(",")) if f and tasks.is_data_file(f)]
     return {**data, "files": {f: str(Path(f).resolve()) for f in files}}
+
+
+def predictions_file(folder: Path, task: str, split: str) -> Path:
+    """Where an evaluation's per-example predictions go (``RUN_FILES`` matches them)."""
+    return Path(folder) / f"predictions-{task}-{split}.jsonl"
+
+
+def rerun_data(data: dict) -> dict:
+    """``run_data``'s record read back: each file at its absolute path, or at the path as given when only that
+    one exists (the run and its data moved together)."""
+    data = dict(data)
+    files = data.pop("files", {})
+
+    def moved(given: str) -> str:
+        absolute = files.get(given, given)
+        return given if not Path(absolute).exists() and Path(given).exists() else absolute
+
+    for key in ("train_file", "eval_file"):
+        if data.get(key):
+            data[key] = moved(data[key])
+    data["task"] = ",".join(map(moved, data["task"].split(",")))
+    return data

@@ -45,7 +45,7 @@ from .evaluate import evaluate, report_truncation
 from .loading import Loaded, accelerator, load, load_tasks
 from .measure.report import plot_curves
 from .measure.system import machine, peak_memory
-from .runfolder import claim_output, clear_output, run_data
+from .runfolder import claim_output, clear_output, predictions_file, run_data
 from .stops import Interrupted, StopSignals
 from .tasks.collate import task_batches
 from .zo import query_schedule
@@ -76,7 +76,7 @@ class Run:
         """Metrics per task; with ``save``, each task's predictions too, in ``predictions-<task>-<split>.jsonl``."""
         loaded = self.loaded if net is None else replace(self.loaded, net=net)
         return {t.name: evaluate(loaded, t, getattr(s, split),
-                                 self.log.parent / f"predictions-{t.name}-{split}.jsonl" if save else None)
+                                 predictions_file(self.log.parent, t.name, split) if save else None)
                 for t, s in (self.task_data[i] for i in task_indices)}
 
 

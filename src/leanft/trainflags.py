@@ -11,6 +11,7 @@ import yaml
 
 from .config import CHOICES, TrainConfig
 from .config import HELP as TRAIN_HELP
+from .runfolder import DATA_SOURCE
 
 TRAIN_CHOICES = {name: list(valid) for name, valid in CHOICES.items()}
 
@@ -71,7 +72,6 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 # Where a run's data comes from: naming one of these drops all of them from the values underneath (``train_config``)
-DATA_SOURCE = ("task", "train_file", "eval_file", "dataset", "dataset_config", "task_name")
 
 
 def _yaml_place(error: yaml.YAMLError) -> str:

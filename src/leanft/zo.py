@@ -267,8 +267,9 @@ class ZOEngine:
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         mine = [(i, query_seed(self.seed, step, i, self.stage)) for i in range(rank, queries, world)]
         results = [(i, s, *self.projected_gradient(s, loss_fn)) for i, s in mine]
-        for _ in range(2 * (math.ceil(queries / world) - len(mine))):
-            loss_fn()
+        with torch.no_grad():  # as the queries' forwards: no autograd graph kept
+            for _ in range(2 * (math.ceil(queries / world) - len(mine))):
+                loss_fn()
         if world > 1:
             gathered: list = [None] * world
             dist.all_gather_object(gathered, results)
@@ -277,20 +278,21 @@ class ZOEngine:
         loss = float(np.mean(losses))
         record = ZOStep(step, seeds, grads, lr * self.lr_scale, loss)
         self.extra_forwards = 0
-        self.why = self._unhealthy(loss, grads, loss_fn)
+        flat = all(g == 0 for g in grads)
+        self.why = self._unhealthy(loss, grads, flat, loss_fn)
         if self.why:
             self.rollback(self.why)
             record.rolled_back = True
             return record
-        self._count_flat(all(g == 0 for g in grads))
+        self._count_flat(flat)
         self._update(record)
         return record
 
-    def _unhealthy(self, loss: float, grads: list[float], loss_fn: Callable[[], float]) -> str:
-        """Why this step is divergence, or "" when it is not."""
+    def _unhealthy(self, loss: float, grads: list[float], flat: bool, loss_fn: Callable[[], float]) -> str:
+        """Why this step is divergence, or "" when it is not (``flat``: no query moved the loss)."""
         if not (math.isfinite(loss) and all(map(math.isfinite, grads))):
             return "non-finite loss or projected gradient"
-        where = self._overflow(loss_fn) if all(g == 0 for g in grads) else ""
+        where = self._overflow(loss_fn) if flat else ""
         if where:
             return (f"the loss ({loss:.6g}) did not change under any perturbation and the output of {where} is "
                     f"beyond {OVERFLOW:.2g} or not finite: the activations overflowed, and a normalisation layer "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import types
 import unicodedata
@@ -39,12 +40,17 @@ def _check_pairs(predictions: list[str], references: list[list[str]]) -> None:
 def example_scores(prediction: str, references: list[str]) -> dict[str, float]:
     """One output's best-reference scores, as fractions: token F1 and exact match of ``words`` (SQuAD's answer
     F1 and EM), and ROUGE-L F1 (rouge-score, reading ``words``: its own tokenizer drops all but ASCII)."""
+    tokens, gold = words(prediction), [words(r) for r in references]
+    return {"token_f1": max(_token_f1(tokens, g) for g in gold), "exact_match": float(tokens in gold),
+            "rouge_l": _rouge().score_multi(references, prediction)["rougeL"].fmeasure}
+
+
+@functools.cache
+def _rouge():
+    """One ROUGE-L scorer reading ``words``, built on first use (rouge-score loads nltk)."""
     from rouge_score import rouge_scorer
 
-    tokens, gold = words(prediction), [words(r) for r in references]
-    rouge = rouge_scorer.RougeScorer(["rougeL"], tokenizer=types.SimpleNamespace(tokenize=words))
-    return {"token_f1": max(_token_f1(tokens, g) for g in gold), "exact_match": float(tokens in gold),
-            "rouge_l": rouge.score_multi(references, prediction)["rougeL"].fmeasure}
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=types.SimpleNamespace(tokenize=words))
 
 
 def _token_f1(prediction: list[str], reference: list[str]) -> float:
