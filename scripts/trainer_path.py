@@ -26,7 +26,7 @@ from leanft import methods, models, objectives, tasks
 from leanft.config import DEFAULT_LR, TrainConfig
 from leanft.evaluate import evaluate
 from leanft.loading import Loaded, accelerator
-from leanft.measure.system import machine
+from leanft.system import machine
 
 
 def features(task: tasks.Task, examples: list[dict], tokenizer) -> list[dict]:

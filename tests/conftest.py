@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (
@@ -35,6 +40,36 @@ def tiny_opt() -> torch.nn.Module:
     cfg = OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
                     word_embed_proj_dim=64, max_position_embeddings=64)
     return OPTForCausalLM(cfg).eval()
+
+
+def _child(fn, args: tuple, out: str, err: str | None, threads: int) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    stdout = os.open(out, flags)
+    os.dup2(stdout, 1)
+    os.dup2(stdout if err is None else os.open(err, flags), 2)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    torch.set_num_threads(threads)
+    fn(*args)
+
+
+_SERVER: list = []
+
+
+def forked(fn, *args, out: Path, err: Path | None = None) -> int:
+    """``fn(*args)`` (a module-level function) in a child process forked from a server that imported torch,
+    transformers and leanft once (a fresh interpreter spends seconds on them; a fork of a process that has
+    computed is unsafe, its thread pools are not forked with it), with this process's thread count: its exit
+    status (negative: the signal that killed it), its stdout in ``out`` and its stderr in ``err`` (or ``out``).
+    For children whose point is a process of their own (a kill, a signal, a peak of memory), not a fresh import."""
+    if not _SERVER:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["conftest", "fault_driver", "leanft.cli"])
+        _SERVER.append(context)
+    process = _SERVER[0].Process(target=_child, args=(fn, args, str(out), err and str(err), torch.get_num_threads()))
+    process.start()
+    process.join(900)
+    return process.exitcode
 
 
 def free_port() -> str:

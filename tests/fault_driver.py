@@ -1,6 +1,7 @@
 """A child process for ``test_faults.py``: ``leanft`` training with a fault injected where a test says.
 
     python tests/fault_driver.py kill CONFIG.json STEP MICRO   # SIGKILL itself in that step's micro-batch
+                                                               # (test_faults.in_child: main(argv) in a fork)
     python tests/fault_driver.py term CONFIG.json STEP MICRO   # SIGTERM itself there, under `leanft train`
     torchrun --nproc_per_node 2 tests/fault_driver.py plan PLAN.json OUT   # runs in turn, one process group
 
@@ -104,20 +105,20 @@ class FaultClock:
         return time.perf_counter() * (1000 if fast else 1)
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     _install()
-    mode = sys.argv[1]
+    mode = argv[0]
     if mode == "kill":
-        config, step, micro = json.loads(Path(sys.argv[2]).read_text()), int(sys.argv[3]), int(sys.argv[4])
+        config, step, micro = json.loads(Path(argv[1]).read_text()), int(argv[2]), int(argv[3])
         FAULT.update(kind="kill", steps=[step], micro=micro)
         train.train(TrainConfig(**config))
         raise SystemExit("the run ended without reaching the step it was to be killed at")
     if mode == "term":  # through the command line, whose exit code and resume command the test reads
-        step, micro = int(sys.argv[3]), int(sys.argv[4])
+        step, micro = int(argv[2]), int(argv[3])
         FAULT.update(kind="term", steps=[step], micro=micro)
-        cli.main(["train", "--config", sys.argv[2]])
+        cli.main(["train", "--config", argv[1]])
         raise SystemExit("the run ended without being stopped")
-    plan, out = json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[3])
+    plan, out = json.loads(Path(argv[1]).read_text()), Path(argv[2])
     rank = int(os.environ.get("RANK", "0"))
     for entry in plan:
         FAULT.clear()
@@ -133,4 +134,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

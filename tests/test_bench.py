@@ -1,11 +1,13 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
-from conftest import tiny_tokenizer
+from conftest import forked, tiny_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from leanft.measure import bench, budget, report, steps, system
+from leanft import cli, objectives, system, train
+from leanft.measure import bench, budget, report, steps
 
 
 def test_step_times_cover_first_and_zeroth_order_methods(tiny_llama_dir):
@@ -42,6 +44,7 @@ def working_mb(model_dir: str, method: str, mode: str) -> float:
     return row["peak_mb"] - row["baseline_mb"]
 
 
+@pytest.mark.slow
 def test_memory_child_measures_the_optimiser_state_of_the_step(small_llama_dir):
     """AdamW on every weight keeps a gradient and two moments of each, 3x the weights, which LoRA does not;
     a MeZO step on LoRA keeps no gradient nor state. Fails if the peak misses the step (a baseline taken after
@@ -54,6 +57,7 @@ def test_memory_child_measures_the_optimiser_state_of_the_step(small_llama_dir):
     assert mezo < full, (mezo, full)
 
 
+@pytest.mark.slow
 def test_memory_child_frozen_mode_trains_lamda_with_p_b_frozen(tiny_llama_dir):
     training = steps.memory_child(tiny_llama_dir, "lamda", "first-order", "sst2", 2, 1)
     frozen = steps.memory_child(tiny_llama_dir, "lamda", "frozen", "sst2", 2, 1)
@@ -86,10 +90,10 @@ def test_plot_runs_draws_loss_against_forward_passes_and_names_a_missing_log(tmp
         report.plot_runs([tmp_path / "adazeta.json"], tmp_path / "x.png")
 
 
-def test_budget_presets_overrides_and_errors():
-    assert budget.parse_budget("quick,forwards=600,epochs=2") == budget.Budget(train=400, dev=100, eval=300, epochs=2.0,
-                                                                           forwards=600)
-    assert budget.parse_budget("train=10") == budget.Budget(train=10)
+def test_budget_overrides_change_only_what_they_name_and_bad_ones_are_refused():
+    quick = budget.parse_budget("quick")
+    assert budget.parse_budget("quick,forwards=600,epochs=2.5") == replace(quick, forwards=600, epochs=2.5)
+    assert budget.parse_budget("train=10") == replace(budget.parse_budget("standard"), train=10)
     with pytest.raises(ValueError, match="even"):
         budget.parse_budget("smoke,forwards=7")
     with pytest.raises(ValueError, match="bad budget entry 'lr=1'"):
@@ -105,8 +109,46 @@ def test_plan_runs_defaults_then_the_rank_sweep_without_repeating_the_default():
     assert plan[2]["options"] == {"rank": 2} and plan[1]["options"] == {} and plan[1]["rank"] == 8
 
 
+def print_memory(args: tuple, kwargs: dict) -> None:
+    print(json.dumps(steps.memory_child(*args, **kwargs)))
+
+
+@pytest.fixture
+def forked_children(monkeypatch, tmp_path):
+    """The bench's children (each run, each memory measurement: a fresh interpreter each, so that no two peaks
+    mix) as forks of a process that has torch and transformers imported (``conftest.forked``): the bench's own
+    logic, without seconds of imports per child."""
+    from leanft import cli
+
+    def run_child(argv: list[str], log) -> int:
+        status = forked(cli.main, ["train", *argv], out=log)
+        print(log.read_text())  # shown, as the real one shows its child's output
+        return status
+
+    def in_fresh_process(*args, **kwargs) -> dict:
+        out, err = tmp_path / "memory.out", tmp_path / "memory.err"
+        if forked(print_memory, args, kwargs, out=out, err=err):
+            raise RuntimeError((err.read_text().strip().splitlines() or ["no output"])[-1])
+        return json.loads(out.read_text().strip().splitlines()[-1])
+
+    monkeypatch.setattr(bench, "run_child", run_child)
+    monkeypatch.setattr(steps, "in_fresh_process", in_fresh_process)
+
+
 @pytest.mark.slow
-def test_bench_on_a_tiny_model_writes_results_report_and_plots_and_resumes(tiny_llama_dir, tmp_path, capsys):
+def test_the_benchs_children_are_fresh_interpreters_whose_failures_come_back(tmp_path, capsys):
+    """What the forks above stand in for: a run in its own ``leanft train`` process, its output shown and kept,
+    its exit status returned; a memory measurement in its own interpreter, its error's last line raised."""
+    status = bench.run_child(["--model", "no-such-model"], tmp_path / "output.log")
+    said = (tmp_path / "output.log").read_text()
+    assert status == 1 and "unknown model 'no-such-model'" in said and said in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match="unknown model 'no-such-model'"):
+        steps.in_fresh_process("no-such-model", "lora", "first-order", "sst2", 2, 1)
+
+
+@pytest.mark.slow
+def test_bench_on_a_tiny_model_writes_results_report_and_plots_and_resumes(tiny_llama_dir, tmp_path, capsys,
+                                                                          forked_children):
     out, smoke = tmp_path / "out", budget.parse_budget("smoke")
     results = bench.Bench(tiny_llama_dir, ["sst2"], ["lora", "mezo-lora"], smoke, out, tmp_path / "work",
                           ranks=[2], sweep=["lora"]).run()
@@ -138,16 +180,6 @@ def test_report_refuses_results_of_two_machines(tmp_path):
         report.bench_report(tmp_path)
 
 
-def test_cuda_benches_in_bfloat16_and_cpu_in_float32(monkeypatch):
-    run = bench.bench_plan(["sst2"], ["lora"], [], [], "CAUSAL_LM")[0]
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert budget.default_dtype() == "bfloat16"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert budget.default_dtype() == "float32"
-    argv = bench.train_argv(run, "m", budget.Budget(), budget.default_dtype(), eval_before=True)
-    assert argv[argv.index("--dtype") + 1] == "float32" and argv[-1] == "--eval-before"
-
-
 def test_the_lr_is_chosen_on_dev_never_on_eval(tmp_path):
     """Two lrs: the one better on dev is kept even though eval would have preferred the other."""
     from leanft.measure import tuning
@@ -164,14 +196,45 @@ def test_the_lr_is_chosen_on_dev_never_on_eval(tmp_path):
         tuning.choose([(0.5, None)])
 
 
-def test_seeds_draw_other_samples_in_another_order():
-    from leanft import tasks
+def bench_run(model_dir: str, method: str, spent: budget.Budget, out, *extra: str, **run) -> tuple[dict, list[dict]]:
+    """One run of a bench with the ``leanft train`` arguments the bench gives it (then ``extra``), trained in
+    this process: its metrics and its per-step rows (without their speed)."""
+    planned = {**bench.bench_plan(["sst2"], [method], [], [], "CAUSAL_LM")[0], **run}
+    argv = bench.train_argv(planned, model_dir, spent, "float32", eval_before=False)
+    metrics = train.train(cli.train_config(cli.build_parser().parse_args(["train", *argv, *extra, "--output-dir",
+                                                                          str(out)])))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return metrics, [{k: v for k, v in row.items() if k != "examples_per_s"} for row in rows]
 
-    a, b = (tasks.load_splits("sst2", 16, 0, 0, seed).train for seed in (0, 1))
-    assert [x["sentence"] for x in a] != [x["sentence"] for x in b]
+
+@pytest.mark.slow
+def test_a_run_repeated_with_its_seed_is_identical_and_another_seed_draws_another_sample(tiny_llama_dir, tmp_path):
+    """A bench's numbers can be reproduced: the same seed trains on the same sample in the same order to the
+    same losses and the same predictions; another seed (a repeat of the bench) trains on another sample."""
+    spent = budget.parse_budget("smoke")
+    (first, rows), (again, rows_again), (_, rows_other) = (
+        bench_run(tiny_llama_dir, "lora", spent, tmp_path / name, seed=seed) for name, seed in (("a", 3), ("b", 3),
+                                                                                                ("c", 4)))
+    assert rows == rows_again and first["eval"] == again["eval"]
+    predictions = "predictions-sst2-eval.jsonl"
+    assert (tmp_path / "a" / predictions).read_text() == (tmp_path / "b" / predictions).read_text()
+    assert [r["loss"] for r in rows_other] != [r["loss"] for r in rows]
 
 
-def test_bench_tunes_on_dev_repeats_over_seeds_and_reports_mean_and_sd(tiny_llama_dir, tmp_path):
+def test_a_zeroth_order_run_of_a_bench_spends_exactly_its_forward_budget(tiny_llama_dir, tmp_path, monkeypatch):
+    """Methods compare at equal compute: a zeroth-order run trains past its epochs until exactly ``forwards``
+    training forward passes are spent (counted where the loss is computed; evaluation is not included)."""
+    real, calls = objectives.mean_loss, []
+    monkeypatch.setattr(objectives, "mean_loss", lambda *args: calls.append(1) or real(*args))
+    # a step cap far above the budget: a run that ignored the budget would fail here, not run 1e9 steps
+    metrics, rows = bench_run(tiny_llama_dir, "mezo-lora", budget.parse_budget("smoke,forwards=10"), tmp_path,
+                              "--max-steps", "50")
+    assert metrics["forward_passes"] == len(calls) == rows[-1]["forwards"] == 10
+    assert metrics["examples_seen"] > metrics["rows"]["sst2"]["train"]  # more than one epoch of 8 examples
+
+
+@pytest.mark.slow
+def test_bench_tunes_on_dev_repeats_over_seeds_and_reports_mean_and_sd(tiny_llama_dir, tmp_path, forked_children):
     out = tmp_path / "out"
     spent = budget.parse_budget("smoke,dev=4")
     results = bench.Bench(tiny_llama_dir, ["sst2"], ["lora", "mezo-lora"], spent, out, tmp_path / "work",

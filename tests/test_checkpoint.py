@@ -1,12 +1,12 @@
-"""Tests for leanft.checkpoint: exact RNG round trips (CUDA faked), the ZO log's device record, and
-damaged checkpoints that fail clearly without a half load."""
+"""Tests for leanft.checkpoint and the run folder's checkpoints: exact RNG round trips (CUDA faked), a
+zeroth-order run's state, and damaged checkpoints that fail clearly without a half load."""
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import peft
@@ -14,8 +14,7 @@ import pytest
 import torch
 from conftest import perturb, tiny_llama
 
-from leanft import checkpoint
-from leanft.zo import ZOEngine
+from leanft import checkpoint, optim, runfolder
 
 
 def lora_model() -> torch.nn.Module:
@@ -170,98 +169,40 @@ def test_no_checkpoint_at_all_is_still_the_resume_hint(tmp_path):
         checkpoint.load(tmp_path)
 
 
-# ---- the zeroth-order log ------------------------------------------------------------------------
+# ---- a zeroth-order run's checkpoint ---------------------------------------------------------------
+
+ONE_PROCESS = SimpleNamespace(num_processes=1, process_index=0, is_main_process=True)
 
 
-def zo_run(out, steps: int = 3):
-    """A LoRA model trained ``steps`` ZO steps with a log in ``out``; returns (model, its trainable state)."""
-    model = lora_model()
+def zo_updater(model) -> optim.ZerothOrder:
     tokens = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
-    engine = ZOEngine(model, eps=1e-3)
-    log = checkpoint.ZOLog(out)
-    log.begin(model)
-    loss_fn = lambda: float(model(input_ids=tokens, labels=tokens).loss)
-    for step in range(steps):
-        log.append(engine.step(step, loss_fn, 2, 1e-2))
-    return model, trainable(model)
+    objective = lambda net, batch: net(input_ids=tokens, labels=tokens).loss  # noqa: E731
+    return optim.ZerothOrder(model, model, objective, 1e-2, eps=1e-3, recover=3, scheduler="linear", total_steps=10)
 
 
-def replay(out, steps: int = 3):
+def test_a_zeroth_order_checkpoint_resumes_exactly_on_any_number_of_processes(tmp_path):
     model = lora_model()
-    perturb(model)  # anything: the replay starts from the logged start state
-    records = checkpoint.ZOLog(out).replay(model, ZOEngine(model, eps=1e-3), steps)
-    return model, records
+    updater = zo_updater(model)
+    for step in range(3):
+        updater.step(step, 0, [None])
+    updater.engine.rollback("a test")  # the guard's books (lr halved) are part of the state
+    runfolder.save_checkpoint(tmp_path, updater, {"step": 3}, ONE_PROCESS)
+    assert not list((tmp_path / "checkpoint").glob("rng-*"))  # directions come from seeds: no RNG states
+    expected = [updater.step(step, 0, [None])["loss"] for step in range(3, 6)]
+    for world in (1, 2):  # the same parameters, lr scale, schedule and forwards whatever the process count
+        fresh = zo_updater(lora_model())
+        state = runfolder.resume(tmp_path, fresh, SimpleNamespace(num_processes=world, process_index=world - 1))
+        assert state["step"] == 3 and fresh.forwards == 6 and fresh.engine.lr_scale == 0.5
+        assert [fresh.step(step, 0, [None])["loss"] for step in range(3, 6)] == expected
+        assert same(trainable(fresh.model), trainable(model))
 
 
-def test_zo_log_records_the_device_type_and_replays_exactly(tmp_path):
-    _, trained = zo_run(tmp_path)
-    meta = json.loads((tmp_path / "zo_meta.json").read_text())
-    assert meta["device_type"] == "cpu" and meta["dtype"] == "float32" and meta["torch"] == torch.__version__
-    model, records = replay(tmp_path)
-    assert len(records) == 3 and same(trainable(model), trained)
-
-
-def test_replaying_a_cuda_log_on_cpu_is_refused_with_both_device_types(tmp_path):
-    zo_run(tmp_path)
-    meta = json.loads((tmp_path / "zo_meta.json").read_text())
-    (tmp_path / "zo_meta.json").write_text(json.dumps({**meta, "device_type": "cuda"}))
-    model = lora_model()
-    before = trainable(model)
-    with pytest.raises(checkpoint.CheckpointError, match="drawn on cuda.*on cpu.*Resume with the model on cuda"):
-        checkpoint.ZOLog(tmp_path).replay(model, ZOEngine(model, eps=1e-3), 3)
-    assert same(trainable(model), before)  # refused before the start state was loaded
-    assert len((tmp_path / "zo_log.jsonl").read_text().splitlines()) == 3  # nor the log cut
-
-
-def test_an_old_log_without_a_device_record_is_taken_as_cpu_and_still_replays(tmp_path):
-    _, trained = zo_run(tmp_path)
-    (tmp_path / "zo_meta.json").unlink()
-    assert checkpoint.ZOLog(tmp_path).header()["device_type"] == "cpu"
-    model, _ = replay(tmp_path)
-    assert same(trainable(model), trained)
-
-
-def test_an_old_log_on_another_device_says_how_to_record_its_device(tmp_path, monkeypatch):
-    zo_run(tmp_path)
-    (tmp_path / "zo_meta.json").unlink()
-    monkeypatch.setattr(checkpoint, "device_types", lambda params: "cuda")  # as if the model were on a GPU
-    model = lora_model()
-    with pytest.raises(checkpoint.CheckpointError, match='older leanft.*"device_type": "cuda"'):
-        checkpoint.ZOLog(tmp_path).replay(model, ZOEngine(model, eps=1e-3), 3)
-
-
-def test_replay_warns_when_torch_or_the_dtype_differs(tmp_path):
-    _, trained = zo_run(tmp_path, steps=1)
-    meta = json.loads((tmp_path / "zo_meta.json").read_text())
-    (tmp_path / "zo_meta.json").write_text(json.dumps({**meta, "torch": "0.0.1", "dtype": "bfloat16"}))
-    with pytest.warns(UserWarning, match="parameters in bfloat16 then, float32 now; torch 0.0.1 then"):
-        model, _ = replay(tmp_path, steps=1)
-    assert same(trainable(model), trained)
-
-
-def test_replay_drops_lost_steps_but_refuses_a_truncated_log(tmp_path):
-    zo_run(tmp_path)
-    _, records = replay(tmp_path, steps=2)
-    assert [r.step for r in records] == [0, 1]
-    assert len((tmp_path / "zo_log.jsonl").read_text().splitlines()) == 2  # step 2 is redone
-    with pytest.raises(checkpoint.CheckpointError, match="zo_log.jsonl has 2 step.*at step 3"):
-        replay(tmp_path, steps=3)
-
-
-@pytest.mark.parametrize("damage,match", [
-    (lambda d: (d / "zo_start.safetensors").unlink(), "zo_start.safetensors is missing"),
-    (lambda d: truncate(d / "zo_start.safetensors"), "zo_start.safetensors is not a readable safetensors"),
-    (lambda d: (d / "zo_log.jsonl").write_text('{"step": 0, "seeds": [1'), "zo_log.jsonl line 1"),
-    (lambda d: (d / "zo_meta.json").write_text("{"), "zo_meta.json is not valid JSON"),
-])
-def test_a_damaged_zo_log_is_a_clear_error_before_any_change(tmp_path, damage, match):
-    zo_run(tmp_path, steps=1)
-    damage(tmp_path)
-    model = lora_model()
-    before = trainable(model)
-    with pytest.raises((checkpoint.CheckpointError, FileNotFoundError), match=match):
-        checkpoint.ZOLog(tmp_path).replay(model, ZOEngine(model, eps=1e-3), 1)
-    assert same(trainable(model), before)
+def test_a_step_log_checkpoint_of_an_older_leanft_is_refused_with_what_to_do(tmp_path):
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "trainer_state.json").write_text('{"step": 3, "forwards": 6}')
+    (tmp_path / "zo_log.jsonl").write_text("")
+    with pytest.raises(checkpoint.CheckpointError, match="step log.*leanft version that wrote it.*--overwrite"):
+        runfolder.resume(tmp_path, zo_updater(lora_model()), ONE_PROCESS)
 
 
 # ---- durability: whole or not at all, on disk, and found again after a crash ---------------------
@@ -271,20 +212,20 @@ class Killed(Exception):
     """A simulated kill at a chosen point of a write."""
 
 
-def test_a_kill_while_replay_rewrites_the_log_leaves_the_log_resumable(tmp_path, monkeypatch):
-    _, trained = zo_run(tmp_path)
-    real = pathlib.Path.write_text
+def test_a_kill_while_a_file_beside_a_checkpoint_is_rewritten_leaves_the_old_one_whole(tmp_path, monkeypatch):
+    checkpoint.write_object(tmp_path / "state.pt", {"step": 1})
+    real = torch.save
 
-    def killed(self, *args, **kwargs):  # the file is opened (emptied), then the process dies
-        real(self, "")
+    def killed(obj, f, *args, **kwargs):  # half the bytes written, then the process dies
+        real(obj, f, *args, **kwargs)
+        pathlib.Path(f).write_bytes(pathlib.Path(f).read_bytes()[:20])
         raise Killed
 
     with monkeypatch.context() as m:
-        m.setattr(pathlib.Path, "write_text", killed)
+        m.setattr(torch, "save", killed)
         with pytest.raises(Killed):
-            replay(tmp_path, steps=2)
-    model, _ = replay(tmp_path, steps=3)  # the log still holds every step
-    assert same(trainable(model), trained)
+            checkpoint.write_object(tmp_path / "state.pt", {"step": 2})
+    assert checkpoint.read_object(tmp_path / "state.pt", "a state") == {"step": 1}
 
 
 @pytest.fixture
@@ -326,13 +267,14 @@ def test_a_checkpoint_is_on_disk_before_it_replaces_the_old_one_and_the_swap_aft
     assert ("fsync", out) in disk_events[last:]
 
 
-def test_replay_puts_the_cut_log_on_disk_before_it_replaces_the_old(tmp_path, disk_events):
-    zo_run(tmp_path)
+def test_a_file_beside_a_checkpoint_is_on_disk_before_it_replaces_the_old(tmp_path, disk_events):
+    checkpoint.write_object(tmp_path / "state.pt", {"step": 1})
     disk_events.clear()
-    replay(tmp_path, steps=2)
+    checkpoint.write_object(tmp_path / "state.pt", {"step": 2})
     out = tmp_path.resolve()
-    swap = next(i for i, e in enumerate(disk_events) if e[0] == "rename" and e[2] == out / "zo_log.jsonl")
+    swap = next(i for i, e in enumerate(disk_events) if e[0] == "rename" and e[2] == out / "state.pt")
     assert ("fsync", disk_events[swap][1]) in disk_events[:swap] and ("fsync", out) in disk_events[swap:]
+    assert checkpoint.read_object(tmp_path / "state.pt", "a state") == {"step": 2}
 
 
 def kill_at_rename(monkeypatch, n: int) -> None:
@@ -374,13 +316,13 @@ def test_a_save_killed_at_any_point_leaves_the_newest_complete_checkpoint(model,
 def test_the_best_adapter_survives_a_kill_between_its_renames(tmp_path, monkeypatch, kill_at):
     first, second = lora_model(), lora_model()
     perturb(first), perturb(second), perturb(second)
-    checkpoint.save_best(tmp_path, first, None, {"step": 1})
+    runfolder.save_best(tmp_path, first, None, {"step": 1})
     with monkeypatch.context() as m:
         kill_at_rename(m, kill_at)
         with pytest.raises(Killed):
-            checkpoint.save_best(tmp_path, second, None, {"step": 2})
+            runfolder.save_best(tmp_path, second, None, {"step": 2})
     loaded = lora_model()
-    checkpoint.load_best_weights(tmp_path / "best", loaded)
+    runfolder.load_best(tmp_path, loaded)
     assert same(trainable(loaded), trainable(second))
 
 

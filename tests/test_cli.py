@@ -1,4 +1,6 @@
 import json
+import re
+from dataclasses import fields
 
 import pytest
 
@@ -9,6 +11,7 @@ from leanft.train import train
 PAPER_COUNTS = [("loretta-adp", 876_800), ("loretta-rep", 516_096), ("lora", 4_194_304)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,trainable", PAPER_COUNTS)
 def test_params_reproduces_the_paper_counts_for_llama_2_7b(method, trainable, capsys):
     cli.main(["params", "--model", "llama-2-7b", "--method", method, "--json"])
@@ -31,6 +34,7 @@ ENCODER_COUNTS = [("roberta-base", "loretta-adp", [], 99_194), ("deberta-base", 
                   ("deberta-base", "loretta-rep", ["--target-modules", "in_proj", "--tt-rank", "5"], 55_706 + 480)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model,method,flags,trainable", ENCODER_COUNTS)
 def test_params_reproduces_the_paper_counts_for_encoders(model, method, flags, trainable, capsys):
     cli.main(["params", "--model", model, "--method", method, "--json", *flags])
@@ -44,6 +48,7 @@ def test_dense_classifier_flag_trains_the_whole_head_densely(model, capsys):
     assert json.loads(capsys.readouterr().out)["trainable"] == 687_938
 
 
+@pytest.mark.slow
 def test_options_change_the_counts(capsys):
     cli.main(["params", "--model", "llama-2-7b", "--method", "loretta-adp", "--json", "--tt-rank", "8",
               "--no-train-norms"])
@@ -82,6 +87,7 @@ def test_lamda_plus_plus_needs_real_weights_for_its_ranks():
         cli.main(["params", "--model", "llama-2-7b", "--method", "lamda++"])
 
 
+@pytest.mark.slow
 def test_estimate_command_prints_the_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "est.json"
     cli.main(["estimate", "--models", "llama-2-7b", "--methods", "lora,adazeta", "--output", str(out)])
@@ -91,6 +97,7 @@ def test_estimate_command_prints_the_table_and_writes_json(tmp_path, capsys):
     assert [r["method"] for r in rows] == ["lora", "adazeta"] and rows[1]["total_mb"] < rows[0]["total_mb"]
 
 
+@pytest.mark.slow
 def test_micro_command_writes_both_results(tmp_path, capsys):
     cli.main(["micro", "--hidden-sizes", "96", "--methods", "lora,loretta-rep", "--tokens", "8",
               "--contraction-tokens", "1,8", "--output-dir", str(tmp_path)])
@@ -115,6 +122,17 @@ def test_unknown_flag_values_are_refused_with_the_valid_ones(flag, value, valid,
     config.write_text(f"{flag[2:].replace('-', '_')}: {value}\n")
     with pytest.raises(ValueError, match=f"is not one of: {valid}"):
         cli.train_config(cli.build_parser().parse_args(["train", "--config", str(config)]))
+
+
+def test_every_config_key_is_a_train_flag_in_the_help(capsys):
+    """The flags are built from TrainConfig's fields: a field declared without a help text would be a YAML key
+    with no flag and no line in ``leanft train --help``."""
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = capsys.readouterr().out
+    missing = [f.name for f in fields(TrainConfig)
+               if f.name != "method_options" and not re.search(rf"--{f.name.replace('_', '-')}(?![\w-])", text)]
+    assert not missing
 
 
 @pytest.mark.parametrize("key,value,message", [

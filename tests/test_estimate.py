@@ -108,6 +108,7 @@ def test_activations_grow_with_the_batch_and_nothing_else_does():
     assert big["activations_mb"] > 3 * small["activations_mb"]
 
 
+@pytest.mark.slow
 def test_paper_scale_counts_match_the_papers():
     result = est.paper_scale(models=("llama-2-7b",), methods=("full", "lora", "loretta-rep", "loretta-adp",
                                                               "adazeta"), seq_len=8)
@@ -128,6 +129,7 @@ def test_lamda_plus_plus_needs_weights():
         est.estimate("llama-2-7b", "lamda++", 1, 8)
 
 
+@pytest.mark.slow
 def test_check_measures_a_fresh_process_and_states_the_error(tiny_bert_dir):
     result = {"device": "cpu", "batch_size": 2, "seq_len": 16, "steps": 2,
               "rows": [check.check(tiny_bert_dir, "lora", 2, 16)]}

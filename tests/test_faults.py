@@ -1,8 +1,9 @@
 """The fault matrix: every method killed (SIGKILL) mid-run and resumed, run on two processes, given a
 NaN on one process, or resumed from a damaged checkpoint, ends where it should or says why.
 
-Children run ``tests/fault_driver.py``: a real SIGKILL in a chosen step and micro-batch, and a ``torchrun``
-process group (gloo on CPU) that runs every data-parallel case in turn.
+Children run ``tests/fault_driver.py``: a real SIGKILL or SIGTERM in a chosen step and micro-batch, in a forked
+process that has torch and transformers imported already (``in_child``), and a ``torchrun`` process group (gloo
+on CPU) that runs every data-parallel case in turn.
 """
 
 from __future__ import annotations
@@ -17,15 +18,26 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
+from conftest import forked, free_port
 from safetensors.torch import load_file
 
-from leanft import checkpoint, train
+from leanft import checkpoint, runfolder, train
 from leanft.checkpoint import CheckpointError
 from leanft.config import TrainConfig
 from leanft.methods import OPTION_FIELDS
 
 DRIVER = Path(__file__).with_name("fault_driver.py")
+
+
+def in_child(*argv: str) -> tuple[int, str]:
+    """``fault_driver.py argv`` in a forked process (``conftest.forked``): its exit status (-9: it SIGKILLed
+    itself) and what it wrote to stdout and stderr."""
+    import fault_driver
+
+    log = Path(argv[1]).with_suffix(".log")
+    return forked(fault_driver.main, list(argv), out=log), log.read_text()
+
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
 
 OPTIONS = {
@@ -57,40 +69,40 @@ KILL_AT = {m: (3, 1) for m in OPTIONS}
 KILL_AT.update({"lamda": (2, 1), "lamda++": (2, 1), "adazeta": (4, -1), "mezo": (3, -1), "mezo-lora": (3, -1)})
 
 
-def final_state(out: Path, zo: bool) -> dict:
+def final_state(out: Path) -> dict:
     """What a run ends with: the steps' logged losses, the best adapter's tensors, and the final
-    trainable tensors (first-order) or the zeroth-order log that rebuilds them."""
+    trainable tensors."""
     rows = [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
     best = {k: v for f in sorted((out / "best").glob("*.safetensors")) for k, v in load_file(str(f)).items()}
-    last = ((out / "zo_log.jsonl").read_text() if zo
-            else load_file(str(out / "checkpoint" / "trainable.safetensors")))
+    last = load_file(str(out / "checkpoint" / "trainable.safetensors"))
     return {"rows": rows, "best": best, "last": last}
 
 
 def assert_same(a: dict, b: dict) -> None:
     assert a["rows"] == b["rows"]
     for key in ("best", "last"):
-        if isinstance(a[key], str):
-            assert a[key] == b[key]
-            continue
         assert a[key].keys() == b[key].keys()
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), (key, name)
 
 
-def damage(run: Path, zo: bool) -> tuple[Path, str]:
+def damage(run: Path) -> tuple[Path, str]:
     """A copy of ``run`` with its checkpoint's tensor file truncated: the file the error must name."""
     copy = run.with_name(run.name + "-damaged")
     shutil.copytree(run, copy)
-    target = copy / ("zo_start.safetensors" if zo else "checkpoint/trainable.safetensors")
+    target = copy / "checkpoint" / "trainable.safetensors"
     target.write_bytes(target.read_bytes()[:100])
     return copy, str(target)
 
 
 # every method in float32; low precision where it has its own state (float16's loss scaler, bfloat16
-# full-model MeZO's stochastic rounding, replayed from the log)
+# full-model MeZO's stochastically rounded weights)
 KILLED = [(m, "float32") for m in OPTIONS] + [("loretta-rep", "bfloat16"), ("loretta-rep", "float16"),
                                               ("mezo", "bfloat16")]
+
+
+# MeZO-LoRA on two processes takes 3 queries a step: 2 on one process, 1 on the other
+DDP_EXTRA = {"mezo-lora": {"zo_queries": 3}}
 
 
 @pytest.fixture
@@ -106,48 +118,45 @@ def one_thread():
 @pytest.mark.slow
 @pytest.mark.parametrize("method,dtype", KILLED)
 def test_killed_run_resumes_to_the_uninterrupted_result(tiny_llama_dir, tmp_path, method, dtype, one_thread):
-    zo = method in ZO
     train.train(config(tiny_llama_dir, tmp_path / "whole", method, dtype=dtype))
-    whole = final_state(tmp_path / "whole", zo)
+    whole = final_state(tmp_path / "whole")
 
     cut = tmp_path / "cut"
     cfg = config(tiny_llama_dir, cut, method, dtype=dtype)
     (tmp_path / "cfg.json").write_text(json.dumps(asdict(cfg)))
     step, micro = KILL_AT[method]
-    killed = subprocess.run([sys.executable, str(DRIVER), "kill", str(tmp_path / "cfg.json"), str(step), str(micro)],
-                            env=ENV, capture_output=True, text=True, timeout=600)
-    assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL: no handler, no cleanup ran
+    status, said = in_child("kill", str(tmp_path / "cfg.json"), str(step), str(micro))
+    assert status == -9, said[-3000:]  # SIGKILL: no handler, no cleanup ran
     state, _ = checkpoint.load(cut)
     assert state["step"] == step  # the checkpoint of the step before the one killed
 
-    broken, named = damage(cut, zo)
+    broken, named = damage(cut)
     with pytest.raises((CheckpointError, FileNotFoundError), match="damaged checkpoint") as error:
         train.train(config(tiny_llama_dir, broken, method, dtype=dtype, resume=True))
     assert named in str(error.value)
 
     train.train(config(tiny_llama_dir, cut, method, dtype=dtype, resume=True))
-    assert_same(whole, final_state(cut, zo))
+    assert_same(whole, final_state(cut))
 
 
+@pytest.mark.slow
 def test_lamda_resumes_from_inside_the_partial_freeze(tiny_llama_dir, tmp_path, monkeypatch):
     """The copy of P_B's frozen columns is working state: a checkpoint taken while only some columns are
     frozen resumes (it once held the copy, which a fresh model lacks) and ends as the whole run does."""
     train.train(config(tiny_llama_dir, tmp_path / "whole", "lamda"))
-    from leanft import optim
+    real_save = runfolder.save_checkpoint
 
-    real_save = optim.FirstOrder.save
-
-    def crash_after_save(self, out, state):
-        real_save(self, out, state)
+    def crash_after_save(out, updater, state, accel):
+        real_save(out, updater, state, accel)
         if state["step"] == 2:
             raise KeyboardInterrupt("simulated crash")
 
-    monkeypatch.setattr(optim.FirstOrder, "save", crash_after_save)
+    monkeypatch.setattr(runfolder, "save_checkpoint", crash_after_save)
     with pytest.raises(KeyboardInterrupt):
         train.train(config(tiny_llama_dir, tmp_path / "cut", "lamda"))
-    monkeypatch.setattr(optim.FirstOrder, "save", real_save)
+    monkeypatch.setattr(runfolder, "save_checkpoint", real_save)
     train.train(config(tiny_llama_dir, tmp_path / "cut", "lamda", resume=True))
-    assert_same(final_state(tmp_path / "whole", False), final_state(tmp_path / "cut", False))
+    assert_same(final_state(tmp_path / "whole"), final_state(tmp_path / "cut"))
 
 
 def _plan(model_dir: str, root: Path) -> list[dict]:
@@ -156,7 +165,8 @@ def _plan(model_dir: str, root: Path) -> list[dict]:
     for method in OPTIONS:
         # no dropout: two processes draw other masks than one, and the runs are to be compared
         options = {**OPTIONS[method], **({"dropout": 0.0} if "dropout" in OPTION_FIELDS[method] else {})}
-        cfg = config(model_dir, root / "ddp" / method, method, max_steps=6, method_options=options)
+        cfg = config(model_dir, root / "ddp" / method, method, max_steps=6, method_options=options,
+                     **DDP_EXTRA.get(method, {}))
         if method not in ZO:
             cfg.batch_size //= 2
         plan.append({"name": f"ddp-{method}", "config": asdict(cfg)})
@@ -181,16 +191,61 @@ def _plan(model_dir: str, root: Path) -> list[dict]:
     return plan
 
 
-@pytest.mark.slow
-def test_data_parallel_matrix_and_a_nan_on_one_process(tiny_llama_dir, tmp_path, one_thread):
-    plan = _plan(tiny_llama_dir, tmp_path)
-    (tmp_path / "plan.json").write_text(json.dumps(plan))
+def _torchrun(plan: list[dict], root: Path) -> subprocess.CompletedProcess:
+    (root / "plan.json").write_text(json.dumps(plan))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
-           str(DRIVER), "plan", str(tmp_path / "plan.json"), str(tmp_path)]
-    ran = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=1200)
-    assert ran.returncode == 0, ran.stderr[-4000:]
-    result = {e["name"]: [json.loads((tmp_path / f"{e['name']}.rank{r}.json").read_text()) for r in (0, 1)]
-              for e in plan}
+           str(DRIVER), "plan", str(root / "plan.json"), str(root)]
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=1200)
+
+
+def _lora_on_two(model_dir: str, root: Path, name: str, dropout: float, **kw) -> dict:
+    """LoRA on two processes, each with half of one process's global batch."""
+    c = config(model_dir, root / name, "lora", method_options={"rank": 4, "dropout": dropout}, **kw)
+    c.batch_size //= 2
+    return asdict(c)
+
+
+@pytest.fixture(scope="module")
+def two_processes(tiny_llama_dir, tmp_path_factory) -> dict:
+    """Every two-process case, in two torchrun launches (each starts two interpreters that import torch and
+    transformers, the most of a small case's time): the data-parallel matrix and the NaN cases (``_plan``), a
+    NaN gradient on one process, a SIGTERM to one process, dropout with a clock that runs fast on one process,
+    and last a dropout run SIGKILLed mid-step, which ends the first launch; the second resumes that run.
+    ``results``: each entry's per-process outcome (None where the process was killed before writing it)."""
+    root = tmp_path_factory.mktemp("two-processes")
+    lora = lambda name, dropout=0.0, **kw: _lora_on_two(tiny_llama_dir, root, name, dropout, **kw)  # noqa: E731
+    nan_gradient = config(tiny_llama_dir, root / "nan-gradient", "lora", batch_size=1)
+    plan = [*_plan(tiny_llama_dir, root),
+            {"name": "nan-gradient", "config": asdict(nan_gradient),
+             "fault": {"kind": "nan-gradient", "steps": [2], "micro": 0, "ranks": [1]}},
+            {"name": "signal-whole", "config": lora("signal-whole", max_steps=6, save_every="0")},
+            {"name": "signal-stopped", "config": lora("signal-cut", max_steps=6, save_every="0"),
+             "fault": {"kind": "term", "steps": [2], "micro": 1, "ranks": [1]}},
+            {"name": "signal-refused", "config": lora("signal-cut", max_steps=6, save_every="0")},
+            {"name": "signal-resumed", "config": lora("signal-cut", max_steps=6, save_every="0", resume=True)},
+            {"name": "dropout-whole", "config": lora("dropout-whole", 0.1)},
+            {"name": "dropout-clock", "config": lora("dropout-clock", 0.1, save_every="60s", max_steps=6),
+             "fault": {"kind": "clock", "steps": [], "ranks": [1]}},
+            {"name": "dropout-cut", "config": lora("dropout-cut", 0.1),
+             "fault": {"kind": "kill", "steps": [3], "micro": 1, "ranks": [0, 1]}}]
+    first = _torchrun(plan, root)
+    results = {e["name"]: [json.loads(f.read_text()) if (f := root / f"{e['name']}.rank{r}.json").exists() else None
+                           for r in (0, 1)] for e in plan}
+    resumed = _torchrun([{"name": "dropout-resumed", "config": lora("dropout-cut", 0.1, resume=True)}], root)
+    return {"root": root, "plan": plan, "results": results, "first": first, "resumed": resumed}
+
+
+def _launched(runs: dict, names) -> None:
+    """The first launch reached every entry of ``names`` on both processes (the kill at its end aside)."""
+    missing = [n for n in names if None in runs["results"][n]]
+    assert not missing, f"{missing} did not finish: {runs['first'].stderr[-4000:]}"
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("two-processes")
+def test_data_parallel_matrix_and_a_nan_on_one_process(two_processes, tiny_llama_dir, one_thread):
+    tmp_path, plan, result = two_processes["root"], two_processes["plan"], two_processes["results"]
+    _launched(two_processes, [e["name"] for e in plan if not e["name"].startswith(("dropout-", "signal-", "nan-g"))])
 
     for method in OPTIONS:  # the same run on one process, with the whole batch
         ddp = result[f"ddp-{method}"]
@@ -198,29 +253,29 @@ def test_data_parallel_matrix_and_a_nan_on_one_process(tiny_llama_dir, tmp_path,
         zo = method in ZO
         if not zo:  # gradients all-reduced once per step, on its last micro-batch only
             assert ddp[0]["syncs"] and set(ddp[0]["syncs"]) == {1}, ddp[0]["syncs"]
-        single = config(tiny_llama_dir, tmp_path / "single" / method, method, max_steps=6,
+        single = config(tiny_llama_dir, tmp_path / "single" / method, method, max_steps=6, **DDP_EXTRA.get(method, {}),
                         method_options=plan[list(OPTIONS).index(method)]["config"]["method_options"])
         train.train(single)
-        a, b = final_state(tmp_path / "ddp" / method, zo), final_state(tmp_path / "single" / method, zo)
-        if zo:  # same seeds, projected gradients equal to float tolerance
-            logs = [[json.loads(x) for x in s["last"].splitlines()] for s in (a, b)]
-            assert [r["seeds"] for r in logs[0]] == [r["seeds"] for r in logs[1]]
-            for x, y in zip(*logs):
-                assert x["grads"] == pytest.approx(y["grads"], rel=1e-3, abs=1e-4)
+        a, b = final_state(tmp_path / "ddp" / method), final_state(tmp_path / "single" / method)
+        if zo:  # the same seeds; projected gradients equal to float tolerance, so the parameters too
+            for name in b["last"]:
+                torch.testing.assert_close(a["last"][name], b["last"][name], rtol=1e-4, atol=1e-6, msg=name)
         else:  # AdamW normalises each element's step, so summation-order noise in a near-zero gradient
             # can move that element by up to ~lr per step: tolerance 1e-4 against a total movement of ~1e-2
             for name in b["last"]:
                 torch.testing.assert_close(a["last"][name], b["last"][name], rtol=1e-3, atol=1e-4, msg=name)
         assert [s for s, _ in a["rows"]] == [s for s, _ in b["rows"]]
         assert [x for _, x in a["rows"]] == pytest.approx([x for _, x in b["rows"]], rel=1e-5)
+        metrics = [json.loads((tmp_path / run / method / "metrics.json").read_text()) for run in ("ddp", "single")]
+        assert metrics[0]["num_processes"] == 2 and metrics[0]["examples_seen"] == metrics[1]["examples_seen"]
 
     # bfloat16 on two processes equals one process in bf16 to within bf16's rounding: far closer than bf16 is to
     # float32, so it did compute in bf16, and its adapters stayed float32
     assert all(r["ok"] for r in result["ddp-bf16"])
     train.train(config(tiny_llama_dir, tmp_path / "single-bf16", "loretta-rep", max_steps=6, dtype="bfloat16",
                        method_options=NO_DROPOUT))
-    ddp, one = final_state(tmp_path / "ddp-bf16", False), final_state(tmp_path / "single-bf16", False)
-    fp32 = final_state(tmp_path / "single" / "loretta-rep", False)
+    ddp, one = final_state(tmp_path / "ddp-bf16"), final_state(tmp_path / "single-bf16")
+    fp32 = final_state(tmp_path / "single" / "loretta-rep")
     distance = lambda x, y: float(torch.cat([(x["last"][n] - y["last"][n]).flatten() for n in y["last"]]).norm())
     assert all(t.dtype == torch.float32 for t in ddp["last"].values())
     assert distance(ddp, one) < 0.6 * distance(one, fp32), (distance(ddp, one), distance(one, fp32))
@@ -238,7 +293,7 @@ def test_data_parallel_matrix_and_a_nan_on_one_process(tiny_llama_dir, tmp_path,
     assert all(r["ok"] for r in once)
     rows = [json.loads(x) for x in (tmp_path / "nan-zo-once" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r.get("rolled_back")] == [3]
-    lrs = [r["lr"] for r in (json.loads(x) for x in (tmp_path / "nan-zo-once" / "zo_log.jsonl").read_text().splitlines())]
+    lrs = [r["lr"] for r in rows]  # the lr each step used
     assert lrs[2] == lrs[1] and lrs[3] == lrs[4] == lrs[1] / 2 and lrs[5] == lrs[1]  # back after 2 good steps
 
     always = result["nan-zo-always"]
@@ -258,6 +313,7 @@ def test_data_parallel_matrix_and_a_nan_on_one_process(tiny_llama_dir, tmp_path,
     assert state["step"] <= 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("save_every,saved_at", [("2", 4), ("0.001s", 5), ("0", 0)])
 def test_checkpoints_come_at_their_own_cadence_not_only_with_evaluations(tiny_llama_dir, tmp_path, monkeypatch,
                                                                         save_every, saved_at):
@@ -279,6 +335,7 @@ def test_checkpoints_come_at_their_own_cadence_not_only_with_evaluations(tiny_ll
     assert (checkpoint.load(tmp_path)[0]["step"] if saved_at else checkpoint.exists(tmp_path)) == saved_at
 
 
+@pytest.mark.slow
 def test_resuming_with_the_other_optimizer_says_so_not_damaged(tiny_llama_dir, tmp_path, capsys):
     for first, then, says in (("mezo-lora", "lora", "holds a zeroth-order run"),
                               ("lora", "mezo-lora", "holds a first-order \\(AdamW\\) run")):
@@ -290,6 +347,7 @@ def test_resuming_with_the_other_optimizer_says_so_not_damaged(tiny_llama_dir, t
     assert "--resume: no checkpoint in" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_an_adapter_evaluated_on_another_base_model_is_refused_in_one_sentence(tiny_llama_dir, tiny_bert_dir, tmp_path):
     from leanft.evaluate import evaluate_saved
 
@@ -300,65 +358,48 @@ def test_an_adapter_evaluated_on_another_base_model_is_refused_in_one_sentence(t
         evaluate_saved(tmp_path / "best", TrainConfig(num_eval=4, task=""))
 
 
-def _torchrun(plan: list[dict], root: Path) -> subprocess.CompletedProcess:
-    (root / "plan.json").write_text(json.dumps(plan))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
-           str(DRIVER), "plan", str(root / "plan.json"), str(root)]
-    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
-
-
 @pytest.mark.slow
-def test_two_processes_with_dropout_killed_and_resumed_equal_the_uninterrupted_run(tiny_llama_dir, tmp_path,
-                                                                                   one_thread):
+@pytest.mark.xdist_group("two-processes")
+def test_two_processes_with_dropout_killed_and_resumed_equal_the_uninterrupted_run(two_processes, one_thread):
     """Each process draws its own dropout masks: the checkpoint keeps every process's random states and each
     restores its own. A clock that runs fast on one process (it finds a time-based save due at every step,
     the other does not) does not make the processes disagree on when to save, which they do together."""
-    def cfg(name: str, **kw) -> dict:
-        c = config(tiny_llama_dir, tmp_path / name, "lora", method_options={"rank": 4, "dropout": 0.1}, **kw)
-        c.batch_size //= 2  # the same global batch as one process with 2
-        return asdict(c)
-
-    plan = [{"name": "whole", "config": cfg("whole")},
-            {"name": "clock", "config": cfg("clock", save_every="60s", max_steps=6),
-             "fault": {"kind": "clock", "steps": [], "ranks": [1]}},
-            {"name": "cut", "config": cfg("cut"), "fault": {"kind": "kill", "steps": [3], "micro": 1, "ranks": [0, 1]}}]
-    killed = _torchrun(plan, tmp_path)
-    assert killed.returncode != 0 and not (tmp_path / "cut.rank0.json").exists(), killed.stderr[-3000:]
-    for name in ("whole", "clock"):
-        assert all(json.loads((tmp_path / f"{name}.rank{r}.json").read_text())["ok"] for r in (0, 1))
-    assert checkpoint.load(tmp_path / "clock")[0]["step"] == 6
-    assert checkpoint.load(tmp_path / "cut")[0]["step"] == 3
-
-    resumed = _torchrun([{"name": "resumed", "config": cfg("cut", resume=True)}], tmp_path)
+    tmp_path = two_processes["root"]
+    assert two_processes["first"].returncode != 0 and two_processes["results"]["dropout-cut"] == [None, None]
+    _launched(two_processes, ["dropout-whole", "dropout-clock"])
+    assert all(r["ok"] for name in ("dropout-whole", "dropout-clock") for r in two_processes["results"][name])
+    assert checkpoint.load(tmp_path / "dropout-clock")[0]["step"] == 6
+    resumed = two_processes["resumed"]
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same(final_state(tmp_path / "whole", False), final_state(tmp_path / "cut", False))
-    states = [torch.load(tmp_path / "cut" / "checkpoint" / f"rng-{r}.pt", weights_only=False) for r in (0, 1)]
+    assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
+    assert_same(final_state(tmp_path / "dropout-whole"), final_state(tmp_path / "dropout-cut"))
+    states = [torch.load(tmp_path / "dropout-cut" / "checkpoint" / f"rng-{r}.pt", weights_only=False) for r in (0, 1)]
     assert not torch.equal(states[0]["torch"], states[1]["torch"])  # the processes' streams differ
 
 
 TERM_AT = {"lora": (5, 1), "mezo-lora": (5, -1)}  # in step 6 of 8 (second micro-batch of a first-order step)
 
 
-@pytest.mark.parametrize("method", ["lora", pytest.param("mezo-lora", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "mezo-lora"])
 def test_sigterm_mid_step_checkpoints_that_step_and_resumes_to_the_uninterrupted_result(tiny_llama_dir, tmp_path,
                                                                                        method, one_thread):
     """A scheduler's SIGTERM in step 6 of a run that checkpoints with its evaluations only (steps 4 and 8) once
     ended it there, steps 5-6 lost. Now the step finishes and is checkpointed, `leanft train` says how to resume
     and exits 143, and the resumed run ends as the uninterrupted one."""
-    zo = method in ZO
     train.train(config(tiny_llama_dir, tmp_path / "whole", method, save_every="0"))
     cut, cfg_file = tmp_path / "cut", tmp_path / "cfg.json"
     cfg_file.write_text(json.dumps(asdict(config(tiny_llama_dir, cut, method, save_every="0"))))
-    stopped = subprocess.run([sys.executable, str(DRIVER), "term", str(cfg_file), *map(str, TERM_AT[method])],
-                             env=ENV, capture_output=True, text=True, timeout=600)
-    assert stopped.returncode == 143, stopped.stderr[-3000:]
-    assert f"stopped by SIGTERM after step 6; the checkpoint is in {cut / 'checkpoint'}" in stopped.stderr
-    assert f"resume with: leanft train --config {cfg_file} --resume" in stopped.stderr
+    status, said = in_child("term", str(cfg_file), *map(str, TERM_AT[method]))
+    assert status == 143, said[-3000:]
+    assert f"stopped by SIGTERM after step 6; the checkpoint is in {cut / 'checkpoint'}" in said
+    assert f"resume with: leanft train --config {cfg_file} --resume" in said
     assert checkpoint.load(cut)[0]["step"] == 6
     train.train(config(tiny_llama_dir, cut, method, save_every="0", resume=True))
-    assert_same(final_state(tmp_path / "whole", zo), final_state(cut, zo))
+    assert_same(final_state(tmp_path / "whole"), final_state(cut))
 
 
+@pytest.mark.slow
 def test_overwrite_deletes_the_old_run_first_so_a_kill_before_the_first_save_cannot_resume_it(tiny_llama_dir,
                                                                                              tmp_path, one_thread):
     """A fresh run over a finished one, killed before its first checkpoint, once left the old run's checkpoint,
@@ -367,64 +408,51 @@ def test_overwrite_deletes_the_old_run_first_so_a_kill_before_the_first_save_can
     new = dict(lr=5e-3, save_every="0")
     (tmp_path / "cfg.json").write_text(json.dumps(asdict(config(tiny_llama_dir, tmp_path / "run", "lora",
                                                                 overwrite=True, **new))))
-    killed = subprocess.run([sys.executable, str(DRIVER), "kill", str(tmp_path / "cfg.json"), "1", "1"], env=ENV,
-                            capture_output=True, text=True, timeout=600)
-    assert killed.returncode == -9, killed.stderr[-3000:]
+    status, said = in_child("kill", str(tmp_path / "cfg.json"), "1", "1")
+    assert status == -9, said[-3000:]
     assert not checkpoint.exists(tmp_path / "run") and not (tmp_path / "run" / "best").exists()
     train.train(config(tiny_llama_dir, tmp_path / "run", "lora", resume=True, **new))
     train.train(config(tiny_llama_dir, tmp_path / "whole", "lora", **new))
-    assert_same(final_state(tmp_path / "whole", False), final_state(tmp_path / "run", False))
+    assert_same(final_state(tmp_path / "whole"), final_state(tmp_path / "run"))
 
 
 @pytest.mark.slow
-def test_two_processes_signalled_at_different_steps_stop_together_and_resume_exactly(tiny_llama_dir, tmp_path,
-                                                                                    one_thread):
+@pytest.mark.xdist_group("two-processes")
+def test_two_processes_signalled_at_different_steps_stop_together_and_resume_exactly(two_processes):
     """SIGTERM reaches process 1 only, in step 3: both stop after step 3 with its checkpoint, and resume to the
     uninterrupted run; a fresh run over that folder in between is refused on both processes, which end."""
-    def cfg(name: str, **kw) -> dict:
-        c = config(tiny_llama_dir, tmp_path / name, "lora", max_steps=6, save_every="0",
-                   method_options={"rank": 4, "dropout": 0.0}, **kw)
-        c.batch_size //= 2
-        return asdict(c)
-
-    plan = [{"name": "whole", "config": cfg("whole")},
-            {"name": "stopped", "config": cfg("cut"), "fault": {"kind": "term", "steps": [2], "micro": 1, "ranks": [1]}},
-            {"name": "refused", "config": cfg("cut")},
-            {"name": "resumed", "config": cfg("cut", resume=True)}]
-    ran = _torchrun(plan, tmp_path)
-    assert ran.returncode == 0, ran.stderr[-3000:]
-    result = {e["name"]: [json.loads((tmp_path / f"{e['name']}.rank{r}.json").read_text()) for r in (0, 1)]
-              for e in plan}
-    assert all(r["ok"] for name in ("whole", "resumed") for r in result[name])
-    for name, says in (("stopped", "stopped by SIGTERM after step 3"), ("refused", "holds another run")):
+    tmp_path, result = two_processes["root"], two_processes["results"]
+    _launched(two_processes, ["signal-whole", "signal-stopped", "signal-refused", "signal-resumed"])
+    assert all(r["ok"] for name in ("signal-whole", "signal-resumed") for r in result[name])
+    for name, says in (("signal-stopped", "stopped by SIGTERM after step 3"), ("signal-refused", "holds another run")):
         assert [says in r.get("error", "") for r in result[name]] == [True, True], result[name]
-    assert f"resumed from {tmp_path / 'cut' / 'checkpoint'} at step 3" in ran.stdout
-    assert_same(final_state(tmp_path / "whole", False), final_state(tmp_path / "cut", False))
+    assert f"resumed from {tmp_path / 'signal-cut' / 'checkpoint'} at step 3" in two_processes["first"].stdout
+    assert_same(final_state(tmp_path / "signal-whole"), final_state(tmp_path / "signal-cut"))
 
 
+@pytest.mark.slow
 def test_lamda_with_weight_decay_through_the_freeze(tiny_llama_dir, tmp_path, monkeypatch):
     """Weight decay (towards P_B's SVD start) through LaMDA's freeze, stopped inside the partial freeze and
     resumed: every column of P_B stays bit-exactly as it was at the step it froze, in the whole run and in
     the resumed one, which ends as the whole one does."""
-    from leanft import optim
     from leanft.tuners.lamda.schedule import frozen_count
 
-    real_save, seen, crash = optim.FirstOrder.save, {}, [True]
+    real_save, seen, crash = runfolder.save_checkpoint, {}, [True]
 
-    def save_and_record(self, out, state):
-        real_save(self, out, state)
-        seen[out.name, state["step"]] = {n: p.detach().clone() for n, p in self.model.named_parameters()
+    def save_and_record(out, updater, state, accel):
+        real_save(out, updater, state, accel)
+        seen[out.name, state["step"]] = {n: p.detach().clone() for n, p in updater.model.named_parameters()
                                          if ".lamda_B." in n}
         if out.name == "cut" and state["step"] == 2 and crash:
             crash.clear()
             raise KeyboardInterrupt("simulated crash")
 
-    monkeypatch.setattr(optim.FirstOrder, "save", save_and_record)
+    monkeypatch.setattr(runfolder, "save_checkpoint", save_and_record)
     train.train(config(tiny_llama_dir, tmp_path / "whole", "lamda", weight_decay=0.1))
     with pytest.raises(KeyboardInterrupt):
         train.train(config(tiny_llama_dir, tmp_path / "cut", "lamda", weight_decay=0.1))
     train.train(config(tiny_llama_dir, tmp_path / "cut", "lamda", weight_decay=0.1, resume=True))
-    assert_same(final_state(tmp_path / "whole", False), final_state(tmp_path / "cut", False))
+    assert_same(final_state(tmp_path / "whole"), final_state(tmp_path / "cut"))
     for run in ("whole", "cut"):
         assert sorted(k for r, k in seen if r == run) == list(range(1, 9))
         for k in range(1, 9):
@@ -436,34 +464,21 @@ def test_lamda_with_weight_decay_through_the_freeze(tiny_llama_dir, tmp_path, mo
 
 
 @pytest.mark.slow
-def test_a_nan_gradient_on_one_process_stops_every_process(tiny_llama_dir, tmp_path, one_thread):
+@pytest.mark.xdist_group("two-processes")
+def test_a_nan_gradient_on_one_process_stops_every_process(two_processes):
     """A finite loss with a NaN gradient on process 1, in the first micro-batch (accumulated without a sync):
     the all-reduce carries it to every process, and all stop before the update with the step's checkpoint."""
-    cfg = config(tiny_llama_dir, tmp_path / "run", "lora", batch_size=1)
-    plan = [{"name": "nan-gradient", "config": asdict(cfg),
-             "fault": {"kind": "nan-gradient", "steps": [2], "micro": 0, "ranks": [1]}}]
-    ran = _torchrun(plan, tmp_path)
-    assert ran.returncode == 0, ran.stderr[-3000:]
-    stopped = [json.loads((tmp_path / f"nan-gradient.rank{r}.json").read_text()) for r in (0, 1)]
+    _launched(two_processes, ["nan-gradient"])
+    stopped = two_processes["results"]["nan-gradient"]
     assert not any(r["ok"] for r in stopped) and stopped[0]["error"] == stopped[1]["error"]
     assert "gradient became non-finite (norm nan) at step 2 with a finite training loss" in stopped[0]["error"]
-    state, _ = checkpoint.load(tmp_path / "run")
+    state, _ = checkpoint.load(two_processes["root"] / "nan-gradient")
     assert state["step"] == 2
-    saved = load_file(str(tmp_path / "run" / "checkpoint" / "trainable.safetensors"))
+    saved = load_file(str(two_processes["root"] / "nan-gradient" / "checkpoint" / "trainable.safetensors"))
     assert all(torch.isfinite(t).all() for t in saved.values())
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("queries", [1, 3])
-def test_zo_sft_trainer_on_two_processes_with_fewer_or_uneven_queries(tiny_llama_dir, tmp_path, queries):
-    """ZOSFTTrainer under torchrun with 1 query a step (one process has none) or 3 (one has one fewer): TRL
-    gathers its metrics in every forward, so every process runs as many; the run finishes and equals one process."""
-    from test_hf import sft_example_on_two_processes_equals_one
-
-    logs = sft_example_on_two_processes_equals_one(tiny_llama_dir, tmp_path, ["--queries", str(queries)])
-    assert all(h["zo_queries"] == queries for h in logs)
-
-
 def test_fp16_zo_trainer_on_the_scaler_path_steps(tiny_llama_dir, tmp_path):
     """fp16 on a GPU gives the Trainer a GradScaler, which refuses to step an optimiser when no loss was scaled
     ("Attempted step but _scale is None"), and zeroth-order steps scale none. A real CPU GradScaler stands in for

@@ -103,6 +103,7 @@ def test_a_missing_gguf_file_is_a_clear_error(tmp_path):
         models.load_model(str(tmp_path / "nothing.gguf"))
 
 
+@pytest.mark.slow
 def test_train_on_a_gguf_file_through_the_cli(gguf_model, tmp_path, capsys):
     path, _ = gguf_model
     out = tmp_path / "run"

@@ -16,7 +16,7 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallba
 
 import leanft
 from leanft import models, tasks
-from leanft.zo import ZOEngine
+from leanft.zo import query_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -56,6 +56,7 @@ def stopped_and_resumed(make, out: Path) -> dict[str, torch.Tensor]:
     return trainable(resumed.model)
 
 
+@pytest.mark.slow
 def test_trainer_with_a_leanft_config_resumes_exactly_and_reloads(tiny_llama_dir, tmp_path):
     def make(out, callbacks):
         torch.manual_seed(0)  # the same random TT start in both runs
@@ -75,6 +76,7 @@ def test_trainer_with_a_leanft_config_resumes_exactly_and_reloads(tiny_llama_dir
         torch.testing.assert_close(reloaded(input_ids=ids).logits, whole.model.eval()(input_ids=ids).logits)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", [lambda: leanft.LorettaRepConfig(task_type="CAUSAL_LM", r=4, tt_rank=2),
                                     lambda: leanft.LorettaAdpConfig(task_type="CAUSAL_LM", bottleneck_size=8, tt_rank=2),
                                     lambda: leanft.LamdaConfig(task_type="CAUSAL_LM", r=4)])
@@ -90,6 +92,7 @@ def test_a_bf16_model_in_the_trainer_moves_every_trainable_tensor(tiny_llama_dir
     assert not unmoved  # LaMDA's P_B is frozen by then on purpose
 
 
+@pytest.mark.slow
 def test_lamda_in_a_trainer_freezes_on_schedule_with_or_without_the_callback(tiny_llama_dir, tmp_path, caplog):
     """``LamdaCallback`` passed or not, P_B freezes on schedule (a Trainer without it gets it, once, and says so),
     and a run stopped at step 2 (P_B half frozen) and resumed without it ends where the whole run does."""
@@ -114,6 +117,7 @@ def test_lamda_in_a_trainer_freezes_on_schedule_with_or_without_the_callback(tin
     assert all(torch.equal(expected[n], p) for n, p in stopped_and_resumed(make, tmp_path / "cut").items())
 
 
+@pytest.mark.slow
 def test_lamda_in_a_plain_loop_without_its_schedule_warns_once(tiny_llama_dir):
     """Outside a Trainer nothing knows the planned steps: a loop that never calls ``update_freezing`` is told to."""
     model, tokenizer = models.load_model(tiny_llama_dir)
@@ -135,6 +139,7 @@ def zo_model(tiny_llama_dir):
     return get_peft_model(model, config), tokenizer
 
 
+@pytest.mark.slow
 def test_zo_trainer_resumes_exactly(tiny_llama_dir, tmp_path):
     def make(out, callbacks):
         model, tokenizer = zo_model(tiny_llama_dir)
@@ -149,6 +154,7 @@ def test_zo_trainer_resumes_exactly(tiny_llama_dir, tmp_path):
     assert logged and all(h["zo_queries"] == 2 and "zo_projected_grad" in h for h in logged)
 
 
+@pytest.mark.slow
 def test_zo_trainer_on_a_bf16_model_trains_float32_adapters_and_resumes_exactly(tiny_llama_dir, tmp_path):
     """A bfloat16 base with ``bf16=True``: the adapters stay float32 and all move, no step is mistaken for
     divergence (a perturbation lost in bf16 rounding would leave the loss unchanged), and a run stopped at
@@ -172,13 +178,16 @@ def test_zo_trainer_on_a_bf16_model_trains_float32_adapters_and_resumes_exactly(
     assert all(torch.equal(expected[n], p) for n, p in stopped_and_resumed(make, tmp_path / "cut").items())
 
 
-def test_zo_trainer_takes_the_steps_of_leanfts_engine(tiny_llama_dir, tmp_path):
-    """Same seeds, batches, lr and query count: ZOTrainer's parameters are those of ``leanft.zo.ZOEngine``
-    (the engine ``leanft train`` uses) stepped by hand on the batches the Trainer drew."""
+@pytest.mark.slow
+def test_zo_trainer_takes_the_spsa_steps_computed_by_hand(tiny_llama_dir, tmp_path):
+    """Two steps of ZOTrainer against SPSA done by hand on the batches it drew: query ``q`` of step ``t``
+    draws ``z`` by the documented rule (a generator seeded with ``query_seed(args.seed, t, q)``, one
+    ``randn`` per trainable tensor in order), ``p = (l+ - l-) / (2 eps)`` from the model's own loss at
+    ``theta +- eps z``, and the step sets ``theta - lr * mean_q p_q z_q``."""
     model, tokenizer = zo_model(tiny_llama_dir)
-    start = trainable(model)
-    trainer = trainer_of(leanft.ZOTrainer, model, tokenizer, tmp_path, steps=4, zo_queries=3,
-                         args={"learning_rate": 1e-3, "lr_scheduler_type": "constant"})
+    theta = trainable(model)
+    trainer = trainer_of(leanft.ZOTrainer, model, tokenizer, tmp_path, steps=2, zo_queries=3, zo_eps=1e-3,
+                         args={"learning_rate": 1e-3, "lr_scheduler_type": "constant", "seed": 7})
     batches, real_step = [], trainer.training_step
 
     def recording(model, inputs, *args):
@@ -189,16 +198,27 @@ def test_zo_trainer_takes_the_steps_of_leanfts_engine(tiny_llama_dir, tmp_path):
     trainer.train()
 
     by_hand, _ = zo_model(tiny_llama_dir)
-    by_hand.load_state_dict(start, strict=False)
-    engine = ZOEngine(by_hand, eps=1e-3, seed=0)
     by_hand.eval()
+
+    def loss_at(values, batch) -> float:
+        by_hand.load_state_dict(values, strict=False)
+        with torch.no_grad():
+            return float(by_hand(**batch).loss)
+
     for step, batch in enumerate(batches):
-        def loss(batch=batch) -> float:
-            with torch.no_grad():
-                return float(by_hand(**batch).loss)
-        engine.step(step, loss, queries=3, lr=1e-3)
-    done = trainable(by_hand)
-    assert len(batches) == 4 and all(torch.equal(done[n], p) for n, p in trainable(trainer.model).items())
+        update = {n: torch.zeros_like(t) for n, t in theta.items()}
+        for q in range(3):
+            generator = torch.Generator().manual_seed(query_seed(7, step, q))
+            z = {n: torch.randn(t.shape, generator=generator) for n, t in theta.items()}
+            plus = loss_at({n: t + 1e-3 * z[n] for n, t in theta.items()}, batch)
+            minus = loss_at({n: t - 1e-3 * z[n] for n, t in theta.items()}, batch)
+            for n in theta:
+                update[n] += (plus - minus) / 2e-3 * z[n] / 3
+        theta = {n: t - 1e-3 * update[n] for n, t in theta.items()}
+    trained = trainable(trainer.model)
+    assert len(batches) == 2 and trained.keys() == theta.keys()
+    for n, t in trained.items():
+        torch.testing.assert_close(t, theta[n], msg=n)
 
 
 def test_zo_trainer_refuses_lamda_and_gradient_accumulation(tiny_llama_dir, tmp_path):
@@ -229,6 +249,7 @@ def test_zo_trainer_refuses_sharded_training(tiny_llama_dir, tmp_path, monkeypat
         trainer_of(leanft.ZOTrainer, model, tokenizer, tmp_path)
 
 
+@pytest.mark.slow
 def test_zo_sft_trainer_logs_training_metrics_and_counts_tokens_once(tiny_llama_dir, tmp_path):
     """The perturbed forwards run in eval mode, yet what TRL logs of them is the training's: ``entropy``,
     ``mean_token_accuracy`` and ``num_tokens`` (each batch's tokens once, not once a forward), no ``eval_``
@@ -257,6 +278,7 @@ def test_zo_sft_trainer_logs_training_metrics_and_counts_tokens_once(tiny_llama_
     assert all(h["entropy"] > 0 and 0 <= h["mean_token_accuracy"] <= 1 for h in logged)
 
 
+@pytest.mark.slow
 def test_examples_run_on_a_tiny_model(tiny_llama_dir, tmp_path):
     import plain_loop_lamda
     import sft_adazeta_zo
@@ -272,70 +294,85 @@ def test_examples_run_on_a_tiny_model(tiny_llama_dir, tmp_path):
     assert sft.state.global_step == 4 and isinstance(sft, leanft.ZOSFTTrainer)
 
 
-TWO_PROCESS = """
+TWO_PROCESSES = """
 import sys
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {examples!r}]
+import leanft
+import sft_adazeta_zo
 from test_hf import trainer_of, zo_model, trainable
 model, tokenizer = zo_model({model!r})
-trainer = trainer_of(__import__("leanft").ZOTrainer, model, tokenizer, {out!r}, steps=3, zo_queries=2,
-                     args={{"learning_rate": 1e-3, "per_device_train_batch_size": {batch}, "use_cpu": True}})
+trainer = trainer_of(leanft.ZOTrainer, model, tokenizer, {out!r} + "/zo-trainer", steps=3, zo_queries=2,
+                     args={{"learning_rate": 1e-3, "per_device_train_batch_size": 2, "use_cpu": True}})
 trainer.train()
 if trainer.is_world_process_zero():
     from safetensors.torch import save_file
-    save_file(trainable(trainer.model), {out!r} + "/final.safetensors")
+    save_file(trainable(trainer.model), {out!r} + "/zo-trainer/final.safetensors")
+for queries in (1, 3):
+    sft_adazeta_zo.main([*{sft!r}, "--queries", str(queries), "--batch-size", "2", "--output-dir",
+                         {out!r} + f"/sft-q{{queries}}"])
 """
+SFT = ["--steps", "3", "--examples", "16", "--bottleneck", "8"]
+
+
+@pytest.fixture(scope="module")
+def zo_trainers_on_two_processes(tiny_llama_dir, tmp_path_factory) -> Path:
+    """``ZOTrainer`` (2 queries a step) and ``examples/sft_adazeta_zo.py`` with 1 and 3 queries, on two processes
+    with batch 2 each, in one torchrun launch (each launch starts two interpreters that import torch, transformers
+    and TRL: most of a small run's time)."""
+    out = tmp_path_factory.mktemp("zo-trainers")
+    script = out / "run.py"
+    script.write_text(TWO_PROCESSES.format(tests=str(Path(__file__).parent), examples=str(ROOT / "examples"),
+                                           model=tiny_llama_dir, out=str(out), sft=["--model", tiny_llama_dir, *SFT]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+           str(script)]
+    ran = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    return out
 
 
 @pytest.mark.slow
-def test_two_process_zo_trainer_equals_one_process(tiny_llama_dir, tmp_path):
+@pytest.mark.xdist_group("zo-trainers")
+def test_two_process_zo_trainer_equals_one_process(zo_trainers_on_two_processes, tiny_llama_dir, tmp_path):
     from safetensors.torch import load_file
 
-    results = {}
-    for procs, batch in ((1, 4), (2, 2)):
-        out = tmp_path / f"p{procs}"
-        out.mkdir()
-        script = out / "run.py"
-        script.write_text(TWO_PROCESS.format(tests=str(Path(__file__).parent), model=tiny_llama_dir, out=str(out),
-                                             batch=batch))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
-               free_port(), str(script)]
-        ran = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                             timeout=600)
-        assert ran.returncode == 0, ran.stderr[-3000:]
-        results[procs] = load_file(str(out / "final.safetensors"))
-    for name, value in results[1].items():
-        torch.testing.assert_close(results[2][name], value, rtol=1e-4, atol=1e-6, msg=name)
+    model, tokenizer = zo_model(tiny_llama_dir)
+    one = trainer_of(leanft.ZOTrainer, model, tokenizer, tmp_path, steps=3, zo_queries=2,
+                     args={"learning_rate": 1e-3, "per_device_train_batch_size": 4, "use_cpu": True})
+    one.train()
+    two = load_file(str(zo_trainers_on_two_processes / "zo-trainer" / "final.safetensors"))
+    for name, value in trainable(one.model).items():
+        torch.testing.assert_close(two[name], value, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def sft_example_on_two_processes_equals_one(model_dir: str, out: Path, extra: list[str]) -> list[dict]:
-    """``examples/sft_adazeta_zo.py`` with ``extra`` on one process (batch 4) and under torchrun on two (batch 2
-    each): the run finishes and ends with the same adapter, loss and tokens. The two-process logs.
-
-    Entropy and token accuracy are means over a step's forwards, at perturbed parameters (and, on the process
-    with fewer queries, the unperturbed ones): the same to within a token's accuracy, not equal."""
+@pytest.mark.slow
+@pytest.mark.xdist_group("zo-trainers")
+@pytest.mark.parametrize("queries", [1, 3])
+def test_zo_sft_trainer_on_two_processes_with_fewer_or_uneven_queries(zo_trainers_on_two_processes, tiny_llama_dir,
+                                                                     tmp_path, queries):
+    """ZOSFTTrainer under torchrun with 1 query a step (one process has none) or 3 (one has one fewer): TRL
+    gathers its metrics in every forward, so every process runs as many; the run finishes and equals one
+    process: the same adapter, loss and tokens. Entropy and token accuracy are means over a step's forwards, at
+    perturbed parameters (and, on the process with fewer queries, the unperturbed ones): the same to within a
+    token's accuracy, not equal."""
     import json
 
     import sft_adazeta_zo
     from safetensors.torch import load_file
 
-    common = ["--model", model_dir, "--steps", "3", "--examples", "16", "--bottleneck", "8", *extra]
-    sft_adazeta_zo.main([*common, "--batch-size", "4", "--output-dir", str(out / "one")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
-           str(ROOT / "examples" / "sft_adazeta_zo.py"), *common, "--batch-size", "2", "--output-dir", str(out / "two")]
-    ran = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
-    assert ran.returncode == 0, ran.stderr[-3000:]
-    one, two = (load_file(str(out / run / "adapter" / "adapter_model.safetensors")) for run in ("one", "two"))
+    sft_adazeta_zo.main(["--model", tiny_llama_dir, *SFT, "--queries", str(queries), "--batch-size", "4",
+                         "--output-dir", str(tmp_path / "one")])
+    runs = {"one": tmp_path / "one", "two": zo_trainers_on_two_processes / f"sft-q{queries}"}
+    one, two = (load_file(str(runs[run] / "adapter" / "adapter_model.safetensors")) for run in ("one", "two"))
     assert one.keys() == two.keys()
     for name, value in one.items():
         torch.testing.assert_close(two[name], value, rtol=1e-4, atol=1e-6, msg=name)
-    logs = [[h for h in json.loads((out / run / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    logs = [[h for h in json.loads((runs[run] / "trainer_state.json").read_text())["log_history"] if "loss" in h]
             for run in ("one", "two")]
     assert len(logs[0]) == len(logs[1]) == 3
     for a, b in zip(*logs):
-        assert a["num_tokens"] == b["num_tokens"] and a["zo_queries"] == b["zo_queries"]
+        assert a["num_tokens"] == b["num_tokens"] and a["zo_queries"] == b["zo_queries"] == queries
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["entropy"] == pytest.approx(a["entropy"], rel=1e-3)
         assert b["mean_token_accuracy"] == pytest.approx(a["mean_token_accuracy"], abs=0.01)
-    return logs[1]
 
 
 def test_zo_sft_trainer_scores_the_completion_only(tiny_llama_dir, tmp_path):

@@ -10,8 +10,8 @@ import torch
 
 from leanft import cli, evaluate, models, objectives, train
 from leanft.config import TrainConfig
-from leanft.loading import Loaded, accelerator, load_tasks
-from leanft.tasks import instruction_task, render_chat, score_instruction
+from leanft.loading import Loaded, accelerator
+from leanft.tasks import instruction_task, load_tasks, render_chat, score_instruction
 from leanft.tasks.collate import encode
 
 CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -172,6 +172,7 @@ def test_score_instruction_by_hand():
     assert list(scores) == ["token_f1", "exact_match", "bleu", "rouge_l"] and 0 <= scores["rouge_l"] <= 100
 
 
+@pytest.mark.slow
 def test_instruction_file_trains_end_to_end_through_the_cli(tiny_llama_dir, tmp_path, capsys):
     path = jsonl(tmp_path / "qa.jsonl", qa_rows(30))
     out = tmp_path / "run"
@@ -199,6 +200,7 @@ def long_and_short_rows(n: int) -> list[dict]:
              + f"Question {i}?\nAnswer:", "output": "Yes"} for i in range(n)]
 
 
+@pytest.mark.slow
 def test_long_prompts_are_cut_alike_counted_once_and_every_answer_saved(tiny_llama_dir, tmp_path, capsys):
     """Prompts too long for --max-length are cut from the left in training and evaluation alike; the run says how
     many rows of each split once and records them in metrics.json; each eval row's output is saved, by
@@ -272,6 +274,7 @@ def test_what_cannot_fit_is_refused_saying_what_to_change(tiny_llama_dir, tmp_pa
         evaluate.report_truncation(run, [(task, splits)])
 
 
+@pytest.mark.slow
 def test_chat_file_and_a_builtin_task_train_in_one_mixture(chat_model_dir, tmp_path, monkeypatch):
     path = jsonl(tmp_path / "chat.jsonl", chat_rows(20))
     seen = []

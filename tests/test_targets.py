@@ -126,6 +126,7 @@ def test_unknown_target_module_on_the_command_line_is_a_clear_error(tiny_llama_d
 
 # ---- which modules a method adapted, in a few words -----------------------------------------------
 
+@pytest.mark.slow
 def test_params_and_train_say_which_modules_they_target(tiny_llama_dir, tmp_path, capsys):
     cli.main(["params", "--model", tiny_llama_dir, "--method", "full,lora,loretta-adp", "--bottleneck", "8"])
     text = capsys.readouterr().out

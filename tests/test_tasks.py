@@ -402,3 +402,112 @@ def test_classification_metrics_by_hand():
     assert got["accuracy"] == pytest.approx(75)
     assert got["macro_f1"] == pytest.approx(100 * 7 / 9)
     assert classification_metrics([1, 1], [0, 0], 2) == {"accuracy": 0.0, "macro_f1": 0.0}
+
+
+# ---- token ids made once per run ----------------------------------------------------------------
+
+def _tokenizer(name: str):
+    from conftest import tiny_tokenizer
+
+    from leanft import models
+
+    if name == "tiny":
+        return tiny_tokenizer()
+    try:
+        return models.load_tokenizer(name)
+    except (OSError, ValueError) as e:
+        pytest.skip(f"{name} is not available offline: {e}")
+
+
+class _Counting:
+    """A tokenizer that counts how often it tokenises."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.calls = tokenizer, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def _decoder_tasks(tokenizer, folder: Path) -> list:
+    """A task of every decoder kind (classification, multiple choice, generation, instruction, chat when the
+    tokenizer has a template), each with a twin of another kind that reads the very same example objects:
+    the same prompt and candidates, another choice of what is scored and whether EOS ends it."""
+    from dataclasses import replace
+
+    from leanft.tasks import instruction_task
+
+    words = ["it", "was", "great", "terrible", "the", "movie", "a", "film", "with", "story", "yes", "no", "maybe"]
+    rows = [{"q": " ".join(words[i % 7:]), "a": " ".join(words[:2 + i % 5]),
+             "messages": [{"role": "user", "content": " ".join(words[i % 5:])},
+                          {"role": "assistant", "content": " ".join(words[:1 + i % 4])}]} for i in range(16)]
+    path = folder / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    found = [(get_task(n), load_splits(n, 10, 4, 10, 0)) for n in ("sst2", "rte", "copa", "e2e")]
+    found.append(instruction_task(path, prompt_column="q", completion_column="a", num_dev=4))
+    if getattr(tokenizer, "chat_template", None):
+        found.append(instruction_task(path, messages_column="messages", tokenizer=tokenizer, num_dev=4))
+    other = {"classification": "multiple_choice", "multiple_choice": "classification", "generation": "multiple_choice"}
+    return found + [(replace(t, name=f"{t.name}-twin", kind=other[t.kind]), s) for t, s in found]
+
+
+@pytest.mark.parametrize("name", ["tiny", "smollm2-135m"])
+def test_token_ids_made_once_give_the_batches_of_a_fresh_encoding(name, tmp_path):
+    """Training steps and evaluations batch ids made once per run (``Tokenized``): after a run has read every
+    example, in both tasks that share them and as training and as evaluation read them, each batch is
+    bit-identical to tokenising its examples afresh, cut rows included, and nothing is tokenised again."""
+    import torch
+
+    from leanft.tasks.collate import Tokenized, encode
+
+    tokenizer = _tokenizer(name)
+    runs = _decoder_tasks(tokenizer, tmp_path)
+    for max_length in (256 if name == "tiny" else 64, 1024):  # the first cuts prompts from the left
+        tokenized = Tokenized(_Counting(tokenizer), max_length, decoder=True)
+        cut = []
+        for task, splits in runs:
+            for examples in (splits.train, splits.dev, splits.eval):
+                for training in (True, False):
+                    cut += tokenized.cut(task, examples, training)
+                    fresh = Tokenized(tokenizer, max_length, decoder=True)
+                    assert cut[-len(examples):] == fresh.cut(task, examples, training)
+        assert any(cut) == (max_length < 1024)
+        made = tokenized.tokenizer.calls
+        for task, splits in runs:
+            examples = splits.eval[:3] + splits.train[::-1][:5]
+            for training in (True, False):
+                batch = tokenized.batch(task, examples, training)
+                expected = encode(task, examples, tokenizer, max_length, True, training)
+                assert list(batch) == list(expected)
+                for key, value in expected.items():
+                    same = torch.equal(batch[key], value) and batch[key].dtype == value.dtype \
+                        if torch.is_tensor(value) else batch[key] == value
+                    assert same, (task.name, training, key)
+        assert tokenized.tokenizer.calls == made
+
+
+@pytest.mark.parametrize("name", ["tiny", "minilm-l6"])
+def test_encoder_pairs_made_once_are_padded_as_the_tokenizer_pads_a_batch(name):
+    """An encoder's batch of ids made once is the tokenizer's own batch of those text pairs (cut from the end,
+    padded to the longest), and the rows it reports cut are those longer than ``max_length``."""
+    import torch
+
+    from leanft.tasks.collate import Tokenized
+
+    tokenizer = _tokenizer(name)
+    for task_name in ("sst2", "rte", "boolq"):
+        task, examples = get_task(task_name), load_splits(task_name, 12, 0, 0, 0).train
+        tokenized = Tokenized(tokenizer, 48, decoder=False)
+        texts = [task.encoder_text(ex) for ex in examples]
+        assert tokenized.cut(task, examples) == [len(tokenizer(a, b).input_ids) > 48 for a, b in texts]
+        for chunk in (slice(0, 5), slice(3, 12)):
+            a, b = zip(*texts[chunk])
+            expected = tokenizer(list(a), None if b[0] is None else list(b), truncation=True, max_length=48,
+                                 padding=True, return_tensors="pt")
+            batch = tokenized.batch(task, examples[chunk], training=True)
+            assert list(batch) == [*expected, "labels", "num_labels"]
+            assert all(torch.equal(batch[k], v) and batch[k].dtype == v.dtype for k, v in expected.items())

@@ -1,6 +1,4 @@
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -77,10 +75,27 @@ def test_unfactorable_dimension_is_a_clear_error():
         TTMatrix(64, 64, 0)
 
 
-def test_fp32_cores_whatever_the_input_dtype():
-    tt = TTMatrix(64, 32, 4)
-    y = tt(torch.randn(2, 64, dtype=torch.bfloat16))
-    assert y.dtype == torch.bfloat16 and tt.core_0.dtype == torch.float32
+@pytest.mark.parametrize("contraction", ["dense", "factored"])
+def test_under_bf16_autocast_the_product_and_the_core_gradients_match_float32(contraction):
+    """A bf16 model under autocast feeds bf16 activations: the product comes back in bf16 with the values of
+    the float32 product to bf16 precision, and the float32 cores get float32 gradients close to float32's."""
+    torch.manual_seed(0)
+    tt = TTMatrix(64, 32, 4, bias=True)
+    x = torch.randn(6, 64).to(torch.bfloat16)
+    weight = torch.randn(6, 32)
+
+    def run(autocast: bool):
+        tt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = tt(x if autocast else x.float(), contraction)
+        (y.float() * weight).sum().backward()
+        return y, [core.grad.clone() for core in tt.cores]
+
+    (low, low_grads), (exact, exact_grads) = run(True), run(False)
+    assert low.dtype == torch.bfloat16 and all(core.dtype == torch.float32 for core in tt.cores)
+    assert float((low.float() - exact).norm() / exact.norm()) < 2e-2
+    for g, e in zip(low_grads, exact_grads):
+        assert g.dtype == torch.float32 and float((g - e).norm() / e.norm()) < 2e-2
 
 
 def test_init_has_glorot_like_scale_and_frozen_copy_is_buffers():
@@ -104,17 +119,23 @@ def test_narrow_products_are_charged_as_the_slow_kernels_they_are(in_f):
     assert [tt.choose_contraction(t) for t in (64, 512, 4096)] == ["factored"] * 3
 
 
-# Forward times of both contractions, from the committed CPU measurement results/micro-contractions-cpu.json
-# (every TT matrix of LoRETTA_rep and LoRETTA_adp at d = 576 ... 8192 and 1 ... 4096 tokens).
-TIMINGS = json.loads((Path(__file__).parent / "data" / "contraction_timings.json").read_text())["rows"]
+# Matrices outside the measurements the cost model's constants were chosen on (those are LoRETTA's in x 8
+# and in x 64 factors): square and high-rank ones, where one contraction does several times the other's
+# multiply-adds. The model must see that gap and choose accordingly; whether its choices are the faster
+# ones on a machine is what `leanft micro` measures (BENCHMARKS.md section 2), not a test.
+HELD_OUT = [(768, 768, 5, 64, "factored"), (256, 256, 16, 512, "factored"), (1024, 16, 64, 4096, "dense"),
+            (512, 16, 64, 4096, "dense")]
 
 
-@pytest.mark.parametrize("row", TIMINGS, ids=lambda r: f"{r['in']}x{r['out']}-r{r['tt_rank']}-{r['tokens']}tok")
-def test_chosen_contraction_is_within_10_percent_of_the_fastest_measured(row):
-    tt = TTMatrix(row["in"], row["out"], row["tt_rank"], shape=row["shape"])
-    times = row["fwd_ms"]
-    chosen = tt.choose_contraction(row["tokens"])
-    assert times[chosen] <= 1.10 * min(times.values()), (chosen, times)
+@pytest.mark.parametrize("in_f,out_f,rank,tokens,choice", HELD_OUT)
+def test_where_one_contraction_does_several_times_the_work_the_other_is_chosen(in_f, out_f, rank, tokens, choice):
+    torch.manual_seed(0)
+    tt = TTMatrix(in_f, out_f, rank)
+    costs = tt.contraction_costs(tokens)
+    assert tt.choose_contraction(tokens) == choice and max(costs.values()) > 3 * min(costs.values())
+    x = torch.randn(tokens, in_f)
+    with torch.no_grad():  # and the two compute the same product
+        torch.testing.assert_close(tt(x, "dense"), tt(x, "factored"), rtol=1e-4, atol=1e-4)
 
 
 def test_a_hidden_size_with_a_large_prime_names_the_module_and_the_way_out(capsys):

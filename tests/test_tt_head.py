@@ -55,6 +55,7 @@ def labels(tokens: torch.Tensor) -> torch.Tensor:
     return torch.arange(len(tokens)) % 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ENCODERS)
 @pytest.mark.parametrize("method", ["adp", "rep"])
 def test_the_hidden_dense_layer_becomes_a_working_tt_head_and_out_proj_trains_densely(kind, method, tokens):
@@ -102,6 +103,7 @@ DENSE_COPY = {"bert": "bert.pooler.dense.modules_to_save.default.weight",
               "deberta": "pooler.dense.modules_to_save.default.weight"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ENCODERS)
 def test_tt_classifier_false_trains_the_dense_head_including_debertas_random_pooler(kind, tokens):
     model = get_peft_model(ENCODERS[kind](), config("adp", kind, tt_classifier=False))

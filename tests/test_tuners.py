@@ -49,6 +49,7 @@ def zeroed_tensors(model) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", ["adp", "rep"])
 def test_zero_core_start_equals_base_and_one_step_moves_it(family, method, tokens):
@@ -139,6 +140,7 @@ def test_adp_merge_is_a_clear_error():
         model.merge_and_unload()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", ["adp", "rep"])
 def test_gradients_reach_only_adapter_and_norm_parameters(family, method, tokens):
@@ -188,6 +190,7 @@ for path, result in json.loads({jobs!r}):
 """
 
 
+@pytest.mark.slow
 def test_import_leanft_registers_the_tuners_with_peft_in_a_fresh_process(tokens, tmp_path):
     """A saved adapter of each leanft tuner loads with plain PEFT in a new interpreter after ``import leanft``."""
     task = FAMILIES["llama"][1]

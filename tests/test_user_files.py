@@ -11,8 +11,7 @@ from conftest import tiny_bert, tiny_llama, tiny_opt
 
 from leanft import cli, methods, models
 from leanft.config import TrainConfig
-from leanft.loading import load_tasks
-from leanft.tasks import file_task_name, instruction_task, load_splits, rows_used, user_task
+from leanft.tasks import file_task_name, instruction_task, load_splits, load_tasks, rows_used, user_task
 from leanft.tasks.base import data_root
 from leanft.tuners.loretta_adp.layer import LorettaAdpLayer
 
@@ -56,6 +55,7 @@ def test_held_out_eval_and_instruction_files_take_the_flags_too(tmp_path):
     assert (len(splits.train), len(splits.dev), len(splits.eval)) == (6, 2, 3)
 
 
+@pytest.mark.slow
 def test_the_run_says_how_many_rows_it_used_and_names_the_task_after_the_folder(tiny_llama_dir, tmp_path, capsys):
     train = write_rows(tmp_path / "mrpc" / "train.tsv", "s1\ts2\tquality", pair_rows(40))
     dev = write_rows(tmp_path / "mrpc" / "dev.tsv", "s1\ts2\tquality", pair_rows(20))
@@ -167,6 +167,7 @@ def _no_weights(*args, **kwargs):
     raise AssertionError("counting must not load weights")
 
 
+@pytest.mark.slow
 def test_params_counts_a_local_folder_from_its_config(tiny_llama_dir, capsys, monkeypatch):
     real = models.load_model(tiny_llama_dir)[0]
     expected = methods.count_parameters(methods.apply_method(real, "lora", "CAUSAL_LM"))

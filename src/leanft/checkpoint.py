@@ -1,13 +1,13 @@
-"""Checkpoints that a crash never leaves half-written, and the state a resume needs to be exact.
+"""Checkpoint files that a crash never leaves half-written, and loading that checks every file first.
 
-Every folder is written to a temporary sibling, fsynced, and renamed into place, replacing the older one
-only afterwards; a crash between the renames leaves one of the two complete, which ``complete_dir`` finds
-and the next write puts back in place. A first-order checkpoint holds the trainable tensors, optimiser and
-scheduler state and each process's RNG states (torch CPU, every CUDA device when the run used CUDA, python,
-numpy; ``rng-<rank>.pt``); loading reads and checks every file before it restores anything, so a damaged
-checkpoint is a clear error, never a half load. A zeroth-order run keeps instead its trainable start state
-and one logged line per step (``ZOLog``), and rebuilds the exact parameters by replaying the log on the
-device type its directions were drawn on.
+File handling only: what goes in a checkpoint is its owners' (the run folder, ``leanft.runfolder``, decides
+when; an updater's ``state_dict`` what). Every folder is written to a temporary sibling, fsynced, and renamed
+into place, replacing the older one only afterwards; a crash between the renames leaves one of the two
+complete, which ``complete_dir`` finds and the next write puts back in place. A checkpoint holds the loop's
+state (``trainer_state.json``), the trainable tensors, the updater's state (``optimizer.pt``) and, for a run
+that draws from the global RNGs (dropout), each process's RNG states (torch CPU, every CUDA device when the
+run used CUDA, python, numpy; ``rng-<rank>.pt``). Loading reads and checks every file before it restores
+anything, so a damaged checkpoint is a clear error, never a half load.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import os
 import random
 import shutil
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +25,6 @@ from peft import PeftModel
 from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
 from safetensors.torch import load_file, save_file
 from torch import nn
-
-from .zo import ZOEngine, ZOStep
 
 
 class CheckpointError(ValueError):
@@ -112,6 +109,11 @@ def replace_file(path: Path, write) -> None:
     fsync(tmp)
     os.replace(tmp, path)
     fsync(path.parent)
+
+
+def write_object(path: Path, obj: dict) -> None:
+    """``torch.save(obj)`` to ``path`` through ``replace_file``: whole on disk, or the old file kept."""
+    replace_file(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _leftovers(target: Path, kind: str) -> list[Path]:
@@ -213,18 +215,17 @@ def _set_rng(rng: dict, cuda: bool) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def save(out: Path, state: dict, model: nn.Module | None = None, optimizer_state: dict | None = None,
-         rngs: list[dict] | None = None) -> None:
-    """``out/checkpoint``: the loop's ``state`` and, for first-order runs, the trainable tensors, the
-    optimiser's ``optimizer_state`` and the RNG states of every process (``rngs``, in rank order; by
-    default this process's ``rng_states`` alone), one ``rng-<rank>.pt`` each."""
+def save(out: Path, state: dict, model: nn.Module, updater_state: dict, rngs: list[dict] | None = None) -> None:
+    """``out/checkpoint``: the loop's ``state``, the trainable tensors of ``model``, the updater's
+    ``updater_state`` and the RNG states of every process (``rngs``, in rank order, one ``rng-<rank>.pt``
+    each; None: this process's ``rng_states``; ``[]``: none, for a run that draws no random numbers)."""
+    every = [rng_states()] if rngs is None else rngs
+
     def write(d: Path) -> None:
-        if model is not None:
-            every = rngs or [rng_states()]
-            save_file(trainable_state(model), str(d / "trainable.safetensors"))
-            torch.save({**(optimizer_state or {}), "processes": len(every)}, d / "optimizer.pt")
-            for rank, rng in enumerate(every):
-                torch.save(rng, d / f"rng-{rank}.pt")
+        save_file(trainable_state(model), str(d / "trainable.safetensors"))
+        torch.save({**updater_state, "processes": len(every)}, d / "optimizer.pt")
+        for rank, rng in enumerate(every):
+            torch.save(rng, d / f"rng-{rank}.pt")
         (d / "trainer_state.json").write_text(json.dumps(state, indent=1))
 
     atomic_dir(out / "checkpoint", write)
@@ -245,7 +246,8 @@ def _read_json(path: Path):
         raise CheckpointError(f"damaged checkpoint: {path} is not valid JSON ({e})") from e
 
 
-def _read_pickle(path: Path, holds: str) -> dict:
+def read_object(path: Path, holds: str) -> dict:
+    """The dict ``torch.save`` wrote to ``path`` (``holds`` names it in the error for a damaged file)."""
     _need(path)
     try:
         data = torch.load(path, weights_only=False)
@@ -256,8 +258,8 @@ def _read_pickle(path: Path, holds: str) -> dict:
     return data
 
 
-def _own_rng(ckpt: Path, extra: dict, rank: int, world: int, allow_inexact: bool) -> tuple[dict, Path]:
-    """Process ``rank``'s saved RNG states and the file they are in. A checkpoint of another number of
+def _own_rng(ckpt: Path, extra: dict, rank: int, world: int, allow_inexact: bool) -> tuple[dict | None, Path | None]:
+    """Process ``rank``'s saved RNG states and the file they are in (None for a run that saved none). A checkpoint of another number of
     processes is refused: neither the processes' random streams (dropout) nor their shares of every batch
     would continue as in the uninterrupted run; ``allow_inexact`` resumes with a warning."""
     extra_file = ckpt / "optimizer.pt"
@@ -265,8 +267,10 @@ def _own_rng(ckpt: Path, extra: dict, rank: int, world: int, allow_inexact: bool
         saved, path = 1, extra_file
     else:
         saved = extra.get("processes")
-        if not isinstance(saved, int) or saved < 1:
+        if not isinstance(saved, int) or saved < 0:
             raise CheckpointError(f"damaged checkpoint: {extra_file} does not say how many processes wrote it")
+        if saved == 0:  # a run that draws no random numbers (zeroth-order): any process count resumes it
+            return None, None
         path = ckpt / f"rng-{rank if rank < saved else 0}.pt"
     if saved != world:
         why = (f"{ckpt} holds the random states of {saved} process(es) and is resumed on {world}: their random "
@@ -277,19 +281,20 @@ def _own_rng(ckpt: Path, extra: dict, rank: int, world: int, allow_inexact: bool
                                   "anyway, accepting a run that differs from the uninterrupted one, load with "
                                   "allow_inexact=True")
         warnings.warn(f"{why}, so the resumed run will not be bit-exact", stacklevel=3)
-    return (extra["rng"] if path == extra_file else _read_pickle(path, "RNG states")), path
+    return (extra["rng"] if path == extra_file else read_object(path, "RNG states")), path
 
 
 def load(out: Path, model: nn.Module | None = None, *, allow_inexact: bool = False, rank: int = 0,
-         world: int = 1) -> tuple[dict, dict | None]:
+         world: int = 1, check=lambda extra, path: None) -> tuple[dict, dict | None]:
     """The loop's state and, when ``model`` is given, its trainable tensors restored, process ``rank``'s
-    RNG states restored (of ``world`` processes) and the optimiser's state returned.
+    RNG states restored (of ``world`` processes; when the run saved any) and the updater's state returned.
 
     Every file is read and checked before anything is restored: a missing, truncated or garbled file,
     or tensors that do not fit ``model``, raise an error naming the file and leave model and RNGs as they
     were. CUDA random states that this machine cannot take (no CUDA, another GPU count), or a checkpoint
     of another number of processes, are refused, as the resume could not be bit-exact;
-    ``allow_inexact=True`` resumes anyway, with a warning.
+    ``allow_inexact=True`` resumes anyway, with a warning. ``check(updater_state, path)`` may refuse the
+    updater's state before anything is restored.
     """
     ckpt = complete_dir(out / "checkpoint")
     if ckpt is None:
@@ -302,145 +307,20 @@ def load(out: Path, model: nn.Module | None = None, *, allow_inexact: bool = Fal
         return state, None
     tensors_file, extra_file = ckpt / "trainable.safetensors", ckpt / "optimizer.pt"
     if not tensors_file.exists() and (out / "zo_log.jsonl").exists():
-        raise CheckpointError(f"{out} holds a zeroth-order run (zo_log.jsonl, no trainable tensors in {ckpt}): resume "
-                              "it with the method and --optimizer it was started with")
+        raise CheckpointError(f"{out} holds a zeroth-order run checkpointed as a step log (zo_log.jsonl), as leanft "
+                              "did before zeroth-order checkpoints held the trainable tensors: resume it with the "
+                              "leanft version that wrote it, or start the run afresh (--overwrite)")
     _need(tensors_file)
     _need(extra_file)
     tensors = read_tensors(tensors_file)
     targets = _fit(model, tensors, tensors_file)
-    extra = _read_pickle(extra_file, "the optimiser state")
+    extra = read_object(extra_file, "the optimiser state")
+    check(extra, extra_file)
     rng, rng_file = _own_rng(ckpt, extra, rank, world, allow_inexact)
-    on_cuda = any(t.device.type == "cuda" for t in targets.values())
-    cuda = _check_rng(rng, rng_file, allow_inexact, on_cuda)
+    if rng is not None:
+        on_cuda = any(t.device.type == "cuda" for t in targets.values())
+        cuda = _check_rng(rng, rng_file, allow_inexact, on_cuda)
     _copy(targets, tensors)
-    _set_rng(rng, cuda)
+    if rng is not None:
+        _set_rng(rng, cuda)
     return state, extra
-
-
-def device_types(params) -> str:
-    """The device type(s) the tensors ``params`` live on, as ``"cpu"``, ``"cuda"`` or e.g. ``"cpu+cuda"``."""
-    return "+".join(sorted({p.device.type for p in params}))
-
-
-def _dtypes(params) -> str:
-    return "+".join(sorted({str(p.dtype).removeprefix("torch.") for p in params}))
-
-
-def _device_name(kind: str) -> str | None:
-    return torch.cuda.get_device_name() if kind == "cuda" and torch.cuda.is_available() else None
-
-
-class ZOLog:
-    """A zeroth-order run's checkpoint: the trainable start state, one JSON line per step, and a small
-    header (``zo_meta.json``) naming the device type the random directions are drawn on.
-
-    CPU and CUDA generators give different numbers for the same seed, so the log only rebuilds the run on
-    the device type it was written on; ``replay`` refuses another. A log without the header (written by
-    an older leanft) is taken to be from CPU.
-    """
-
-    FORMAT = 1
-
-    def __init__(self, out: Path, main: bool = True) -> None:
-        self.log, self.start, self.main = out / "zo_log.jsonl", out / "zo_start.safetensors", main
-        self.meta = out / "zo_meta.json"
-
-    def begin(self, model: nn.Module) -> None:
-        if self.main:
-            params = [p for p in model.parameters() if p.requires_grad]
-            kind = device_types(params)
-            meta = {"format": self.FORMAT, "device_type": kind, "device_name": _device_name(kind),
-                    "dtype": _dtypes(params), "torch": torch.__version__}
-            replace_file(self.meta, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
-            replace_file(self.start, lambda tmp: save_file(trainable_state(model), str(tmp)))
-            replace_file(self.log, lambda tmp: tmp.write_text(""))
-
-    def append(self, record: ZOStep) -> None:
-        if self.main:
-            with open(self.log, "a") as f:
-                f.write(json.dumps(asdict(record)) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-
-    def header(self) -> dict:
-        """The log's header; ``{"device_type": "cpu"}`` for a log written before there was one."""
-        if not self.meta.exists():
-            return {"device_type": "cpu", "recorded": False}
-        meta = _read_json(self.meta)
-        if not isinstance(meta, dict) or not isinstance(meta.get("device_type"), str):
-            raise CheckpointError(f"damaged checkpoint: {self.meta} does not name a device_type")
-        return {**meta, "recorded": True}
-
-    def _check_device(self, engine: ZOEngine) -> None:
-        meta, here = self.header(), device_types(engine.params)
-        if meta["device_type"] != here:
-            note = ("" if meta["recorded"] else
-                    f" (the log has no {self.meta.name}: it was written by an older leanft and is taken to be from "
-                    f"cpu; if its directions were in fact drawn on {here}, write "
-                    f'{{"device_type": "{here}"}} to {self.meta})')
-            raise CheckpointError(
-                f"cannot replay the zeroth-order log {self.log}: its random directions were drawn on "
-                f"{meta['device_type']}{note}, but the model's trainable parameters are on {here}, and the "
-                f"{meta['device_type']} and {here} generators give different directions for the same seeds, so "
-                f"the replay would not rebuild the run. Resume with the model on {meta['device_type']} (the same "
-                "kind of machine), or start the run afresh")
-        differs = [f"{what} {meta[key]} then, {now} now" for key, what, now in
-                   [("device_name", "GPU", _device_name(here)), ("dtype", "parameters in", _dtypes(engine.params)),
-                    ("torch", "torch", torch.__version__)]
-                   if meta.get(key) is not None and meta[key] != now]
-        if differs:
-            warnings.warn(f"replaying {self.log} with {'; '.join(differs)}: random directions may differ, so the "
-                          "rebuilt parameters may not be bit-exact", stacklevel=3)
-
-    def _records(self, steps: int) -> tuple[list[str], list[ZOStep]]:
-        if not self.log.exists() and (self.log.parent / "checkpoint" / "trainable.safetensors").exists():
-            raise CheckpointError(f"{self.log.parent} holds a first-order (AdamW) run, not a zeroth-order log: resume "
-                                  "it with the method and --optimizer it was started with")
-        _need(self.log)
-        lines = [line for line in self.log.read_text().splitlines() if line.strip()][:steps]
-        if len(lines) < steps:
-            raise CheckpointError(f"damaged checkpoint: {self.log} has {len(lines)} step(s), the checkpoint is at "
-                                  f"step {steps}: the log was truncated, so the run cannot be rebuilt")
-        records = []
-        for i, line in enumerate(lines, 1):
-            try:
-                records.append(ZOStep(**json.loads(line)))
-            except (ValueError, TypeError) as e:
-                raise CheckpointError(f"damaged checkpoint: {self.log} line {i} is not a logged step ({e})") from e
-        return lines, records
-
-    def replay(self, model: nn.Module, engine: ZOEngine, steps: int) -> list[ZOStep]:
-        """Start state plus the first ``steps`` logged steps: the exact parameters at that step. Lines
-        logged after it (lost work) are dropped: those steps are redone, identically. Device type, start
-        file and log are all checked before anything is changed."""
-        self._check_device(engine)
-        lines, records = self._records(steps)
-        load_tensors(model, self.start)
-        engine.replay(records)
-        if self.main:  # a kill while the log is rewritten must leave it whole
-            replace_file(self.log, lambda tmp: tmp.write_text("".join(line + "\n" for line in lines)))
-        return records
-
-
-def save_best(out: Path, model: nn.Module, tokenizer, run_info: dict) -> None:
-    """``out/best``: the adapter (or the whole fine-tuned model with its tokenizer) and the run's facts."""
-    def write(d: Path) -> None:
-        model.save_pretrained(d)
-        if not isinstance(model, PeftModel):
-            tokenizer.save_pretrained(d)
-        (d / "leanft_run.json").write_text(json.dumps(run_info, indent=1))
-
-    atomic_dir(out / "best", write)
-
-
-def load_best_weights(best: Path, model: nn.Module) -> None:
-    """Put the kept best trainable weights back into ``model`` (from where a crash left them: ``complete_dir``)."""
-    best = complete_dir(best) or best
-    if isinstance(model, PeftModel):
-        from peft import set_peft_model_state_dict
-        from peft.utils import load_peft_weights
-
-        set_peft_model_state_dict(model, load_peft_weights(str(best)))
-    else:
-        files = sorted(best.glob("*.safetensors"))
-        model.load_state_dict({k: v for f in files for k, v in load_file(str(f)).items()}, strict=False)

@@ -1,4 +1,9 @@
-"""``TrainConfig``: everything a run needs. ``leanft train`` flags and ``--config run.yaml`` keys map onto it."""
+"""``TrainConfig``: everything a run needs, and the one place each ``leanft train`` option is described.
+
+Each field is a ``--flag`` (``batch_size`` -> ``--batch-size``) and a ``--config run.yaml`` key. Its declaration
+holds the type, the default, the ``help`` text and any ``choices``; ``cli.add_train_flags`` builds the flags from
+them and ``__post_init__`` checks the values (from flags, YAML and Python alike). The method options (rank,
+tt_rank, ...) are the exception: one ``method_options`` field, whose flags are ``cli.METHOD_FLAGS``."""
 
 from __future__ import annotations
 
@@ -9,14 +14,6 @@ from .methods import METHODS, ZO_METHODS, resolve_method
 from .precision import DTYPES
 from .tasks import is_data_file
 
-# The values a field takes; anything else is refused, listing these (flags, YAML and Python alike).
-CHOICES = {
-    "dtype": tuple(DTYPES),
-    "optimizer": ("adamw", "zo"),
-    "zo_schedule": ("auto", "fixed", "adazeta"),
-    "scheduler": ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-                  "inverse_sqrt"),
-}
 # Fields that must be positive (> 0) and those that must not be negative.
 POSITIVE = ("num_train", "num_eval", "epochs", "batch_size", "grad_accum", "eval_every", "max_length",
             "max_new_tokens", "eval_batch_size", "zo_eps", "zo_queries", "zo_q_max", "zo_recover")
@@ -48,119 +45,107 @@ DEFAULT_LR = {
 }
 
 
-# What each field means: `leanft train --help` (one flag per field) and YAML users read these.
-HELP = {
-    "model": "model name (smollm2-135m, minilm-l6), local folder, hub id or .gguf file (converted once, cached)",
-    "method": f"fine-tuning method: {', '.join(METHODS)}",
-    "task": "built-in task(s), comma-separated for a mixture: sst2, rte, cb, boolq, copa, wsc, multirc, e2e; an "
-            "entry ending in .jsonl/.csv/.tsv is your own file, read with the column flags (e.g. sst2,notes.jsonl)",
-    "sequential": "train the comma-separated tasks one after another and report forgetting",
-    "num_train": "training examples sampled per task (built-in or your files alike; the run prints how many of "
-                 "how many)",
-    "num_dev": "dev examples (model selection), sampled from the training rows (left at 500, a users' file gets "
-               "20%% of its training rows, at least 1)",
-    "num_eval": "evaluation examples, sampled from the labelled validation split or --eval-file (without one, "
-                "held out of your training file: at most 20%%)",
-    "epochs": "passes over the training sample", "max_steps": "optimiser steps; overrides --epochs when > 0",
-    "max_forwards": "zeroth-order budget in forward passes (2 per query); stops the run when reached",
-    "batch_size": "examples per process and micro-step", "grad_accum": "micro-steps per optimiser step",
-    "lr": "peak learning rate (0 = the method's default)", "weight_decay": "AdamW weight decay (not on biases/norms)",
-    "max_grad_norm": "AdamW: clip the gradient's total norm at this value, as the HF Trainer does (0 = no clipping; "
-                     "zeroth-order runs have no gradient to clip)",
-    "scheduler": "linear, cosine, constant, constant_with_warmup, ...", "warmup_ratio": "fraction of steps warming up",
-    "eval_every": "evaluate on dev every N steps (and keep the best adapter)",
-    "patience": "stop after N evaluations without dev improvement (0 = never)",
-    "eval_before": "evaluate before training too", "max_length": "maximum tokens of prompt + answer",
-    "max_new_tokens": "generation length when evaluating generation tasks",
-    "eval_batch_size": "examples per evaluation batch", "seed": "seed of sampling, data order and init",
-    "output_dir": "where metrics, checkpoints and the best adapter go", "resume": "continue from output_dir's checkpoint",
-    "overwrite": "start afresh in an output_dir that holds another run, deleting that run's files first",
-    "dtype": "base weights dtype: float32, bfloat16 or float16; every trainable parameter stays float32 and the "
-             "forward runs under autocast (float16 scales the loss); full-model MeZO keeps low-precision weights "
-             "and rounds stochastically",
-    "train_file": "your own CSV/TSV/JSONL training file", "eval_file": "your own evaluation file",
-    "text_columns": "comma-separated text column(s) of your files", "label_column": "label column of your files",
-    "template": "prompt template over your columns, e.g. '{review} It was'",
-    "label_words": "comma-separated answer words, one per label (sorted label order)",
-    "optimizer": "adamw, or zo for zeroth-order SPSA (implied by mezo, mezo-lora, adazeta)",
-    "zo_eps": "ZO perturbation size", "zo_queries": "ZO queries per step (fixed schedule)",
-    "zo_schedule": "fixed, adazeta (Q = min(max(floor(alpha e^beta), 1), q_max) per epoch e), or auto",
-    "zo_alpha": "AdaZeta schedule alpha", "zo_beta": "AdaZeta schedule beta", "zo_q_max": "AdaZeta query cap",
-    "zo_blowup": "ZO: > 0 also rolls back a loss above this multiple of its running mean (non-finite always does)",
-    "zo_recover": "ZO: good steps after a rollback before the halved lr doubles back",
-    "zo_max_rollbacks": "ZO: rollbacks in a row before the run stops; 0 turns the guard off (the first non-finite "
-                        "step stops the run, so divergence shows in the log instead of being rolled back)",
-    "save_every": "checkpoint every N steps (20) or N s/m/h of training (90s, 2m, 1h), besides evaluations; 0 = "
-                  "only with evaluations",
-    "dataset": "a hub dataset name (needs network and `pip install datasets`)", "dataset_config": "its config name",
-    "task_name": "name of your file's task in metrics and reports (default: the file's stem without a split word, "
-                 "or its folder's name for train.tsv and the like)",
-    "prompt_column": "instruction data: the prompt column of your files (with --completion-column; loss on the "
-                     "completion only, scored by generation: token F1, exact match, ROUGE-L, loss, perplexity)",
-    "completion_column": "instruction data: the completion column (the answer to learn after the prompt)",
-    "messages_column": "chat data: a column of [{role, content}, ...] messages rendered with the tokenizer's chat "
-                       "template; the last assistant message is the completion, the messages before it the prompt",
-}
-
-
 @dataclass
 class TrainConfig:
-    """Everything a run needs; ``leanft train --help`` explains each field."""
+    """Everything a run needs. Each field is one ``leanft train`` flag (``batch_size`` -> ``--batch-size``) and one
+    ``--config`` YAML key: its type, default, ``help`` and any ``choices`` are declared here and nowhere else."""
 
-    model: str = "smollm2-135m"
-    method: str = "loretta-rep"
-    task: str = "sst2"  # comma-separated: one adapter on the mixture (or in stages with sequential)
-    sequential: bool = False
-    num_train: int = 1000
-    num_dev: int = 500  # the protocol: 100 for CB and COPA, fewer where a split is smaller
-    num_eval: int = 1000
-    epochs: float = 1.0
-    max_steps: int = 0  # > 0 overrides epochs
-    max_forwards: int = 0  # zeroth-order budget: stop after this many forward passes (> 0)
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 0.0  # 0 = DEFAULT_LR of the method
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # the HF Trainer's default; 0 turns clipping off (first-order only)
-    scheduler: str = "linear"
-    warmup_ratio: float = 0.0
-    eval_every: int = 50
-    save_every: str = "2m"  # checkpoint cadence besides evaluations: steps ("20") or training time ("2m")
-    patience: int = 0  # evaluations without dev improvement before stopping; 0 = never stop early
-    eval_before: bool = True
-    max_length: int = 256
-    max_new_tokens: int = 64
-    eval_batch_size: int = 16
-    seed: int = 0
-    output_dir: str = "runs/latest"
-    resume: bool = False
-    overwrite: bool = False  # a fresh run over another run's files deletes them; without it, it is refused
-    dtype: str = "float32"
-    optimizer: str = "adamw"  # "adamw" or "zo" (implied by the methods mezo, mezo-lora, adazeta)
-    zo_eps: float = 1e-3
-    zo_queries: int = 1  # queries per step with a fixed schedule
-    zo_schedule: str = "auto"  # "fixed", "adazeta", or "auto" (adazeta for the adazeta method)
-    zo_alpha: float = 0.85
-    zo_beta: float = 0.45
-    zo_q_max: int = 20
-    zo_blowup: float = 0.0  # > 0: also roll back when the loss exceeds this multiple of its running mean
-    zo_recover: int = 10  # good steps after a rollback before the halved lr doubles back
-    zo_max_rollbacks: int = 5  # rollbacks in a row before the run stops; 0: no rollback at all (guard off)
-    method_options: dict[str, Any] = field(default_factory=dict)  # rank, tt_rank, bottleneck, ...
+    model: str = field(default="smollm2-135m", metadata={
+        "help": "model name (smollm2-135m, minilm-l6), local folder, hub id or .gguf file (converted once, cached)"})
+    method: str = field(default="loretta-rep", metadata={"help": f"fine-tuning method: {', '.join(METHODS)}"})
+    task: str = field(default="sst2", metadata={
+        "help": "built-in task(s), comma-separated for a mixture: sst2, rte, cb, boolq, copa, wsc, multirc, e2e; an "
+                "entry ending in .jsonl/.csv/.tsv is your own file, read with the column flags (e.g. sst2,notes.jsonl)"})
+    sequential: bool = field(default=False, metadata={
+        "help": "train the comma-separated tasks one after another and report forgetting"})
+    num_train: int = field(default=1000, metadata={
+        "help": "training examples sampled per task (built-in or your files alike; the run prints how many of how "
+                "many)"})
+    num_dev: int = field(default=500, metadata={  # the protocol: 100 for CB and COPA, fewer where a split is smaller
+        "help": "dev examples (model selection), sampled from the training rows (left at 500, a users' file gets "
+                "20% of its training rows, at least 1)"})
+    num_eval: int = field(default=1000, metadata={
+        "help": "evaluation examples, sampled from the labelled validation split or --eval-file (without one, held "
+                "out of your training file: at most 20%)"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the training sample"})
+    max_steps: int = field(default=0, metadata={"help": "optimiser steps; overrides --epochs when > 0"})
+    max_forwards: int = field(default=0, metadata={
+        "help": "zeroth-order budget in forward passes (2 per query); stops the run when reached"})
+    batch_size: int = field(default=8, metadata={"help": "examples per process and micro-step"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-steps per optimiser step"})
+    lr: float = field(default=0.0, metadata={"help": "peak learning rate (0 = the method's default)"})  # DEFAULT_LR
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not on biases/norms)"})
+    max_grad_norm: float = field(default=1.0, metadata={
+        "help": "AdamW: clip the gradient's total norm at this value, as the HF Trainer does (0 = no clipping; "
+                "zeroth-order runs have no gradient to clip)"})
+    scheduler: str = field(default="linear", metadata={
+        "help": "linear, cosine, constant, constant_with_warmup, ...",
+        "choices": ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                    "inverse_sqrt")})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of steps warming up"})
+    eval_every: int = field(default=50, metadata={"help": "evaluate on dev every N steps (and keep the best adapter)"})
+    save_every: str = field(default="2m", metadata={
+        "help": "checkpoint every N steps (20) or N s/m/h of training (90s, 2m, 1h), besides evaluations; 0 = only "
+                "with evaluations"})
+    patience: int = field(default=0, metadata={"help": "stop after N evaluations without dev improvement (0 = never)"})
+    eval_before: bool = field(default=True, metadata={"help": "evaluate before training too"})
+    max_length: int = field(default=256, metadata={"help": "maximum tokens of prompt + answer"})
+    max_new_tokens: int = field(default=64, metadata={"help": "generation length when evaluating generation tasks"})
+    eval_batch_size: int = field(default=16, metadata={"help": "examples per evaluation batch"})
+    seed: int = field(default=0, metadata={"help": "seed of sampling, data order and init"})
+    output_dir: str = field(default="runs/latest", metadata={"help": "where metrics, checkpoints and the best adapter go"})
+    resume: bool = field(default=False, metadata={"help": "continue from output_dir's checkpoint"})
+    overwrite: bool = field(default=False, metadata={  # without it, a fresh run over another run's files is refused
+        "help": "start afresh in an output_dir that holds another run, deleting that run's files first"})
+    dtype: str = field(default="float32", metadata={
+        "help": "base weights dtype: float32, bfloat16 or float16; every trainable parameter stays float32 and the "
+                "forward runs under autocast (float16 scales the loss); full-model MeZO keeps low-precision weights "
+                "and rounds stochastically",
+        "choices": tuple(DTYPES)})
+    optimizer: str = field(default="adamw", metadata={
+        "help": "adamw, or zo for zeroth-order SPSA (implied by mezo, mezo-lora, adazeta)", "choices": ("adamw", "zo")})
+    zo_eps: float = field(default=1e-3, metadata={"help": "ZO perturbation size"})
+    zo_queries: int = field(default=1, metadata={"help": "ZO queries per step (fixed schedule)"})
+    zo_schedule: str = field(default="auto", metadata={
+        "help": "fixed, adazeta (Q = min(max(floor(alpha e^beta), 1), q_max) per epoch e), or auto",
+        "choices": ("auto", "fixed", "adazeta")})  # auto: adazeta for the adazeta method
+    zo_alpha: float = field(default=0.85, metadata={"help": "AdaZeta schedule alpha"})
+    zo_beta: float = field(default=0.45, metadata={"help": "AdaZeta schedule beta"})
+    zo_q_max: int = field(default=20, metadata={"help": "AdaZeta query cap"})
+    zo_blowup: float = field(default=0.0, metadata={
+        "help": "ZO: > 0 also rolls back a loss above this multiple of its running mean (non-finite always does)"})
+    zo_recover: int = field(default=10, metadata={
+        "help": "ZO: good steps after a rollback before the halved lr doubles back"})
+    zo_max_rollbacks: int = field(default=5, metadata={
+        "help": "ZO: rollbacks in a row before the run stops; 0 turns the guard off (the first non-finite step "
+                "stops the run, so divergence shows in the log instead of being rolled back)"})
+    # rank, tt_rank, bottleneck, ...: YAML key method_options, or the method option flags (cli.METHOD_FLAGS)
+    method_options: dict[str, Any] = field(default_factory=dict)
     # users' own data instead of built-in tasks
-    train_file: str | None = None
-    eval_file: str | None = None
-    text_columns: list[str] | None = None
-    label_column: str | None = None
-    template: str | None = None
-    label_words: list[str] | None = None
-    dataset: str | None = None  # a hub dataset name (needs network and the datasets package)
-    dataset_config: str | None = None
-    task_name: str | None = None  # the users' task's name in metrics (default: from its file, tasks.file_task_name)
+    train_file: str | None = field(default=None, metadata={"help": "your own CSV/TSV/JSONL training file"})
+    eval_file: str | None = field(default=None, metadata={"help": "your own evaluation file"})
+    text_columns: list[str] | None = field(default=None, metadata={
+        "help": "comma-separated text column(s) of your files"})
+    label_column: str | None = field(default=None, metadata={"help": "label column of your files"})
+    template: str | None = field(default=None, metadata={
+        "help": "prompt template over your columns, e.g. '{review} It was'"})
+    label_words: list[str] | None = field(default=None, metadata={
+        "help": "comma-separated answer words, one per label (sorted label order)"})
+    dataset: str | None = field(default=None, metadata={
+        "help": "a hub dataset name (needs network and `pip install datasets`)"})
+    dataset_config: str | None = field(default=None, metadata={"help": "its config name"})
+    task_name: str | None = field(default=None, metadata={  # the default: tasks.file_task_name
+        "help": "name of your file's task in metrics and reports (default: the file's stem without a split word, "
+                "or its folder's name for train.tsv and the like)"})
     # instruction data in users' files, instead of text_columns and label_column
-    prompt_column: str | None = None
-    completion_column: str | None = None
-    messages_column: str | None = None  # a conversation, rendered with the tokenizer's chat template
+    prompt_column: str | None = field(default=None, metadata={
+        "help": "instruction data: the prompt column of your files (with --completion-column; loss on the "
+                "completion only, scored by generation: token F1, exact match, ROUGE-L, loss, perplexity)"})
+    completion_column: str | None = field(default=None, metadata={
+        "help": "instruction data: the completion column (the answer to learn after the prompt)"})
+    messages_column: str | None = field(default=None, metadata={
+        "help": "chat data: a column of [{role, content}, ...] messages rendered with the tokenizer's chat "
+                "template; the last assistant message is the completion, the messages before it the prompt"})
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
@@ -172,9 +157,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self._check_types()
-        for name, valid in CHOICES.items():
-            if getattr(self, name) not in valid:
-                raise ValueError(f"{name} {getattr(self, name)!r} is not one of: {', '.join(valid)}")
+        for f in fields(self):
+            valid = f.metadata.get("choices")
+            if valid and getattr(self, f.name) not in valid:
+                raise ValueError(f"{f.name} {getattr(self, f.name)!r} is not one of: {', '.join(valid)}")
         for name in POSITIVE:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")

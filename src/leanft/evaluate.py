@@ -5,23 +5,20 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate.utils import gather_object
-from peft import PeftModel
 from torch.nn.parallel import DistributedDataParallel
 
-from . import models, objectives, tasks
+from . import objectives, tasks
 from .config import TrainConfig
-from .loading import Loaded, accelerator, check_adapter_config, load_tasks, read_json
-from .precision import dtype_of
+from .loading import Loaded, load_saved, read_json
 from .runfolder import predictions_file
-from .tasks.collate import cut_rows, encode, generation_prompts, to_device
+from .tasks import load_tasks
+from .tasks.collate import generation_prompts, to_device
 
 
 @torch.no_grad()
@@ -44,7 +41,7 @@ def evaluate(run: Loaded, task: tasks.Task, examples: list[dict],
                 if task.answer_loss:
                     out = list(zip(out, *answer_nll(run, task, chunk)))
             else:
-                batch = encode(task, chunk, run.tokenizer, cfg.max_length, run.decoder)
+                batch = run.tokenized.batch(task, chunk)
                 _, scores = objectives.batch_loss(run.net, to_device(batch, run.device), run.decoder)
                 out = [int(s.argmax()) for s in scores]
         preds += list(zip(idx, out))
@@ -87,8 +84,7 @@ def _prediction_rows(run: Loaded, task: tasks.Task, examples: list[dict], values
 def answer_nll(run: Loaded, task: tasks.Task, examples: list[dict]) -> tuple[list[float], list[int]]:
     """Per example, the negative log-likelihood summed over the gold answer's tokens (EOS included) and
     their count, as training scores them: a token-weighted loss and perplexity come from the sums."""
-    batch = to_device(encode(task, examples, run.tokenizer, run.cfg.max_length, run.decoder, training=True),
-                      run.device)
+    batch = to_device(run.tokenized.batch(task, examples, training=True), run.device)
     net = run.net.module if isinstance(run.net, DistributedDataParallel) else run.net  # ranks run unequal counts
     token_logp = net(batch["input_ids"], batch["attention_mask"], batch["rows"], batch["cols"], batch["targets"])
     n = len(examples)
@@ -146,7 +142,7 @@ def truncated_rows(run: Loaded, task: tasks.Task, examples: list[dict], training
     """Which of ``examples`` are cut to fit, read as training or as evaluation reads them (generation tasks:
     the prompt to generate from and, with ``answer_loss``, the gold answer scored after it)."""
     cfg = run.cfg
-    cut = cut_rows(task, examples, run.tokenizer, cfg.max_length, run.decoder, training)
+    cut = run.tokenized.cut(task, examples, training)
     if task.kind == "generation" and not training:
         generated = generation_prompts(task, examples, run.tokenizer, cfg.max_length, cfg.max_new_tokens)[1]
         cut = [g or (c and task.answer_loss) for g, c in zip(generated, cut)]
@@ -161,29 +157,6 @@ def _how_cut(run: Loaded) -> str:
     if run.decoder:
         return "their prompts are cut from the left, the answers kept whole (raise --max-length to keep more)"
     return "their texts are cut from the end (raise --max-length to keep more)"
-
-
-def _load_adapter(base, adapter_dir: Path, model_name: str):
-    """``PeftModel.from_pretrained``, with an adapter made for another base model (wrong shapes, missing
-    modules or layers) refused in one sentence instead of a state-dict traceback or a warning."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            model = PeftModel.from_pretrained(base, adapter_dir)
-        except (RuntimeError, ValueError) as e:
-            first = str(e).strip().splitlines()[0][:300]
-            raise ValueError(f"the adapter in {adapter_dir} does not fit the base model {model_name!r} that its "
-                             f"leanft_run.json names ({first})") from e
-    missing = [w for w in caught if "missing adapter keys" in str(w.message)]
-    if missing:
-        keys = re.findall(r"'([^']+)'", str(missing[0].message))
-        raise ValueError(f"the adapter in {adapter_dir} does not fit the base model {model_name!r}: Found missing "
-                         f"adapter keys while loading the checkpoint: {len(keys)} keys, e.g. {keys[0]!r}"
-                         if keys else f"the adapter in {adapter_dir} does not fit the base model {model_name!r}: "
-                         f"{str(missing[0].message).splitlines()[0][:300]}")
-    for w in caught:
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return model
 
 
 def evaluate_saved(adapter_dir: str | Path, cfg: TrainConfig, base_model: str | None = None) -> dict[str, dict[str, float]]:
@@ -202,23 +175,11 @@ def evaluate_saved(adapter_dir: str | Path, cfg: TrainConfig, base_model: str | 
     if not (cfg.train_file or cfg.dataset or cfg.task):
         cfg.task = ",".join(info["tasks"])
     task_data = load_tasks(cfg)
-    accel = accelerator()
-    decoder = models.model_kind(cfg.model) == "causal"
-    num_labels = max(t.num_labels for t, _ in task_data)
-    dtype = dtype_of(cfg.dtype)
-    if (adapter_dir / "adapter_config.json").is_file():
-        check_adapter_config(adapter_dir)  # before the base model is loaded (and blamed)
-        base, tokenizer = models.load_model(cfg.model, num_labels=num_labels, dtype=dtype)
-        model = _load_adapter(base, adapter_dir, cfg.model)
-    else:
-        model, tokenizer = models.load_model(str(adapter_dir), num_labels=num_labels, dtype=dtype,
-                                             task="causal" if decoder else "seq_cls")
-    model = model.to(accel.device).eval()
-    run = Loaded(model, objectives.network(model, decoder), tokenizer, decoder, accel, cfg)
+    run = load_saved(adapter_dir, cfg, max(t.num_labels for t, _ in task_data))
     report_truncation(run, task_data, ("eval",), file=sys.stderr)
     results = {t.name: evaluate(run, t, splits.eval, predictions_file(adapter_dir, t.name, "eval"))
                for t, splits in task_data}
-    if accel.is_main_process:
+    if run.accelerator.is_main_process:
         print(f"predictions: {', '.join(str(predictions_file(adapter_dir, t.name, 'eval')) for t, _ in task_data)}",
               file=sys.stderr)
     return results

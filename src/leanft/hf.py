@@ -14,13 +14,12 @@ share of the queries, so a run equals a single-process run with the same global 
 is a permutation drawn from the seed and epoch, ``EpochPermutation``, the same for any process count); FSDP and
 DeepSpeed, which shard the tensors each process perturbs whole, are refused. ``fp16``/``bf16`` set the forwards'
 autocast; no loss scaler runs (there are no gradients), and no ``grad_norm`` is logged. Checkpoints hold
-the weights plus the engine's state (lr scale after rollbacks, its rollback copy), so
-``resume_from_checkpoint`` continues exactly.
+the weights plus the engine's ``state_dict`` (lr scale after rollbacks, its rollback copy), written and read
+as ``leanft train`` writes and reads it, so ``resume_from_checkpoint`` continues exactly.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -30,14 +29,14 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import DistributedType
-from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from . import checkpoint
 from .optim import decays, lamda_tuner, start_anchors
 from .zo import ZOEngine, query_schedule
 
-ZO_STATE, ZO_GOOD = "leanft_zo_state.json", "leanft_zo_good.safetensors"
+ZO_ENGINE = "leanft_zo_engine.pt"  # the engine's state_dict, in each checkpoint-N folder
 SCHEDULES = ("fixed", "adazeta")
 logger = logging.getLogger(__name__)
 
@@ -236,29 +235,17 @@ class ZOTrainingMixin:
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def save_zo_state(self, folder: Path) -> None:
-        e = self.engine
-        state = {"lr_scale": e.lr_scale, "good_steps": e.good_steps, "rollbacks": e.rollbacks,
-                 "running_loss": e.running_loss, "names": [n for n, _ in e.named]}
-        (folder / ZO_STATE).write_text(json.dumps(state, indent=1))
-        if e.good is not None:
-            save_file({n: g.detach().cpu().contiguous() for (n, _), g in zip(e.named, e.good)}, str(folder / ZO_GOOD))
+        """The engine's ``state_dict`` beside the Trainer's checkpoint (the Trainer saves the weights)."""
+        checkpoint.write_object(folder / ZO_ENGINE, self.engine.state_dict())
 
     def load_zo_state(self, folder: Path) -> None:
-        e, file = self.engine, folder / ZO_STATE
+        file = folder / ZO_ENGINE
         if not file.is_file():
-            warnings.warn(f"{folder} holds no {ZO_STATE}: the divergence guard restarts (lr scale 1, no rollback "
-                          "copy), so the resumed run may differ from an uninterrupted one", stacklevel=2)
+            warnings.warn(f"{folder} holds no {ZO_ENGINE} (a checkpoint of another trainer, or of an older leanft): "
+                          "the divergence guard restarts (lr scale 1, the weights as its rollback copy), so the "
+                          "resumed run may differ from an uninterrupted one", stacklevel=2)
             return
-        state = json.loads(file.read_text())
-        if state["names"] != [n for n, _ in e.named]:
-            raise ValueError(f"{file} was written for other trainable parameters than this model's")
-        e.lr_scale, e.good_steps, e.rollbacks = state["lr_scale"], state["good_steps"], state["rollbacks"]
-        e.running_loss = state["running_loss"]
-        if e.good is not None and (folder / ZO_GOOD).is_file():
-            good = load_file(str(folder / ZO_GOOD))
-            with torch.no_grad():
-                for (n, _), g in zip(e.named, e.good):
-                    g.copy_(good[n])
+        self.engine.load_state_dict(checkpoint.read_object(file, "the zeroth-order engine's state"))
 
 
 class _SFTMetrics:

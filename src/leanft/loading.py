@@ -1,91 +1,35 @@
-"""From a ``TrainConfig`` to what a run is made of: the tasks with their splits and the adapted model."""
+"""How a run gets its model, in the order it happens:
+
+1. the name (``cfg.model``: a built-in name, a folder, a hub id or a ``.gguf`` file) gives the base model
+   and its tokenizer in ``cfg.dtype`` (``models.load_model``), with a classification head as wide as the
+   widest task for an encoder;
+2. the method is applied (``methods.apply_method``): what trains, every trainable tensor in float32;
+3. the model moves to the accelerator's device (``accelerator``);
+4. ``Loaded`` holds it with the network whose forward gives the loss and how it computes (autocast to
+   ``cfg.dtype``).
+
+``leanft eval`` loads a saved adapter instead of applying a method (``load_saved``); ``check_adapter_config``
+checks the adapter's own file first. A run's data comes from ``tasks.load_tasks``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, replace
+import re
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from peft import PeftModel
 from torch import nn
 
 from . import methods, models, objectives, tasks
 from .config import TrainConfig
 from .precision import Precision, dtype_of
-
-
-@dataclass
-class Loaded:
-    """A model ready to be trained or scored: the adapted ``model``, the ``net`` whose forward gives the
-    loss (``objectives.network``), its tokenizer, whether it is a decoder, and the accelerator it runs on.
-    ``precision`` says how it computes (autocast to ``cfg.dtype``)."""
-
-    model: nn.Module
-    net: nn.Module
-    tokenizer: object
-    decoder: bool
-    accelerator: Accelerator
-    cfg: TrainConfig
-
-    @property
-    def device(self) -> torch.device:
-        return self.accelerator.device
-
-    @property
-    def precision(self) -> Precision:
-        return Precision(self.cfg.dtype, self.device.type)
-
-
-def accelerator() -> Accelerator:
-    return Accelerator(cpu=models.default_device().type == "cpu")  # on CPU: gloo under torchrun
-
-
-def load_tasks(cfg: TrainConfig) -> list[tuple[tasks.Task, tasks.Splits]]:
-    """The tasks of a run: a hub dataset, the user's ``train_file``, or the comma-separated ``cfg.task``,
-    whose entries are built-in task names or users' files (one mixture, e.g. ``sst2,notes.jsonl``). Every
-    one is sampled by ``num_train``, ``num_dev`` and ``num_eval`` alike."""
-    if cfg.dataset:
-        return [_named(cfg, tasks.hub_task(cfg.dataset, config=cfg.dataset_config, num_train=cfg.num_train,
-                                           num_dev=cfg.num_dev, num_eval=cfg.num_eval, seed=cfg.seed,
-                                           **_classification_columns(cfg)))]
-    if cfg.train_file:
-        return [_users_task(cfg, cfg.train_file, cfg.eval_file)]
-    loaded = [_users_task(cfg, name, None) if tasks.is_data_file(name) else
-              (tasks.get_task(name), tasks.load_splits(name, cfg.num_train, cfg.num_dev, cfg.num_eval, cfg.seed))
-              for name in cfg.task.split(",")]
-    names = [t.name for t, _ in loaded]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise ValueError(f"task name(s) {twice} appear more than once in --task {cfg.task!r} (a file is named by "
-                         "its stem, or its folder for a stem like 'train'): rename the file(s)")
-    return loaded
-
-
-def _classification_columns(cfg: TrainConfig) -> dict:
-    if not cfg.text_columns or not cfg.label_column:
-        raise ValueError("users' data needs text_columns and label_column (--text-columns, --label-column), or "
-                         "for instruction data --prompt-column and --completion-column, or --messages-column")
-    return {"text_columns": cfg.text_columns, "label_column": cfg.label_column, "template": cfg.template,
-            "label_words": cfg.label_words}
-
-
-def _users_task(cfg: TrainConfig, path: str, eval_file: str | None) -> tuple[tasks.Task, tasks.Splits]:
-    """A users' file as an instruction task when instruction columns are set, else as a classification task."""
-    sizes = {"num_train": cfg.num_train, "num_dev": cfg.num_dev, "num_eval": cfg.num_eval, "seed": cfg.seed}
-    if not cfg.instruction:
-        return _named(cfg, tasks.user_task(path, eval_file, **sizes, **_classification_columns(cfg)))
-    tokenizer = models.load_tokenizer(cfg.model) if cfg.messages_column else None
-    return _named(cfg, tasks.instruction_task(path, eval_file, prompt_column=cfg.prompt_column,
-                                              completion_column=cfg.completion_column,
-                                              messages_column=cfg.messages_column, tokenizer=tokenizer, **sizes))
-
-
-def _named(cfg: TrainConfig, loaded: tuple[tasks.Task, tasks.Splits]) -> tuple[tasks.Task, tasks.Splits]:
-    """The users' task renamed ``cfg.task_name`` when given (it is the run's only one: ``TrainConfig``)."""
-    task, splits = loaded
-    return (replace(task, name=cfg.task_name) if cfg.task_name else task), splits
+from .tasks.collate import Tokenized
 
 
 def build_model(cfg: TrainConfig, task_list: list[tasks.Task]):
@@ -105,6 +49,38 @@ def load(cfg: TrainConfig, task_list: list[tasks.Task], accel: Accelerator) -> L
     model, tokenizer, decoder = build_model(cfg, task_list)
     model.to(accel.device)
     return Loaded(model, objectives.network(model, decoder), tokenizer, decoder, accel, cfg)
+
+
+def accelerator() -> Accelerator:
+    return Accelerator(cpu=models.default_device().type == "cpu")  # on CPU: gloo under torchrun
+
+
+@dataclass
+class Loaded:
+    """A model ready to be trained or scored: the adapted ``model``, the ``net`` whose forward gives the
+    loss (``objectives.network``), its tokenizer, whether it is a decoder, and the accelerator it runs on.
+    ``precision`` says how it computes (autocast to ``cfg.dtype``); ``tokenized`` keeps the examples' token
+    ids once made (``tasks.collate.Tokenized``), shared by training and every evaluation."""
+
+    model: nn.Module
+    net: nn.Module
+    tokenizer: object
+    decoder: bool
+    accelerator: Accelerator
+    cfg: TrainConfig
+    tokenized: Tokenized | None = None  # None: a new one, for this tokenizer and cfg.max_length
+
+    def __post_init__(self) -> None:
+        if self.tokenized is None:
+            self.tokenized = Tokenized(self.tokenizer, self.cfg.max_length, self.decoder)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def precision(self) -> Precision:
+        return Precision(self.cfg.dtype, self.device.type)
 
 
 # adapter_config.json keys whose defaults would silently give other adapter shapes than the saved weights have
@@ -161,3 +137,44 @@ def check_adapter_config(adapter_dir: Path) -> None:
         config_cls(**data)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from e
+
+
+def _load_adapter(base, adapter_dir: Path, model_name: str):
+    """``PeftModel.from_pretrained``, with an adapter made for another base model (wrong shapes, missing
+    modules or layers) refused in one sentence instead of a state-dict traceback or a warning."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model = PeftModel.from_pretrained(base, adapter_dir)
+        except (RuntimeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0][:300]
+            raise ValueError(f"the adapter in {adapter_dir} does not fit the base model {model_name!r} that its "
+                             f"leanft_run.json names ({first})") from e
+    missing = [w for w in caught if "missing adapter keys" in str(w.message)]
+    if missing:
+        keys = re.findall(r"'([^']+)'", str(missing[0].message))
+        raise ValueError(f"the adapter in {adapter_dir} does not fit the base model {model_name!r}: Found missing "
+                         f"adapter keys while loading the checkpoint: {len(keys)} keys, e.g. {keys[0]!r}"
+                         if keys else f"the adapter in {adapter_dir} does not fit the base model {model_name!r}: "
+                         f"{str(missing[0].message).splitlines()[0][:300]}")
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return model
+
+
+def load_saved(adapter_dir: Path, cfg: TrainConfig, num_labels: int) -> Loaded:
+    """A run's saved ``best/`` folder, ready to score: its adapter on the base model ``cfg.model`` (the
+    adapter's own config checked first, so that a bad file is not blamed on the base model), or the
+    fully fine-tuned model it holds; on the accelerator's device, in eval mode."""
+    accel = accelerator()
+    decoder = models.model_kind(cfg.model) == "causal"
+    dtype = dtype_of(cfg.dtype)
+    if (adapter_dir / "adapter_config.json").is_file():
+        check_adapter_config(adapter_dir)
+        base, tokenizer = models.load_model(cfg.model, num_labels=num_labels, dtype=dtype)
+        model = _load_adapter(base, adapter_dir, cfg.model)
+    else:
+        model, tokenizer = models.load_model(str(adapter_dir), num_labels=num_labels, dtype=dtype,
+                                             task="causal" if decoder else "seq_cls")
+    model = model.to(accel.device).eval()
+    return Loaded(model, objectives.network(model, decoder), tokenizer, decoder, accel, cfg)

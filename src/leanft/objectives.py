@@ -2,7 +2,8 @@
 
 Path of one training micro-batch (``leanft.train`` builds it, ``leanft.optim`` minimises it):
 
-1. ``tasks.collate.task_batches`` turns ``(task, example)`` pairs into one encoded batch per task.
+1. ``tasks.collate.task_batches`` turns ``(task, example)`` pairs into one encoded batch per task, from
+   token ids that ``tasks.collate.Tokenized`` made once per example and keeps for the run.
    Decoders get the prompt followed by the answer candidates and, for every candidate token, the
    ``(row, col, target, slot)`` position that predicts it; encoders get ``(text_a, text_b)`` pairs.
 2. ``network(model, decoder)`` wraps a decoder in ``CandidateLogProbs``: it runs the transformer and

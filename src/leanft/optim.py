@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,8 +33,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from transformers import get_scheduler
 
-from . import checkpoint
 from .tuners import LamdaModel
+from .tuners.common import StartCopies
 from .zo import ZOEngine
 
 Objective = Callable[[nn.Module, Any], torch.Tensor]
@@ -47,20 +46,11 @@ def decays(param: torch.Tensor) -> bool:
 
 
 def start_anchors(model: nn.Module) -> dict[int, torch.Tensor]:
-    """``id(param) -> its frozen start`` for adapter tensors whose start is not zero: tuner layers name
-    their frozen copies in ``start_copies`` (trainable container -> copy container)."""
+    """``id(param) -> its frozen start`` for adapter tensors whose start is not zero (``StartCopies`` layers)."""
     anchors = {}
     for layer in model.modules():
-        for trained, copy in getattr(layer, "start_copies", {}).items():
-            trained, copy = getattr(layer, trained), getattr(layer, copy)
-            for key in trained:
-                if key not in copy:
-                    continue
-                if isinstance(trained[key], nn.Module):
-                    starts = dict(copy[key].named_buffers())
-                    anchors.update({id(p): starts[n] for n, p in trained[key].named_parameters()})
-                else:
-                    anchors[id(trained[key])] = copy[key]
+        if isinstance(layer, StartCopies):
+            anchors.update(layer.start_anchors())
     return anchors
 
 
@@ -109,6 +99,8 @@ class FirstOrder:
     """
 
     shard = True  # each process trains on its own slice of the global batch
+    random = True  # dropout draws from each process's RNG: a checkpoint keeps every process's states
+    kind = "first-order (AdamW)"
 
     def __init__(self, model: nn.Module, net: nn.Module, objective: Objective, lr: float, *, weight_decay: float = 0.0,
                  scheduler: str = "constant", warmup_steps: int = 0, total_steps: int = 1, accelerator=None,
@@ -125,6 +117,7 @@ class FirstOrder:
         self.model, self.objective, self.net = model, objective, net
         self._wrap()
         self.after_step = after_step(model, total_steps) if method_schedule else (lambda done: None)
+        self.steps = 0  # steps taken (the method's schedule is re-applied at this count on a resume)
 
     def _wrap(self) -> None:
         """(Re)build the DDP wrapper over the parameters that train now (several processes only)."""
@@ -161,6 +154,7 @@ class FirstOrder:
         ``nonfinite`` processes and their losses. So does a non-finite gradient behind finite losses (the
         row's ``nonfinite`` is ``"gradient"``), except in float16, where the scaler skips that step."""
         self.net.train()
+        self.steps = step + 1
         losses = []
         for m, batch in enumerate(micro_batches):
             last = m == len(micro_batches) - 1
@@ -226,28 +220,22 @@ class FirstOrder:
                     if p.grad is not None:
                         p.sub_(group["lr"] * group["towards_start"] * (p - self.anchors[id(p)]))
 
-    def save(self, out: Path, state: dict) -> None:
-        """Called by every process at the same step: each one's RNG states (its own dropout stream) are
-        gathered into the checkpoint, which the first process writes."""
-        rngs = None  # one process: checkpoint.save takes this one's
-        if self.world > 1:
-            rngs = [None] * self.world if self.rank == 0 else None
-            dist.gather_object(checkpoint.rng_states(), rngs, dst=0)
-        if self.rank != 0:
-            return
-        extra = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+    def state_dict(self) -> dict:
+        """AdamW's moments, the lr schedule, the loss scaler and the steps taken: with the trainable tensors
+        and each process's RNG states (the run folder saves those), a resume continues exactly."""
+        state = {"kind": self.kind, "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "steps": self.steps}
         if self.scaler is not None:
-            extra["scaler"] = self.scaler.state_dict()
-        checkpoint.save(out, state, self.model, extra, rngs)
-
-    def resume(self, out: Path) -> dict:
-        state, extra = checkpoint.load(out, self.model, rank=self.rank, world=self.world)
-        self.optimizer.load_state_dict(extra["optimizer"])
-        self.scheduler.load_state_dict(extra["scheduler"])
-        if self.scaler is not None and "scaler" in extra:
-            self.scaler.load_state_dict(extra["scaler"])
-        self._method_schedule(state["step"])  # re-apply what the schedule had reached (LaMDA's freezing)
+            state["scaler"] = self.scaler.state_dict()
         return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        self.steps = state["steps"]
+        self._method_schedule(self.steps)  # re-apply what the method's schedule had reached (LaMDA's freezing)
 
 
 class ZerothOrder:
@@ -256,18 +244,20 @@ class ZerothOrder:
 
     ``queries(epoch)`` is the schedule's query count; with ``max_forwards`` the last step's queries are
     cut so the run spends exactly that many forward passes (one fewer when a step's overflow check, a
-    forward of its own, left an odd number). A row's ``forwards`` are those of its step. ``stage`` (of a
-    sequential run) is part of every query's seed. With a ``log`` every step is appended to it,
-    and ``resume`` replays the log to the exact parameters.
+    forward of its own, left an odd number). A row's ``forwards`` are those of its step, its ``lr`` the one
+    the step used (the schedule's, halved after a rollback until the guard doubles it back). ``stage`` (of a
+    sequential run) is part of every query's seed.
     """
 
     shard = False
+    random = False  # directions come from seeds, in eval mode: no RNG state to keep
+    kind = "zeroth-order"
 
     def __init__(self, model: nn.Module, net: nn.Module, objective: Objective, lr: float, *, eps: float = 1e-3,
                  weight_decay: float = 0.0, seed: int = 0, blowup: float = 0.0, recover: int = 10,
                  max_rollbacks: int = 5, queries: Callable[[int], int] = lambda epoch: 1, max_forwards: int = 0,
-                 scheduler: str = "constant", warmup_steps: int = 0, total_steps: int = 1, log: checkpoint.ZOLog | None = None,
-                 resuming: bool = False, autocast: Callable = contextlib.nullcontext, stage: int = 0) -> None:
+                 scheduler: str = "constant", warmup_steps: int = 0, total_steps: int = 1,
+                 autocast: Callable = contextlib.nullcontext, stage: int = 0) -> None:
         if max_forwards % 2:
             raise ValueError(f"--max-forwards {max_forwards} is odd: each zeroth-order query costs 2 forward "
                              "passes, so only an even budget can be spent exactly")
@@ -277,10 +267,8 @@ class ZerothOrder:
         self.autocast = autocast
         self.dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)  # carries the lr schedule
         self.scheduler = get_scheduler(scheduler, self.dummy, warmup_steps, total_steps)
-        self.model, self.net, self.objective, self.log = model, net, objective, log
+        self.model, self.net, self.objective = model, net, objective
         self.schedule, self.max_forwards, self.forwards = queries, max_forwards, 0
-        if log is not None and not resuming:
-            log.begin(model)
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
@@ -302,22 +290,18 @@ class ZerothOrder:
         self.forwards += spent
         self.dummy.step()
         self.scheduler.step()
-        if self.log is not None:
-            self.log.append(record)
-        return {"loss": record.loss, "queries": len(record.seeds), "forwards": spent,
+        return {"loss": record.loss, "lr": record.lr, "queries": len(record.seeds), "forwards": spent,
                 "projected_grad": float(np.mean(record.grads)),
                 "updated_params": 0 if record.rolled_back else self.engine.numel,
                 **({"rolled_back": True, "diverged": self.engine.why} if record.rolled_back else {})}
 
-    def save(self, out: Path, state: dict) -> None:
-        """Called by every process; the first writes (the log, not random states, rebuilds the run)."""
-        if self.log is None or self.log.main:
-            checkpoint.save(out, state)
+    def state_dict(self) -> dict:
+        """The engine's state, the lr schedule and the forward passes spent: with the trainable tensors, a
+        resume continues exactly (directions come from seeds; no RNG state is involved)."""
+        return {"kind": self.kind, "engine": self.engine.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "forwards": self.forwards}
 
-    def resume(self, out: Path) -> dict:
-        state, _ = checkpoint.load(out)
+    def load_state_dict(self, state: dict) -> None:
+        self.engine.load_state_dict(state["engine"])
+        self.scheduler.load_state_dict(state["scheduler"])
         self.forwards = state["forwards"]
-        for _ in self.log.replay(self.model, self.engine, state["step"]):
-            self.dummy.step()
-            self.scheduler.step()
-        return state

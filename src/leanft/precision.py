@@ -7,7 +7,7 @@ scales the loss (``Precision.scaler``, a ``torch.amp.GradScaler``) so small grad
 Full fine-tuning in low precision therefore keeps float32 master weights (the whole model becomes
 float32, computing in the low dtype). The one exception is full-model zeroth-order training (MeZO),
 whose point is inference memory: it keeps the low-precision weights and rounds its perturbations and
-updates stochastically (``stochastic_round``; see ``leanft.zo``).
+updates stochastically (``leanft.zo.stochastic_round``).
 """
 
 from __future__ import annotations
@@ -57,21 +57,3 @@ class Precision:
     def scaler(self) -> torch.amp.GradScaler | None:
         """A loss scaler for float16 first-order training (bfloat16 has float32's range and needs none)."""
         return torch.amp.GradScaler(self.device) if self.low is torch.float16 else None
-
-
-def stochastic_round(value: torch.Tensor, dtype: torch.dtype, uniform: torch.Tensor) -> torch.Tensor:
-    """``value`` (float32) rounded to ``dtype`` up or down at random, with ``E[result] = value``.
-
-    Each element goes to the nearest representable number, or to the neighbour on ``value``'s other side
-    with probability ``|value - nearest| / |neighbour - nearest|``, decided by ``uniform`` (U[0, 1) of
-    ``value``'s shape). Rounding to nearest would drop every change below half a unit in the last place:
-    in bfloat16, adding 1e-3 to 1.0 does nothing.
-    """
-    if dtype == torch.float32:
-        return value.clone()
-    nearest = value.to(dtype)
-    toward = torch.where(value > nearest.float(), float("inf"), float("-inf")).to(dtype)
-    neighbour = torch.nextafter(nearest, toward)
-    gap = neighbour.float() - nearest.float()
-    p = torch.where(gap != 0, (value - nearest.float()) / gap, torch.zeros_like(value))
-    return torch.where(uniform < p, neighbour, nearest)

@@ -52,9 +52,12 @@ class StopSignals:
             raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: stopped at once; the last checkpoint, if "
                                     "any, is kept")
 
-    def agreed(self) -> int:
-        """The signal every process stops for, 0 for none: under data parallelism one tiny all-gather, so that
-        processes signalled at different steps all stop at the same one."""
+    def agreed(self, save_due: bool = False) -> tuple[int, bool]:
+        """The signal every process stops for (0 for none), and whether the first process's ``save_due`` holds
+        (its clock says a time-based checkpoint is due: each process has its own clock, and the first one's
+        decides for all). Under data parallelism one tiny all-gather answers both, so that processes
+        signalled at different steps all stop at the same one."""
         if self.accel.num_processes == 1:
-            return self.signum
-        return int(self.accel.gather(torch.tensor([self.signum], device=self.accel.device)).max())
+            return self.signum, save_due
+        every = self.accel.gather(torch.tensor([[self.signum, int(save_due)]], device=self.accel.device))
+        return int(every[:, 0].max()), bool(every[0, 1])

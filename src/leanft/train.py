@@ -1,13 +1,14 @@
 """The training loop: every method, one loop, read top to bottom.
 
-A run (``train``) loads its tasks and the adapted model (``leanft.loading``), evaluates before training,
-then trains in one stage (a mixture of tasks) or one stage per task (``sequential``). In a stage, each
-step:
+A run (``train``) loads its tasks (``tasks.load_tasks``) and the adapted model (``leanft.loading``),
+evaluates before training, then trains in one stage (a mixture of tasks) or one stage per task
+(``sequential``). In a stage, each step:
 
 1. takes the next ``batch_size`` examples of a seeded per-epoch order (``grad_accum`` micro-batches;
    under data-parallel first-order training each process takes its slice of the global batch);
 2. encodes them (``tasks.collate.task_batches``: prompt + answer candidates with the positions of the
-   candidate tokens, or encoder text pairs);
+   candidate tokens, or encoder text pairs), from token ids made once per example and run
+   (``Loaded.tokenized``; the truncation report makes them before training starts);
 3. has the updater (``leanft.optim``) compute the loss (``objectives.mean_loss``: cross-entropy over the
    candidates' mean log-likelihoods, or the gold continuation's negative log-likelihood) and update.
    First-order: forward and backward of each micro-batch (gradients averaged, synchronised by DDP),
@@ -17,8 +18,9 @@ step:
    ``theta -= lr * mean_q((l+ - l-) / (2 eps) z_q)``: forward passes only, no gradients;
 4. logs a row to ``metrics.jsonl``; every ``eval_every`` steps evaluates on dev (``leanft.evaluate``),
    keeps the best adapter in ``best/``, stops early after ``patience`` evaluations without progress; at
-   evaluations and every ``save_every`` steps or minutes it checkpoints atomically (``leanft.checkpoint``)
-   so that ``resume`` continues exactly where it stopped.
+   evaluations and every ``save_every`` steps or minutes it checkpoints (``leanft.runfolder``, which owns
+   the output folder: the updater's ``state_dict`` and tensors, written atomically) so that ``resume``
+   continues exactly where it stopped.
 
 A non-finite first-order loss on any process stops every process with the last good checkpoint kept; a
 zeroth-order step that diverges is rolled back by the engine. The best adapter is evaluated at the end.
@@ -36,17 +38,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
-from . import checkpoint, methods, objectives, optim, tasks
+from . import methods, objectives, optim, runfolder, tasks
 from .config import DEFAULT_LR, TrainConfig, save_cadence
 from .evaluate import evaluate, report_truncation
-from .loading import Loaded, accelerator, load, load_tasks
-from .measure.report import plot_curves
-from .measure.system import machine, peak_memory
-from .runfolder import claim_output, clear_output, predictions_file, run_data
+from .loading import Loaded, accelerator, load
+from .runfolder import claim_output, clear_output, plot_curves, predictions_file, run_data
 from .stops import Interrupted, StopSignals
+from .system import machine, peak_memory
+from .tasks import load_tasks
 from .tasks.collate import task_batches
 from .zo import query_schedule
 
@@ -143,7 +144,7 @@ def run_all(cfg: TrainConfig, accel, out: Path, stop: StopSignals) -> dict:
     for stage_no, stage in enumerate(stages):
         stage_out = out / (f"stage{stage_no}" if cfg.sequential else "")
         result = run_stage(run, stage_no, stage, stage_out)
-        signum = stop.agreed()  # the stage's last step was checkpointed
+        signum, _ = stop.agreed()  # the stage's last step was checkpointed
         if signum:
             raise Interrupted(signum, result["steps"], stage_out)
         done = {k: done[k] + result[k] for k in done}
@@ -181,7 +182,7 @@ def run_all(cfg: TrainConfig, accel, out: Path, stop: StopSignals) -> dict:
     return metrics
 
 
-def make_updater(run: Run, total_steps: int, out: Path, resuming: bool, stage_no: int = 0):
+def make_updater(run: Run, total_steps: int, stage_no: int = 0):
     """AdamW, or SPSA for zeroth-order methods (``--optimizer zo``), minimising ``objectives.mean_loss``."""
     cfg, loaded = run.cfg, run.loaded
     objective = lambda net, batches: objectives.mean_loss(net, batches, loaded.decoder)  # noqa: E731
@@ -198,8 +199,7 @@ def make_updater(run: Run, total_steps: int, out: Path, resuming: bool, stage_no
     updater = optim.ZerothOrder(loaded.model, loaded.net, objective, run.lr, eps=cfg.zo_eps, seed=cfg.seed,
                                 blowup=cfg.zo_blowup, recover=cfg.zo_recover,
                                 max_rollbacks=cfg.zo_max_rollbacks, queries=queries, max_forwards=cfg.max_forwards,
-                                log=checkpoint.ZOLog(out, run.main), resuming=resuming, stage=stage_no, **common)
-    loaded.accelerator.wait_for_everyone()
+                                stage=stage_no, **common)
     return updater
 
 
@@ -218,14 +218,14 @@ def run_stage(run: Run, stage_no: int, stage: list[int], out: Path) -> dict:
     per_epoch = max(1, math.ceil(len(train_set) / micro))
     total_steps = cfg.max_steps or max(1, math.ceil(per_epoch * cfg.epochs / cfg.grad_accum))
     out.mkdir(parents=True, exist_ok=True)
-    resuming = cfg.resume and checkpoint.exists(out)
+    resuming = cfg.resume and runfolder.has_checkpoint(out)
     if cfg.resume and not resuming and run.main:
         print(f"--resume: no checkpoint in {out}; this stage starts at step 0")
-    updater = make_updater(run, total_steps, out, resuming, stage_no)
+    updater = make_updater(run, total_steps, stage_no)
     state = {"step": 0, "best": None, "bad_evals": 0, "examples": 0, "train_time_s": 0.0, "stopped": False,
              "forwards": 0}
     if resuming:
-        state = updater.resume(out)
+        state = runfolder.resume(out, updater, loaded.accelerator)
         if run.main:
             print(f"resumed from {out / 'checkpoint'} at step {state['step']}")
     if cfg.resume:
@@ -254,13 +254,13 @@ def run_stage(run: Run, stage_no: int, stage: list[int], out: Path) -> dict:
             if updater.shard:
                 idx = idx[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
             micro_batches.append(task_batches([train_set[i] for i in idx], [t for t, _ in run.task_data],
-                                              loaded.tokenizer, cfg.max_length, loaded.decoder, loaded.device))
+                                              loaded.tokenized, loaded.device))
         # 3. loss and update
         lr_now = updater.lr()
         row = {"stage": stage_no, "step": state["step"] + 1, "lr": lr_now,
                **updater.step(state["step"], epoch, micro_batches)}
         if row.get("nonfinite"):
-            kept = (f"the last good checkpoint is in {out / 'checkpoint'}" if checkpoint.exists(out)
+            kept = (f"the last good checkpoint is in {out / 'checkpoint'}" if runfolder.has_checkpoint(out)
                     else "no checkpoint was written yet")
             if row["nonfinite"] == "gradient":  # all-reduced: every process holds the same gradient
                 what = (f"the gradient became non-finite (norm {row['grad_norm']}) at step {state['step']} with a "
@@ -296,7 +296,7 @@ def run_stage(run: Run, stage_no: int, stage: list[int], out: Path) -> dict:
             if state["best"] is None or score > state["best"]:
                 state["best"], state["bad_evals"] = score, 0
                 if run.main:
-                    checkpoint.save_best(out, loaded.model, loaded.tokenizer,
+                    runfolder.save_best(out, loaded.model, loaded.tokenizer,
                                          {"model": cfg.model, "method": cfg.method, "tasks": dev_names,
                                           "step": state["step"], "dev": dev, "data": run_data(cfg, stage)})
             else:
@@ -305,15 +305,14 @@ def run_stage(run: Run, stage_no: int, stage: list[int], out: Path) -> dict:
             if run.main:
                 stop = " (early stop)" if state["stopped"] else ""
                 bar.write(f"step {state['step']}: dev {json.dumps(dev)}{stop}")
-        signum = run.stop.agreed()  # SIGINT/SIGTERM on any process: all checkpoint this step and stop
+        clock = bool(save_seconds) and time.perf_counter() - last_save >= save_seconds
+        signum, clock = run.stop.agreed(clock)  # SIGINT/SIGTERM on any process: all checkpoint this step and stop
         if run.main:
             with open(run.log, "a") as f:
                 f.write(json.dumps(row) + "\n")
-        due = signum or at_eval or (save_steps and state["step"] % save_steps == 0)
-        if save_seconds and not due:  # each process has its own clock: the first one's decides for all
-            due = broadcast_object_list([time.perf_counter() - last_save >= save_seconds])[0]
+        due = signum or at_eval or (save_steps and state["step"] % save_steps == 0) or clock
         if due:  # every process takes part: each one's random states go into the checkpoint
-            updater.save(out, state)
+            runfolder.save_checkpoint(out, updater, state, loaded.accelerator)
             last_save = time.perf_counter()
         loaded.accelerator.wait_for_everyone()
         if signum:
@@ -321,7 +320,7 @@ def run_stage(run: Run, stage_no: int, stage: list[int], out: Path) -> dict:
             raise Interrupted(signum, state["step"], out)
     bar.close()
     if state["best"] is not None:  # evaluate the best adapter, not the last one
-        checkpoint.load_best_weights(out / "best", loaded.model)
+        runfolder.load_best(out, loaded.model)
     return {"steps": state["step"], "examples": state["examples"], "train_time_s": state["train_time_s"],
             "forwards": state["forwards"]}
 

@@ -26,7 +26,7 @@ Choices where the sources leave room (all configurable):
   given ``z``; the update ``theta <- SR(theta - lr * mean_q p_q z_q)`` moves along the intended ``z``,
   so ``E[p z] = E[z (z + r)^T] grad = grad``: unbiased (moving along ``z + r`` would scale each
   coordinate by ``1 + var(r)``). Random numbers are drawn per parameter in chunks of ``CHUNK``
-  elements from seeds, so no full-size float32 temporary exists and replay stays exact.
+  elements from seeds, so no full-size float32 temporary exists and an update depends on its seeds alone.
 * Float32 adapters under autocast: a perturbed forward computes the modules around float32 trainable
   tensors (adapter layers, TT heads, trained norms) in float32, their frozen base layers as before
   (``_float32_compute``). Autocast would cast those tensors to bfloat16 where they are used, and a
@@ -45,8 +45,8 @@ Choices where the sources leave room (all configurable):
   divergence). ``max_rollbacks`` rollbacks in a row stop the run with an
   error; ``max_rollbacks=0`` turns the guard off (the first divergent step stops the run), as do
   full-model sets too large to keep a rollback copy.
-* Replay: every step is logged as (seeds, projected gradients, lr); the start state plus the log
-  rebuilds the exact parameters (``replay``), which is how a ZO run resumes.
+* State: the engine's own state (``state_dict``) is the guard's books and its rollback copy; with the
+  trainable tensors it resumes a run exactly, since every direction is regenerated from a seed.
 """
 
 from __future__ import annotations
@@ -60,8 +60,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-
-from .precision import stochastic_round
 
 
 def query_schedule(epoch: int, alpha: float = 0.85, beta: float = 0.45, q_max: int = 20, q_min: int = 1) -> int:
@@ -86,7 +84,7 @@ CHUNK = 1 << 18
 
 @dataclass
 class ZOStep:
-    """What one step did: enough to replay it."""
+    """What one step did: its queries' seeds and projected gradients, the lr it used, its loss."""
 
     step: int
     seeds: list[int]
@@ -371,14 +369,59 @@ class ZOEngine:
         self.lr_scale *= 0.5
         self.good_steps = 0
 
-    def replay(self, records: list[ZOStep]) -> None:
-        """Re-apply logged steps to the start state: the exact parameters, lr scale and counters of the
-        logged run."""
-        for r in records:
-            if r.rolled_back:
-                self.rollback()
-            else:
-                self._update(r)
+    def state_dict(self) -> dict:
+        """What the engine holds beyond the parameters themselves: the divergence guard's books and its
+        rollback copy. With the trainable tensors it continues a run exactly: directions come from seeds,
+        not from a generator's state. ``device_type`` is where the directions are drawn (CPU and CUDA give
+        different numbers for one seed)."""
+        good = None if self.good is None else {n: g.detach().cpu().clone() for (n, _), g in zip(self.named, self.good)}
+        return {"names": [n for n, _ in self.named], "device_type": device_types(self.params),
+                "lr_scale": self.lr_scale, "good_steps": self.good_steps, "rollbacks": self.rollbacks,
+                "running_loss": self.running_loss, "flat_steps": self.flat_steps, "good": good}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()``'s books, after checking it was written for these trainable tensors."""
+        names = [n for n, _ in self.named]
+        if state.get("names") != names:
+            raise ValueError(f"the zeroth-order state was written for {len(state.get('names') or [])} other trainable "
+                             f"tensors than this model's {len(names)}: was it written for another method or model?")
+        here = device_types(self.params)
+        if state["device_type"] != here:
+            warnings.warn(f"the zeroth-order run drew its directions on {state['device_type']} and continues on {here}: "
+                          "the two generators give different directions for one seed, so the run continues correctly "
+                          "but not as the uninterrupted one would have", stacklevel=2)
+        self.lr_scale, self.good_steps, self.rollbacks = state["lr_scale"], state["good_steps"], state["rollbacks"]
+        self.running_loss, self.flat_steps = state["running_loss"], state["flat_steps"]
+        if self.good is not None and state["good"] is not None:
+            for (n, _), g in zip(self.named, self.good):
+                g.copy_(state["good"][n])
+        elif self.good is not None:  # saved without a rollback copy (guard off then): the parameters now are good
+            for g, p in zip(self.good, self.params):
+                g.copy_(p)
+
+
+def device_types(params) -> str:
+    """The device type(s) the tensors ``params`` live on, as ``"cpu"``, ``"cuda"`` or e.g. ``"cpu+cuda"``."""
+    return "+".join(sorted({p.device.type for p in params}))
+
+
+def stochastic_round(value: torch.Tensor, dtype: torch.dtype, uniform: torch.Tensor) -> torch.Tensor:
+    """``value`` (float32) rounded to ``dtype`` up or down at random, with ``E[result] = value``.
+
+    Each element goes to the nearest representable number, or to the neighbour on ``value``'s other side
+    with probability ``|value - nearest| / |neighbour - nearest|``, decided by ``uniform`` (U[0, 1) of
+    ``value``'s shape). Rounding to nearest would drop every change below half a unit in the last place:
+    in bfloat16, adding 1e-3 to 1.0 does nothing.
+    """
+    if dtype == torch.float32:
+        return value.clone()
+    nearest = value.to(dtype)
+    toward = torch.where(value > nearest.float(), float("inf"), float("-inf")).to(dtype)
+    neighbour = torch.nextafter(nearest, toward)
+    gap = neighbour.float() - nearest.float()
+    p = torch.where(gap != 0, (value - nearest.float()) / gap, torch.zeros_like(value))
+    return torch.where(uniform < p, neighbour, nearest)
 
 
 def _owners(model: torch.nn.Module, params: list[torch.Tensor]) -> list[tuple[torch.nn.Module, str, int]]:

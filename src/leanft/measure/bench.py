@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 from .. import methods, models
+from ..system import machine, save
 from . import tuning
 from .budget import RANK_OPTION, SHORT, Budget, default_dtype, default_rank
 from .report import bench_report
 from .steps import memory_compare
-from .system import machine, save
 
 
 def bench_plan(task_names: list[str], method_names: list[str], ranks: list[int], sweep: list[str],

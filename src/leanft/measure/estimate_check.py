@@ -13,9 +13,9 @@ from torch import nn
 
 from ..methods import ZO_METHODS, apply_method
 from ..models import default_device, load_model, model_kind, task_type
+from ..system import RssSampler, rss_mb
 from .estimate import MB, _weight_bytes, estimate, step_loss
 from .steps import timed_steps, updater
-from .system import RssSampler, rss_mb
 
 CHECK_METHODS = ("full", "lora", "loretta-rep", "loretta-adp", "lamda", "mezo", "adazeta")
 

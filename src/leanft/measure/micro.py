@@ -24,8 +24,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .. import methods as methods_lib
 from ..models import default_device
+from ..system import machine
 from ..tt import TTMatrix
-from .system import machine
 
 HIDDEN_SIZES = (576, 1024, 2048, 4096, 8192)
 LAYER_METHODS = ("lora", "loretta-rep", "loretta-adp", "lamda")

@@ -213,33 +213,6 @@ def plot_memory(mem: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_curves(history: list[dict], path: Path) -> None:
-    """Training loss and dev metric against steps, one PNG."""
-    plt = _pyplot()
-
-    if not history:
-        return
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-    steps, losses = [h["step"] for h in history], [h["loss"] for h in history]
-    ax[0].plot(steps, losses, lw=0.6, alpha=0.4, label="per step")
-    window = max(1, len(losses) // 20)
-    smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-    ax[0].plot(steps[window - 1 :], smooth, lw=1.5, label=f"mean of {window}")
-    ax[0].legend()
-    ax[0].set(xlabel="step", ylabel="training loss", title="loss")
-    dev = [h for h in history if "dev" in h]
-    for name in dict.fromkeys(n for h in dev for n in h["dev"]):  # every task that had a dev set, in order
-        rows = [h for h in dev if name in h["dev"]]
-        key = next(iter(rows[0]["dev"][name]))
-        ax[1].plot([h["step"] for h in rows], [h["dev"][name][key] for h in rows], marker="o", label=f"{name} {key}")
-    ax[1].set(xlabel="step", ylabel="dev metric", title="dev")
-    if dev:
-        ax[1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def estimate_markdown(result: dict) -> str:
     """A Markdown table of ``estimate.paper_scale`` or ``estimate.check_all`` results."""
     rows = result["rows"]

@@ -16,8 +16,8 @@ import torch
 from .. import loading, methods, models, objectives, optim, tasks
 from ..config import TrainConfig
 from ..precision import Precision
+from ..system import RssSampler, machine, release_freed_memory, rss_mb
 from ..tasks.collate import encode, to_device
-from .system import RssSampler, machine, release_freed_memory, rss_mb
 
 DEFAULT_METHODS = ("base", "lora", "loretta-rep", "loretta-adp")
 # (row label, method, mode): "frozen" is a first-order step of LaMDA after its freezing phase (only S trains).
@@ -189,6 +189,16 @@ def memory_child(model_name: str, method: str, mode: str, task_name: str, batch_
             "step_s": round((time.perf_counter() - t0) / steps, 3), **methods.count_parameters(model)}
 
 
+def in_fresh_process(*args, **kwargs) -> dict:
+    """``memory_child(*args, **kwargs)`` in a fresh interpreter, so that no other measurement's peak mixes in; a
+    failure raises ``RuntimeError`` with the child's last line of error."""
+    code = f"import json, leanft.measure.steps as s; print(json.dumps(s.memory_child(*{args!r}, **{kwargs!r})))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError((out.stderr.strip().splitlines() or ["no output"])[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def memory_compare(model_name: str, task_name: str, batch_size: int, steps: int = 3,
                    method_names: list[str] | None = None, dtype: str = "float32") -> dict:
     """``memory_child`` for the entries of ``MEMORY_RUNS`` (those of ``method_names`` when given, plus
@@ -199,15 +209,12 @@ def memory_compare(model_name: str, task_name: str, batch_size: int, steps: int 
             continue
         if mode in ("lm-inference", "zotrainer") and models.model_kind(model_name) != "causal":
             continue  # the Trainer path measured here is language modelling
-        code = (f"import json, leanft.measure.steps as s; print(json.dumps(s.memory_child({model_name!r}, "
-                f"{method!r}, {mode!r}, {task_name!r}, {batch_size}, {steps}, dtype={dtype!r})))")
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        if out.returncode:
-            error = (out.stderr.strip().splitlines() or ["no output"])[-1]
-            print(f"memory of {label} failed: {error}")
-            failed.append({"run": label, "error": error})
-            continue
-        rows.append({"run": label, **json.loads(out.stdout.strip().splitlines()[-1])})
+        try:
+            rows.append({"run": label, **in_fresh_process(model_name, method, mode, task_name, batch_size, steps,
+                                                          dtype=dtype)})
+        except RuntimeError as e:
+            print(f"memory of {label} failed: {e}")
+            failed.append({"run": label, "error": str(e)})
     ref = next((r for r in rows if r["mode"] == "inference"), None)
     if ref is None:
         raise RuntimeError(f"inference of {model_name} failed, the reference of every peak: {failed[0]['error']}")

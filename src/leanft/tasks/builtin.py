@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import functools
 import json
 from pathlib import Path
 
@@ -120,6 +121,18 @@ def get_task(name: str) -> Task:
 
 # ---- reading the files --------------------------------------------------------------------------
 
+def _rows(read, path: Path) -> tuple[dict, ...]:
+    """``read(path)``, parsed once per process and file version: a process that samples a task again (a
+    sequential run, the bench's runs, a test session) reads SST-2's 67k rows once. Callers copy what they
+    sample, so the cached rows are never changed."""
+    return _parsed(read, path, path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed(read, path: Path, version: int) -> tuple[dict, ...]:
+    return tuple(read(path))
+
+
 def _jsonl(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -207,11 +220,11 @@ def load_splits(name: str, num_train: int = 1000, num_dev: int = DEFAULT_DEV, nu
         splits = _e2e_splits(num_train, num_dev, num_eval, seed, data_dir)
     else:
         train_file, eval_file, read = _FILES[task.name]
-        rows = read(data_file(train_file, data_dir))
+        rows = _rows(read, data_file(train_file, data_dir))
         train, dev = split_train_dev(rows, num_train, num_dev, seed)
-        pool = read(data_file(eval_file, data_dir))
-        splits = Splits(train, dev, [pool[i] for i in sample_indices(len(pool), num_eval, seed)],
-                        (len(rows), len(pool)))
+        pool = _rows(read, data_file(eval_file, data_dir))
+        splits = Splits([dict(ex) for ex in train], [dict(ex) for ex in dev],
+                        [dict(pool[i]) for i in sample_indices(len(pool), num_eval, seed)], (len(rows), len(pool)))
     if num_train:
         check_training_left(f"task {name}", splits.train, splits.dev, len(splits.train) + len(splits.dev))
     return splits

@@ -103,6 +103,30 @@ def _output_like_input(module: nn.Module, args: tuple, output):
     return output
 
 
+class StartCopies:
+    """A tuner layer whose trainable tensors may start away from zero and keep frozen copies of that start
+    (LoRETTA's noise-free start, LaMDA's SVD start): weight decay pulls them towards the start, since
+    pulling towards zero would pull the model away from the pretrained one. ``start_copies`` maps each
+    trainable container's attribute to its copy's; an adapter without a copy decays towards zero."""
+
+    start_copies: dict[str, str] = {}
+
+    def start_anchors(self) -> dict[int, torch.Tensor]:
+        """``id(trainable tensor) -> its frozen start``, for the adapters that keep one."""
+        anchors = {}
+        for trained_name, copy_name in self.start_copies.items():
+            trained, copy = getattr(self, trained_name), getattr(self, copy_name)
+            for key in trained:
+                if key not in copy:
+                    continue
+                if isinstance(trained[key], nn.Module):
+                    starts = dict(copy[key].named_buffers())
+                    anchors.update({id(p): starts[n] for n, p in trained[key].named_parameters()})
+                else:
+                    anchors[id(trained[key])] = copy[key]
+        return anchors
+
+
 class LeanftTuner(BaseTuner):
     """BaseTuner with leanft's checks before injection (targets exist, base model matches, norms) and
     the one way its layers are created: ``layer_cls(target, adapter_name, config, name, **layer_kwargs)``.

@@ -8,7 +8,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..common import DeltaLinearMixin, linear_features
+from ..common import DeltaLinearMixin, StartCopies, linear_features
 from .config import LamdaConfig
 
 
@@ -27,7 +27,7 @@ def svd_start(weight: torch.Tensor, r: int, init: str, scale: float) -> tuple[to
     return a.clone(memory_format=torch.contiguous_format), b.clone(memory_format=torch.contiguous_format), s0
 
 
-class LamdaLayer(BaseTunerLayer):
+class LamdaLayer(StartCopies, BaseTunerLayer):
     adapter_layer_names = ("lamda_S", "lamda_B")
     other_param_names = ("lamda_A", "lamda_B0", "lamda_S0", "lamda_B_frozen", "lamda_dropout", "r", "scaling",
                          "lamda_frozen", "freeze_order")

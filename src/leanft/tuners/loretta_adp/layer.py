@@ -10,7 +10,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from ...tt import TTMatrix
-from ..common import linear_features, param_device, shape_for
+from ..common import StartCopies, linear_features, param_device, shape_for
 from ..tt_head import TTHead
 from .config import LorettaAdpConfig
 
@@ -37,7 +37,7 @@ class TTAdapter(nn.Module):
         return TTAdapter(self.down.frozen_copy(), self.up.frozen_copy(), self.non_linearity, self.scaling)
 
 
-class LorettaAdpLayer(BaseTunerLayer):
+class LorettaAdpLayer(StartCopies, BaseTunerLayer):
     adapter_layer_names = ("loretta_adp_adapter",)
     other_param_names = ("loretta_adp_adapter0", "loretta_adp_dropout", "placement")
     # trainable adapters -> their frozen start, towards which weight decay pulls. Only the noise-free start

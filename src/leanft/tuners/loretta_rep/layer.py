@@ -7,12 +7,12 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ...tt import TTMatrix
-from ..common import DeltaLinearMixin, check_rank, linear_features, param_device, shape_for
+from ..common import DeltaLinearMixin, StartCopies, check_rank, linear_features, param_device, shape_for
 from ..tt_head import TTHead
 from .config import LorettaRepConfig
 
 
-class LorettaRepLayer(BaseTunerLayer):
+class LorettaRepLayer(StartCopies, BaseTunerLayer):
     adapter_layer_names = ("loretta_rep_A", "loretta_rep_B")
     other_param_names = ("loretta_rep_A0", "loretta_rep_B0", "loretta_rep_dropout", "r", "scaling")
     # trainable factors -> their frozen start, towards which weight decay pulls. Only the noise-free start

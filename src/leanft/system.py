@@ -1,4 +1,4 @@
-"""What a measurement ran on, and the peak memory of a process while it works."""
+"""What a process runs on, and its peak memory while it works: a run's metrics and every benchmark report them."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from ..models import default_device
+from .models import default_device
 
 
 def machine(device: str | torch.device | None = None) -> str:
