@@ -103,7 +103,7 @@ def test_lamda_in_a_trainer_freezes_on_schedule_with_or_without_the_callback(tin
 
     whole = make(tmp_path / "cb", [leanft.LamdaCallback()])
     whole.train()
-    with caplog.at_level("INFO", logger="leanft.hf"):
+    with caplog.at_level("INFO", logger="leanft.tuners.lamda.trainer"):
         bare = make(tmp_path / "none", [])
         bare.train()
     for trainer in (whole, bare):

@@ -33,7 +33,7 @@ class LamdaModel(LeanftTuner):
     def forward(self, *args, **kwargs):
         if self.training and torch.is_grad_enabled() and not getattr(self, "_schedule_ran", False):
             if "transformers.trainer" in sys.modules and not getattr(self, "_trainer_checked", False):
-                from ...hf import schedule_lamda_in_trainer  # a Trainer lacking LamdaCallback gets one
+                from .trainer import schedule_lamda_in_trainer  # a Trainer lacking LamdaCallback gets one
 
                 self._trainer_checked = schedule_lamda_in_trainer(self)
             self._unscheduled = getattr(self, "_unscheduled", 0) + 1
