@@ -20,6 +20,10 @@ def one_step(model_dir: str, method: str, dtype: str, lr: float = 1e-2, weight_d
     """The model as ``leanft train`` builds it, its trainable tensors before, and the last of two steps."""
     cfg = TrainConfig(model=model_dir, method=method, dtype=dtype, method_options=OPTIONS.get(method, {}))
     task = tasks.get_task("sst2")
+    # a fixed init, not whatever the tests before left in the RNG: with some (1 in 80) a LoRETTA_adp adapter of
+    # the tiny model has received no gradient but its zero-initialised last core's after two steps, in float32
+    # as in bfloat16 (seed 67), which is the adapter's start and the tiny model, not the precision under test
+    torch.manual_seed(0)
     model, tokenizer, decoder = loading.build_model(cfg, [task])
     net = objectives.network(model, decoder)
     batch = encode(task, tasks.load_splits("sst2", 4, 0, 0).train, tokenizer, 64, decoder, training=True)
