@@ -259,9 +259,10 @@ def read_object(path: Path, holds: str) -> dict:
 
 
 def _own_rng(ckpt: Path, extra: dict, rank: int, world: int, allow_inexact: bool) -> tuple[dict | None, Path | None]:
-    """Process ``rank``'s saved RNG states and the file they are in (None for a run that saved none). A checkpoint of another number of
-    processes is refused: neither the processes' random streams (dropout) nor their shares of every batch
-    would continue as in the uninterrupted run; ``allow_inexact`` resumes with a warning."""
+    """Process ``rank``'s saved RNG states and the file they are in (None for a run that saved none). A
+    checkpoint of another number of processes is refused: neither the processes' random streams (dropout) nor
+    their shares of every batch would continue as in the uninterrupted run; ``allow_inexact`` resumes with a
+    warning."""
     extra_file = ckpt / "optimizer.pt"
     if "rng" in extra:  # written by an older leanft: the first process's states, in optimizer.pt
         saved, path = 1, extra_file
@@ -317,9 +318,8 @@ def load(out: Path, model: nn.Module | None = None, *, allow_inexact: bool = Fal
     extra = read_object(extra_file, "the optimiser state")
     check(extra, extra_file)
     rng, rng_file = _own_rng(ckpt, extra, rank, world, allow_inexact)
-    if rng is not None:
-        on_cuda = any(t.device.type == "cuda" for t in targets.values())
-        cuda = _check_rng(rng, rng_file, allow_inexact, on_cuda)
+    on_cuda = any(t.device.type == "cuda" for t in targets.values())
+    cuda = rng is not None and _check_rng(rng, rng_file, allow_inexact, on_cuda)
     _copy(targets, tensors)
     if rng is not None:
         _set_rng(rng, cuda)

@@ -32,7 +32,8 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from . import checkpoint
-from .optim import decays, lamda_tuner, start_anchors
+from .optim import decays, start_anchors
+from .tuners.lamda.schedule import lamda_tuner
 from .tuners.lamda.trainer import LamdaCallback  # noqa: F401  (leanft.LamdaCallback; LaMDA's own)
 from .zo import ZOEngine, query_schedule
 

@@ -33,8 +33,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from transformers import get_scheduler
 
-from .tuners import LamdaModel
 from .tuners.common import StartCopies
+from .tuners.lamda.schedule import lamda_tuner
 from .zo import ZOEngine
 
 Objective = Callable[[nn.Module, Any], torch.Tensor]
@@ -62,12 +62,6 @@ def param_groups(model: nn.Module, weight_decay: float, anchored: dict[int, torc
             {"params": [p for p in trainable if decays(p) and id(p) in anchored], "weight_decay": 0.0,
              "towards_start": weight_decay},
             {"params": [p for p in trainable if not decays(p)], "weight_decay": 0.0}]
-
-
-def lamda_tuner(model: nn.Module) -> LamdaModel | None:
-    """The LaMDA tuner of a PEFT model, or None: the one method with a schedule of its own."""
-    tuner = getattr(model, "base_model", None)
-    return tuner if isinstance(tuner, LamdaModel) else None
 
 
 def trainable_now(model: nn.Module) -> int:
@@ -117,7 +111,7 @@ class FirstOrder:
         self.model, self.objective, self.net = model, objective, net
         self._wrap()
         self.after_step = after_step(model, total_steps) if method_schedule else (lambda done: None)
-        self.steps = 0  # steps taken (the method's schedule is re-applied at this count on a resume)
+        self.forwards = 0  # forward passes taken, one per micro-batch
 
     def _wrap(self) -> None:
         """(Re)build the DDP wrapper over the parameters that train now (several processes only)."""
@@ -154,7 +148,7 @@ class FirstOrder:
         ``nonfinite`` processes and their losses. So does a non-finite gradient behind finite losses (the
         row's ``nonfinite`` is ``"gradient"``), except in float16, where the scaler skips that step."""
         self.net.train()
-        self.steps = step + 1
+        self.forwards += len(micro_batches)
         losses = []
         for m, batch in enumerate(micro_batches):
             last = m == len(micro_batches) - 1
@@ -221,21 +215,23 @@ class FirstOrder:
                         p.sub_(group["lr"] * group["towards_start"] * (p - self.anchors[id(p)]))
 
     def state_dict(self) -> dict:
-        """AdamW's moments, the lr schedule, the loss scaler and the steps taken: with the trainable tensors
-        and each process's RNG states (the run folder saves those), a resume continues exactly."""
+        """AdamW's moments, the lr schedule, the loss scaler and the forward passes taken: with the trainable
+        tensors and each process's RNG states (the run folder saves those), a resume continues exactly."""
         state = {"kind": self.kind, "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "steps": self.steps}
+                 "scheduler": self.scheduler.state_dict(), "forwards": self.forwards}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         return state
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, step: int) -> None:
+        """``state_dict()``'s state back, at the loop's ``step``, where the method's schedule is re-applied
+        (LaMDA's freezing)."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
-        self.steps = state["steps"]
-        self._method_schedule(self.steps)  # re-apply what the method's schedule had reached (LaMDA's freezing)
+        self.forwards = state["forwards"]
+        self._method_schedule(step)
 
 
 class ZerothOrder:
@@ -301,7 +297,8 @@ class ZerothOrder:
         return {"kind": self.kind, "engine": self.engine.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "forwards": self.forwards}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, step: int) -> None:
+        """``state_dict()``'s state back (``step``: the loop's, which the engine's state does not depend on)."""
         self.engine.load_state_dict(state["engine"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.forwards = state["forwards"]

@@ -143,8 +143,8 @@ def resume(out: Path, updater, accel) -> dict:
 
     state, extra = checkpoint.load(out, updater.model, rank=accel.process_index, world=accel.num_processes,
                                    check=same_kind)
-    extra.setdefault("steps", state["step"])  # a first-order checkpoint of an older leanft
-    updater.load_state_dict(extra)
+    extra.setdefault("forwards", state.get("forwards", 0))  # older leanft: the loop kept the count
+    updater.load_state_dict(extra, state["step"])
     return state
 
 
@@ -169,15 +169,21 @@ def load_best(out: Path, model: nn.Module) -> None:
         model.load_state_dict({k: v for f in files for k, v in load_file(str(f)).items()}, strict=False)
 
 
-def plot_curves(history: list[dict], path: Path) -> None:
-    """Training loss and dev metric against steps, one PNG (``curves.png``)."""
-    if not history:
-        return
-    import matplotlib  # only here: the run's one plot
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, imported on first use (runs and reports plot)."""
+    import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    """Training loss and dev metric against steps, one PNG (``curves.png``)."""
+    if not history:
+        return
+    plt = pyplot()
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
     steps, losses = [h["step"] for h in history], [h["loss"] for h in history]
     ax[0].plot(steps, losses, lw=0.6, alpha=0.4, label="per step")

@@ -222,8 +222,7 @@ def run_stage(run: Run, stage_no: int, stage: list[int], out: Path) -> dict:
     if cfg.resume and not resuming and run.main:
         print(f"--resume: no checkpoint in {out}; this stage starts at step 0")
     updater = make_updater(run, total_steps, stage_no)
-    state = {"step": 0, "best": None, "bad_evals": 0, "examples": 0, "train_time_s": 0.0, "stopped": False,
-             "forwards": 0}
+    state = {"step": 0, "best": None, "bad_evals": 0, "examples": 0, "train_time_s": 0.0, "stopped": False}
     if resuming:
         state = runfolder.resume(out, updater, loaded.accelerator)
         if run.main:
@@ -272,9 +271,8 @@ def run_stage(run: Run, stage_no: int, stage: list[int], out: Path) -> dict:
             raise FloatingPointError(f"{what}; every process stops; {kept}: lower the learning rate and resume")
         # 4. bookkeeping, evaluation, checkpoint
         state["step"] += 1
-        state["forwards"] = state.get("forwards", 0) + (row["forwards"] if zo else len(micro_batches))
-        row["forwards"] = state["forwards"]
-        if zo and cfg.max_forwards and state["forwards"] > cfg.max_forwards - 2:  # no query fits any more
+        row["forwards"] = updater.forwards  # the run's so far (the updater counts them)
+        if zo and cfg.max_forwards and updater.forwards > cfg.max_forwards - 2:  # no query fits any more
             total_steps = state["step"]  # budget spent: this is the last step (evaluate, save)
         dt = time.perf_counter() - t0
         n_all = sum(n for batches in micro_batches for n, _ in batches) * (1 if zo else world)
@@ -322,7 +320,7 @@ def run_stage(run: Run, stage_no: int, stage: list[int], out: Path) -> dict:
     if state["best"] is not None:  # evaluate the best adapter, not the last one
         runfolder.load_best(out, loaded.model)
     return {"steps": state["step"], "examples": state["examples"], "train_time_s": state["train_time_s"],
-            "forwards": state["forwards"]}
+            "forwards": updater.forwards}
 
 
 def forgetting(stage_results: list[dict]) -> dict[str, float]:

@@ -374,7 +374,7 @@ class ZOEngine:
         rollback copy. With the trainable tensors it continues a run exactly: directions come from seeds,
         not from a generator's state. ``device_type`` is where the directions are drawn (CPU and CUDA give
         different numbers for one seed)."""
-        good = None if self.good is None else {n: g.detach().cpu().clone() for (n, _), g in zip(self.named, self.good)}
+        good = None if self.good is None else {n: g.detach().to("cpu", copy=True) for (n, _), g in zip(self.named, self.good)}
         return {"names": [n for n, _ in self.named], "device_type": device_types(self.params),
                 "lr_scale": self.lr_scale, "good_steps": self.good_steps, "rollbacks": self.rollbacks,
                 "running_loss": self.running_loss, "flat_steps": self.flat_steps, "good": good}

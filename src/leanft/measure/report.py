@@ -9,18 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from .. import methods
+from ..runfolder import pyplot
 from .budget import SHORT, Budget
 from .tuning import summary_table
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-
-    return plt
 
 
 def text_table(rows: list[dict], columns: list[str]) -> str:
@@ -68,7 +59,7 @@ def plot_runs(metric_files: list[Path], path: Path) -> None:
     Each ``X.json`` needs its log beside it as ``X.jsonl`` (the run's ``metrics.jsonl``); the loss is
     a running mean over a twentieth of the run, so zeroth-order noise does not hide the trend.
     """
-    plt = _pyplot()
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for f in map(Path, metric_files):
@@ -154,7 +145,7 @@ def task_table(task: str, runs: list[dict]) -> list[str]:
 def plot_task(out: Path, task: str, runs: list[dict]) -> list[Path]:
     """A task's plots: accuracy against trainable parameters (log axis; a method's rank sweep is one
     line), first-order training loss, and zeroth-order loss against forward passes."""
-    plt = _pyplot()
+    plt = pyplot()
 
     ok = [r for r in runs if not r.get("failed")]
     if not ok:
@@ -198,7 +189,7 @@ def plot_task(out: Path, task: str, runs: list[dict]) -> list[Path]:
 
 def plot_memory(mem: dict, path: Path) -> None:
     """Peak memory of one step per method as bars, with inference as the reference line."""
-    plt = _pyplot()
+    plt = pyplot()
 
     rows = mem["rows"]
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.2))

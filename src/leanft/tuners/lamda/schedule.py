@@ -83,3 +83,9 @@ def lamda_ranks(model: nn.Module, config: LamdaConfig) -> dict[str, int]:
         high.append(min(size, config.r_max or size))
     budget = config.rank_budget or config.r * len(targets)
     return dict(zip(targets, allocate(ks, budget, [config.r_min] * len(ks), high)))
+
+
+def lamda_tuner(model: nn.Module):
+    """The LaMDA tuner of a PEFT model (the one tuner with a schedule of its own, ``update_freezing``), or None."""
+    tuner = getattr(model, "base_model", None)
+    return tuner if hasattr(tuner, "update_freezing") else None

@@ -9,14 +9,9 @@ import sys
 
 from transformers import Trainer, TrainerCallback
 
+from .schedule import lamda_tuner
+
 logger = logging.getLogger(__name__)
-
-
-def _tuner(model):
-    """The LaMDA tuner of a PEFT model, or None (known by its schedule: this module is imported by the
-    tuner's own forward, so it does not import the tuner)."""
-    tuner = getattr(model, "base_model", None)
-    return tuner if hasattr(tuner, "update_freezing") else None
 
 
 class LamdaCallback(TrainerCallback):
@@ -25,13 +20,13 @@ class LamdaCallback(TrainerCallback):
     that trains a LaMDA model without it gets it at its first training forward."""
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        tuner = _tuner(model)
+        tuner = lamda_tuner(model)
         if tuner is None:
             raise ValueError("LamdaCallback needs a model made with leanft.LamdaConfig (get_peft_model)")
         tuner.update_freezing(state.global_step, state.max_steps)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        tuner = _tuner(model)
+        tuner = lamda_tuner(model)
         if tuner is not None and state.global_step:  # resumed: re-apply what the schedule had reached
             tuner.update_freezing(state.global_step, state.max_steps)
 
