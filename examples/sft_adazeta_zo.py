@@ -4,12 +4,13 @@
     python examples/sft_adazeta_zo.py                           # SmolLM2-135M, E2E-style data, 40 steps
     torchrun --nproc_per_node 2 examples/sft_adazeta_zo.py --batch-size 4   # the same run on two processes
 
-Forward passes only: no gradients, no optimiser state, the memory of inference. TRL does the data
+Forward passes only: no gradients, no optimiser state (sgd, the default), the memory of inference. TRL does the data
 (prompt-completion pairs, loss on the completion only); leanft's engine does the SPSA step, the same
 one ``leanft train --method adazeta`` runs. AdaZeta's adapters are LoRETTA_adp's with norms frozen and
 the noise-free start; ``zo_schedule="adazeta"`` raises the query count with the epoch (``--queries N``
 takes N every step instead). On several processes each evaluates its share of the queries on the whole
-batch, so the result is that of one process with the same global batch.
+batch, so the result is that of one process with the same global batch. ``--optimizer`` picks another
+zeroth-order rule (``zo_optimizer``; e.g. ``--optimizer adam``, which keeps two moments per trainable weight).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from trl import SFTConfig
 
 import leanft
 from leanft import tasks
+from leanft.zo import OPTIMIZERS
 
 
 def e2e_pairs(n: int) -> Dataset:
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None):
     p.add_argument("--bottleneck", type=int, default=64)
     p.add_argument("--epochs", type=float, default=0, help="> 0: train for epochs (AdaZeta's queries grow with them)")
     p.add_argument("--queries", type=int, default=0, help="> 0: this many queries every step, not AdaZeta's schedule")
+    p.add_argument("--optimizer", default="sgd", choices=tuple(OPTIMIZERS),
+                   help="the zeroth-order rule (fzoo needs --queries 2 or more)")
     args = p.parse_args(argv)
 
     model, tokenizer = leanft.models.load_model(args.model)
@@ -53,7 +57,8 @@ def main(argv: list[str] | None = None):
                          use_cpu=not torch.cuda.is_available())  # processes on CPUs talk through gloo only then
     schedule = {"zo_schedule": "fixed", "zo_queries": args.queries} if args.queries else {"zo_schedule": "adazeta"}
     trainer = leanft.ZOSFTTrainer(model=model, args=training, train_dataset=e2e_pairs(args.examples),
-                                  processing_class=tokenizer, peft_config=config, zo_eps=1e-3, **schedule)
+                                  processing_class=tokenizer, peft_config=config, zo_eps=1e-3,
+                                  zo_optimizer=args.optimizer, **schedule)
     trainer.train()
     trainer.save_model(f"{args.output_dir}/adapter")
     trainer.save_state()  # trainer_state.json: the logged loss, queries, entropy, token accuracy and tokens

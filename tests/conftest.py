@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import os
 import sys
@@ -70,6 +71,18 @@ def forked(fn, *args, out: Path, err: Path | None = None) -> int:
     process.start()
     process.join(900)
     return process.exitcode
+
+
+def reloaded(engine, fresh):
+    """``fresh`` given ``engine``'s trainable tensors and ``state_dict``, through bytes as a checkpoint keeps them."""
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach() for p in engine.params], "state": engine.state_dict()}, buffer)
+    saved = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    with torch.no_grad():
+        for p, s in zip(fresh.params, saved["params"]):
+            p.copy_(s)
+    fresh.load_state_dict(saved["state"])
+    return fresh
 
 
 def free_port() -> str:

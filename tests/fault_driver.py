@@ -2,6 +2,8 @@
 
     python tests/fault_driver.py kill CONFIG.json STEP MICRO   # SIGKILL itself in that step's micro-batch
                                                                # (test_faults.in_child: main(argv) in a fork)
+    python tests/fault_driver.py kill CONFIG.json STEP MICRO --zo-optimizer adam ...   # the same under
+                                                               # `leanft train --config CONFIG.json FLAGS`
     python tests/fault_driver.py term CONFIG.json STEP MICRO   # SIGTERM itself there, under `leanft train`
     torchrun --nproc_per_node 2 tests/fault_driver.py plan PLAN.json OUT   # runs in turn, one process group
 
@@ -111,7 +113,10 @@ def main(argv: list[str]) -> None:
     if mode == "kill":
         config, step, micro = json.loads(Path(argv[1]).read_text()), int(argv[2]), int(argv[3])
         FAULT.update(kind="kill", steps=[step], micro=micro)
-        train.train(TrainConfig(**config))
+        if argv[4:]:  # flags: through the command line, which reads them over the config file
+            cli.main(["train", "--config", argv[1], *argv[4:]])
+        else:
+            train.train(TrainConfig(**config))
         raise SystemExit("the run ended without reaching the step it was to be killed at")
     if mode == "term":  # through the command line, whose exit code and resume command the test reads
         step, micro = int(argv[2]), int(argv[3])

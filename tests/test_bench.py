@@ -7,7 +7,7 @@ from conftest import forked, tiny_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from leanft import cli, objectives, system, train
-from leanft.measure import bench, budget, report, steps
+from leanft.measure import bench, budget, report, steps, tuning
 
 
 def test_step_times_cover_first_and_zeroth_order_methods(tiny_llama_dir):
@@ -113,6 +113,10 @@ def print_memory(args: tuple, kwargs: dict) -> None:
     print(json.dumps(steps.memory_child(*args, **kwargs)))
 
 
+def print_measure(function: str, args: tuple, kwargs: dict) -> None:
+    print(json.dumps(getattr(steps, function)(*args, **kwargs)))
+
+
 @pytest.fixture
 def forked_children(monkeypatch, tmp_path):
     """The bench's children (each run, each memory measurement: a fresh interpreter each, so that no two peaks
@@ -131,8 +135,15 @@ def forked_children(monkeypatch, tmp_path):
             raise RuntimeError((err.read_text().strip().splitlines() or ["no output"])[-1])
         return json.loads(out.read_text().strip().splitlines()[-1])
 
+    def measure_child(function: str, *args, **kwargs) -> dict:
+        out, err = tmp_path / "measure.out", tmp_path / "measure.err"
+        if forked(print_measure, function, args, kwargs, out=out, err=err):
+            raise RuntimeError((err.read_text().strip().splitlines() or ["no output"])[-1])
+        return json.loads(out.read_text().strip().splitlines()[-1])
+
     monkeypatch.setattr(bench, "run_child", run_child)
     monkeypatch.setattr(steps, "in_fresh_process", in_fresh_process)
+    monkeypatch.setattr(bench, "measure_child", measure_child)
 
 
 @pytest.mark.slow
@@ -144,6 +155,8 @@ def test_the_benchs_children_are_fresh_interpreters_whose_failures_come_back(tmp
     assert status == 1 and "unknown model 'no-such-model'" in said and said in capsys.readouterr().out
     with pytest.raises(RuntimeError, match="unknown model 'no-such-model'"):
         steps.in_fresh_process("no-such-model", "lora", "first-order", "sst2", 2, 1)
+    with pytest.raises(RuntimeError, match="unknown model 'no-such-model'"):
+        bench.measure_child("zo_step_cost", "no-such-model", "sst2", "mezo-lora")
 
 
 @pytest.mark.slow
@@ -160,6 +173,8 @@ def test_bench_on_a_tiny_model_writes_results_report_and_plots_and_resumes(tiny_
     assert "## sst2 (accuracy)" in text and "| zero-shot |" in text and "| lora | r=2 |" in text
     assert f"exactly {smoke.forwards} training forward passes" in text and "| mezo-lora |" in text
     assert "Peak memory of one step" in text and "| inference |" in text
+    forward = json.loads((out / "forward.json").read_text())  # one training forward of each ZO method, timed
+    assert [(r["method"], r["forward_s"] > 0) for r in forward["rows"]] == [("mezo-lora", True)]
     for png in ("accuracy-vs-params-sst2.png", "loss-sst2.png", "zo-convergence-sst2.png", "memory.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG", png
         assert f"({png})" in text
@@ -182,8 +197,6 @@ def test_report_refuses_results_of_two_machines(tmp_path):
 
 def test_the_lr_is_chosen_on_dev_never_on_eval(tmp_path):
     """Two lrs: the one better on dev is kept even though eval would have preferred the other."""
-    from leanft.measure import tuning
-
     logs = {}
     for multiplier, dev in ((0.5, [60.0, 70.0]), (2.0, [55.0, 65.0])):  # eval (not given here) favours 2.0
         logs[multiplier] = tmp_path / f"{multiplier}.jsonl"
@@ -221,29 +234,182 @@ def test_a_run_repeated_with_its_seed_is_identical_and_another_seed_draws_anothe
     assert [r["loss"] for r in rows_other] != [r["loss"] for r in rows]
 
 
-def test_a_zeroth_order_run_of_a_bench_spends_exactly_its_forward_budget(tiny_llama_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("method", "optimizer", "forwards"), [
+    ("mezo-lora", "sgd", 24), ("mezo-lora", "fzoo", 24),  # 2 and 3 forwards a step (Q = 2, one-sided + centre)
+    ("adazeta", "hizoo", 60)])  # AdaZeta's schedule: Q = 1 (3 forwards) for 7 epochs of 2 steps, then Q = 2 (5)
+def test_a_zeroth_order_run_of_a_bench_spends_exactly_its_forward_budget(tiny_llama_dir, tmp_path, monkeypatch,
+                                                                          method, optimizer, forwards):
     """Methods compare at equal compute: a zeroth-order run trains past its epochs until exactly ``forwards``
-    training forward passes are spent (counted where the loss is computed; evaluation is not included)."""
+    training forward passes are spent (counted where the loss is computed; evaluation is not included), and
+    picks its checkpoint on a dev set evaluated along the run, as the bench planned it."""
     real, calls = objectives.mean_loss, []
     monkeypatch.setattr(objectives, "mean_loss", lambda *args: calls.append(1) or real(*args))
+    spent = budget.parse_budget(f"smoke,forwards={forwards},dev=4")
+    run = next(r for r in bench.bench_plan(["sst2"], [method], [], [], "CAUSAL_LM", [optimizer])
+               if r["zo"]["zo_optimizer"] == optimizer)
     # a step cap far above the budget: a run that ignored the budget would fail here, not run 1e9 steps
-    metrics, rows = bench_run(tiny_llama_dir, "mezo-lora", budget.parse_budget("smoke,forwards=10"), tmp_path,
-                              "--max-steps", "50")
-    assert metrics["forward_passes"] == len(calls) == rows[-1]["forwards"] == 10
+    small = ["--bottleneck", "8"] if method == "adazeta" else []  # the tiny model is 32 wide
+    metrics, rows = bench_run(tiny_llama_dir, method, spent, tmp_path, "--max-steps", "50", *small, zo=run["zo"])
+    assert metrics["forward_passes"] == len(calls) == rows[-1]["forwards"] == forwards
     assert metrics["examples_seen"] > metrics["rows"]["sst2"]["train"]  # more than one epoch of 8 examples
+    assert metrics["config"]["zo_optimizer"] == optimizer and metrics["rows"]["sst2"]["dev"] == 4
+    steps_taken = metrics["steps"]
+    assert (steps_taken, forwards) == bench.zo_run_spend(run, spent)  # the plan's foresight spaces the dev evals
+    every = budget.eval_every(steps_taken)
+    assert [row["step"] for row in rows if row.get("dev")] == [*range(every, steps_taken, every), steps_taken]
+
+
+def test_a_budget_some_optimiser_cannot_spend_exactly_is_refused_with_ones_that_fit():
+    plan = bench.bench_plan(["sst2"], ["mezo-lora", "adazeta"], [], [], "CAUSAL_LM", ["sgd", "fzoo", "hizoo"])
+    bench.check_forwards(plan, budget.parse_budget("quick,forwards=300"))  # 3 a step for fzoo (Q=2) and hizoo
+    with pytest.raises(ValueError, match=r"forwards=400 .*mezo-lora\+fzoo \(stops at 399\).*exactly: 396, 402"):
+        bench.check_forwards(plan, budget.parse_budget("quick,forwards=400"))
+
+
+def test_plan_runs_every_zeroth_order_method_with_every_optimiser():
+    plan = bench.bench_plan(["sst2"], ["lora", "mezo-lora", "adazeta"], [], [], "CAUSAL_LM", ["sgd", "adam", "fzoo"])
+    assert [r["slug"] for r in plan] == ["lora", "mezo-lora", "mezo-lora+adam", "mezo-lora+fzoo", "adazeta",
+                                         "adazeta+adam", "adazeta+fzoo"]
+    assert {r["set"] for r in plan if r["method"] == "mezo-lora"} == {"mezo-lora"} and "zo" not in plan[0]
+    zo = {r["slug"]: r["zo"] for r in plan[1:]}
+    assert zo["mezo-lora+adam"] == {"zo_optimizer": "adam"} and "lr" not in plan[1]  # sgd: train's default lr
+    assert plan[2]["lr"] == tuning.ZO_LR["adam"]["adapters"]  # adam's own scale, also when the bench is not tuned
+    assert zo["mezo-lora+fzoo"] == {"zo_optimizer": "fzoo", "zo_queries": 2}  # fzoo needs 2 queries a step
+    # AdaZeta's schedule starts at one query: fzoo on it runs the fixed schedule at 2
+    assert zo["adazeta+fzoo"] == {"zo_optimizer": "fzoo", "zo_schedule": "fixed", "zo_queries": 2}
+    argv = bench.train_argv(plan[3], "m", budget.parse_budget("quick"), "float32", eval_before=False)
+    assert " ".join(argv).endswith("--dtype float32 --lr 1e-07 --num-dev 100 --batch-size 16 --max-steps 1000000000 --max-forwards 300 "
+                                   "--scheduler constant --eval-every 7 --zo-optimizer fzoo --zo-queries 2 "
+                                   "--no-eval-before")  # 100 steps of 3 forwards: dev 15 times
+    queried = bench.bench_plan(["sst2"], ["mezo", "adazeta"], [], [], "CAUSAL_LM", ["sgd", "fzoo"], zo_queries=4)
+    assert [r["zo"].get("zo_queries") for r in queried] == [4, 4, None, 4]  # adazeta schedules its own
+    with pytest.raises(ValueError, match="unknown zeroth-order optimizer 'adamw'; choose from sgd, momentum"):
+        bench.bench_plan(["sst2"], ["mezo"], [], [], "CAUSAL_LM", ["adamw"])
+
+
+def test_a_choice_at_the_grids_edge_trains_the_next_multiple_beyond_it():
+    """Scores rising to 2x then falling: 1 and 2 (edges) each push the grid out once, 4x ends it; a
+    still-rising score stops after three extensions, marked at the edge; the bottom extends downwards."""
+    def fake(scores: dict, trained: list):
+        return lambda m: trained.append(m) or scores.get(m)
+
+    trained = []
+    assert tuning.select([0.25, 0.5, 1.0], fake({0.25: 60, 0.5: 65, 1: 70, 2: 75, 4: 72}, trained)) == (2.0, False)
+    assert trained == [0.25, 0.5, 1.0, 2.0, 4.0]
+    trained = []
+    assert tuning.select([0.5, 1.0, 2.0], fake({m: 10 * m for m in (0.5, 1, 2, 4, 8, 16, 32)}, trained)) == (16.0, True)
+    assert trained == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0]  # 3 extensions, then the report says "at the edge"
+    trained = []
+    assert tuning.select([1.0, 3.0], fake({1: 70, 3: 60, 0.333333: 72, 0.111111: 71}, trained)) == (0.333333, False)
+    assert trained == [1.0, 3.0, 0.333333, 0.111111]  # same ratio (3) downwards, to 6 digits (names stay short)
+    trained = []
+    assert tuning.select([0.5, 1.0, 2.0], fake({0.5: 70, 1: 70, 2: 70}, trained)) == (1.0, False)  # tie: default
+    assert trained == [0.5, 1.0, 2.0]
+    trained = []  # the run past the edge failed (None): worse than any score, the edge becomes interior
+    assert tuning.select([0.5, 1.0], fake({0.5: 60, 1: 70}, trained)) == (1.0, False) and trained == [0.5, 1.0, 2.0]
 
 
 @pytest.mark.slow
-def test_bench_tunes_on_dev_repeats_over_seeds_and_reports_mean_and_sd(tiny_llama_dir, tmp_path, forked_children):
+def test_bench_tunes_on_dev_past_the_grids_edge_repeats_over_seeds_and_resumes(tiny_llama_dir, tmp_path, monkeypatch,
+                                                                               capsys, forked_children):
+    """Dev scores (faked: a tiny random model's dev set of 4 cannot rank lrs) rise to 2x then fall: from the grid
+    1, 2 each group chooses 2x at the edge, trains 4x, keeps 2x, then repeats it with seed 1; first-order and
+    zeroth-order groups alike. An interrupted bench resumes, extension included."""
+    real, fake = tuning.best_dev, {1.0: 65.0, 2.0: 70.0, 4.0: 68.0}
+    monkeypatch.setattr(tuning, "best_dev", lambda log: None if real(log) is None else  # a failed run stays failed
+                        fake[float(log.stem.split("@lr")[1].split("-")[0])])
     out = tmp_path / "out"
-    spent = budget.parse_budget("smoke,dev=4")
-    results = bench.Bench(tiny_llama_dir, ["sst2"], ["lora", "mezo-lora"], spent, out, tmp_path / "work",
-                          memory=False, lr_grid=[0.5, 2.0], seeds=[0, 1]).run()
+    spent = budget.parse_budget("smoke,dev=4,forwards=12")
+
+    def tuned_bench() -> list[dict]:
+        return bench.Bench(tiny_llama_dir, ["sst2"], ["lora", "mezo-lora"], spent, out, tmp_path / "work",
+                           memory=False, lr_grid=[1.0, 2.0], seeds=[0, 1], zo_optimizers=["sign"]).run()
+
+    results = tuned_bench()
     slugs = [r["bench"]["slug"] for r in results]
-    chosen = results[0]["bench"]["chosen"]
-    assert slugs == ["lora@lr0.5-seed0", "lora@lr2-seed0", f"lora@lr{chosen:g}-seed1",
-                     "mezo-lora@lr1-seed0", "mezo-lora@lr1-seed1"]  # no dev set under ZO: no grid
-    assert results[2]["lr"] == pytest.approx(5e-4 * chosen) and results[2]["config"]["seed"] == 1
+    assert slugs == ["lora@lr1-seed0", "lora@lr2-seed0", "lora@lr4-seed0", "lora@lr2-seed1",
+                     "mezo-lora+sign@lr1-seed0", "mezo-lora+sign@lr2-seed0", "mezo-lora+sign@lr4-seed0",
+                     "mezo-lora+sign@lr2-seed1"]
+    assert all(r["bench"]["chosen"] == 2.0 and not r["bench"]["at_edge"] for r in results)
+    assert results[3]["lr"] == pytest.approx(5e-4 * 2) and results[3]["config"]["seed"] == 1
+    assert results[7]["lr"] == pytest.approx(tuning.ZO_LR["sign"]["adapters"] * 2)  # sign's own lr scale
+    assert results[7]["config"]["zo_optimizer"] == "sign" and results[7]["rows"]["sst2"]["dev"] == 4
     text = (out / "README.md").read_text()
-    assert "tuned and repeated" in text and "| lora |" in text and " ± " in text
-    assert (out / "accuracy-vs-params-sst2.png").read_bytes()[:4] == b"\x89PNG"
+    assert "tuned and repeated" in text and "| lora | rank=8 | 0.001 (x2) |" in text and "1: 65.0, 2: 70.0, 4: 68.0" in text
+    assert "| mezo-lora | sign | 0.0002 (x2) |" in text and "![dev-vs-forwards-sst2-mezo-lora]" in text
+    for slug in ("lora@lr4-seed0", "mezo-lora+sign@lr2-seed1"):  # as if interrupted before these
+        (out / "sst2" / f"{slug}.json").unlink()
+    capsys.readouterr()
+    again = tuned_bench()
+    said = capsys.readouterr().out
+    assert [r["bench"]["slug"] for r in again] == slugs and said.count("done already") == 6
+    assert "lora @lr x4: done already" not in said and "mezo-lora+sign @lr x2 seed 1: done already" not in said
+
+
+def test_forwards_to_reach_is_the_first_dev_evaluation_at_or_above_the_target():
+    curve = [(30, 60.0), (60, 70.0), (90, 68.0), (120, 75.0)]
+    assert report.forwards_to_reach(curve, 70.0) == 60 and report.forwards_to_reach(curve, 71.0) == 120
+    assert report.forwards_to_reach(curve, 80.0) is None and report.forwards_to_reach([], 0.0) is None
+
+
+def zo_result(out, optimizer: str, seed: int, multiplier: float, dev: list[float], acc: float, *, role="seed",
+              chosen=1.0, dev_score=None, at_edge=False) -> str:
+    """A zeroth-order run of a bench as ``Bench.train_one`` saves it, with a dev evaluation every 30 forwards."""
+    group = "mezo-lora" if optimizer == "sgd" else f"mezo-lora+{optimizer}"
+    slug = f"{group}@lr{multiplier:g}-seed{seed}"
+    meta = {"task": "sst2", "method": "mezo-lora", "slug": slug, "set": "mezo-lora", "rank_option": "rank", "rank": 8,
+            "options": {}, "zo": {"zo_optimizer": optimizer}, "group": group, "lr": 1e-4 * multiplier,
+            "lr_multiplier": multiplier, "seed": seed, "role": role, "chosen": chosen, "at_edge": at_edge,
+            "dev_score": dev_score}
+    system.save({"model": "m", "method": "mezo-lora", "tasks": ["sst2"], "eval": {"sst2": {"accuracy": acc}},
+                 "eval_before": None, "trainable": 1000, "parameter_updates": 1e5, "peak_memory_mb": 10.0,
+                 "time_per_step_s": 0.3, "examples_per_s": 50.0, "steps": 60, "forward_passes": 120,
+                 "wall_time_s": 30.0, "machine": "x", "lr": 1e-4 * multiplier, "bench": meta},
+                out / "sst2" / f"{slug}.json")
+    rows = [{"step": 15 * (i + 1), "loss": 1.0 - i / 10, "forwards": 30 * (i + 1), "dev": {"sst2": {"accuracy": d}}}
+            for i, d in enumerate(dev)]
+    (out / "sst2" / f"{slug}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return f"sst2/{slug}"
+
+
+def test_the_report_says_which_zeroth_order_optimiser_reaches_sgds_dev_score_in_fewer_forwards(tmp_path):
+    """sgd's seeds end on dev at 70 and 74 (target 72): the first never gets there, so the reference is where
+    their mean curve does (120 forwards); adam reaches 72 at 90 and 30 forwards (mean 60: 0.50x sgd's); sign's
+    second seed never does. Memory was measured for sgd and adam, not sign, and the step time is compared with the forwards'
+    measured time (0.3 s/step over 2 forwards of 0.1 s: 1.5x)."""
+    (tmp_path / "sst2").mkdir()
+    names = [zo_result(tmp_path, "sgd", 0, 1.0, [60, 65, 71, 70], 80.0, role="select", dev_score=71.0),
+             zo_result(tmp_path, "sgd", 1, 1.0, [62, 66, 70, 74], 82.0),
+             zo_result(tmp_path, "adam", 0, 0.5, [60, 61, 62, 63], 70.0, role="select", chosen=2.0, dev_score=63.0,
+                       at_edge=True),
+             zo_result(tmp_path, "adam", 0, 2.0, [65, 70, 74, 75], 85.0, role="select", chosen=2.0, dev_score=75.0,
+                       at_edge=True),
+             zo_result(tmp_path, "adam", 1, 2.0, [72, 73, 74, 75], 87.0, chosen=2.0, at_edge=True),
+             zo_result(tmp_path, "sign", 0, 1.0, [72, 72, 72, 72], 75.0, role="select", dev_score=72.0),
+             zo_result(tmp_path, "sign", 1, 1.0, [60, 61, 62, 63], 71.0)]
+    system.save({"model": "m", "tasks": ["sst2"], "budget": {**vars(budget.parse_budget("smoke,forwards=120,dev=8"))},
+                 "dtype": "float32", "zo_queries": 1, "machine": "x", "torch": "2", "date": "d", "command": "c",
+                 "runs": names}, tmp_path / "bench.json")
+    system.save({"machine": "x", "batch_size": 4, "rows": [{"method": "mezo-lora", "forward_s": 0.1}]},
+                tmp_path / "forward.json")
+    system.save({"machine": "x", "task": "sst2", "batch_size": 4, "device": "cpu", "model": "m",
+                 "rows": [{"run": "inference", "mode": "inference", "method": "full", "peak_mb": 100.0,
+                           "baseline_mb": 50.0, "peak_vs_inference": 1.0, "trainable": 1},
+                          {"run": "mezo-lora", "mode": "zo", "method": "mezo-lora", "zo_optimizer": "sgd",
+                           "peak_mb": 101.0, "baseline_mb": 50.0, "peak_vs_inference": 1.01, "trainable": 1000},
+                          {"run": "mezo-lora, adam", "mode": "zo", "method": "mezo-lora", "zo_optimizer": "adam",
+                           "peak_mb": 105.0, "baseline_mb": 50.0, "peak_vs_inference": 1.05, "trainable": 1000}]},
+                tmp_path / "memory.json")
+    text = report.bench_report(tmp_path)
+    assert ("| trainable set | optimiser | lr chosen | grid (multiplier: best dev) | accuracy mean ± sd | seeds | "
+            "forwards to sgd's final dev | vs sgd | s/step | step / forwards | peak / inference |") in text
+    assert "| mezo-lora | sgd | 0.0001 (x1) | 1: 71.0 | 81.0 ± 1.4 | 2 | not reached |  | 0.3 | 1.50x | 1.010x |" in text
+    assert ("| mezo-lora | adam | 0.0002 (x2) at the edge | 0.5: 63.0, 2: 75.0 | 86.0 ± 1.4 | 2 | 60 | 0.50x | 0.3 | "
+            "1.50x | 1.050x |") in text
+    assert "| mezo-lora | sign | 0.0001 (x1) | 1: 72.0 | 73.0 ± 2.8 | 2 | not reached |  | 0.3 | 1.50x | not measured |" in text
+    assert "| mezo-lora+adam | rank=8 | 0.0002 (x2) at the edge | 86.0 ± 1.4 | 2 |" in text  # so does the tuned table
+    png = "dev-vs-forwards-sst2-mezo-lora.png"
+    assert f"({png})" in text and (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "forward.json").unlink()
+    text = report.bench_report(tmp_path)
+    assert "step / forwards" not in text and "The step-time ratio is left out" in text

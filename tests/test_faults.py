@@ -139,6 +139,65 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_llama_dir, tmp_path
     assert_same(whole, final_state(cut))
 
 
+# every zeroth-order optimiser (leanft.zo.optimizers, on MeZO-LoRA), with settings under which its state carries
+# across a resume: LOZO-M (momentum on LOZO) draws a new subspace at step 3, the first step a run killed in step 3
+# redoes. FZOO's step is lr G / sigma, sigma ~ eps |grad|: its lr is about eps times MeZO's
+ZO_OPTIMIZERS = {"sgd": {}, "momentum": {"zo_momentum": 0.8}, "adam": {"zo_adam_betas": [0.8, 0.99]}, "sign": {},
+                 "fzoo": {}, "hizoo": {"zo_hessian_smoothing": 0.1},
+                 "lozo": {"zo_rank": 2, "zo_interval": 3, "zo_momentum": 0.5}, "sparse": {"zo_sparsity": 0.5}}
+ZO_LR = {"fzoo": 1e-4}
+
+
+def zo_config(model_dir: str, out: Path, name: str, chosen: bool = True, queries: int = 2, **kw) -> TrainConfig:
+    """MeZO-LoRA with ``queries`` a step, at ``name``'s lr, with the zeroth-order optimiser ``name`` (``chosen``)
+    or the default one (for flags to choose)."""
+    options = {"zo_optimizer": name, **ZO_OPTIMIZERS[name]} if chosen else {}
+    return config(model_dir, out, "mezo-lora", zo_queries=queries, lr=ZO_LR.get(name, 1e-2), **options, **kw)
+
+
+def zo_flags(name: str) -> list[str]:
+    """``leanft train`` flags that choose ``name`` with its settings in ``ZO_OPTIMIZERS``."""
+    flags = ["--zo-optimizer", name]
+    for key, value in ZO_OPTIMIZERS[name].items():
+        flags += ["--" + key.replace("_", "-"), ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return flags
+
+
+def logged(out: Path) -> list[dict]:
+    """The run's logged steps, without their timings."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "examples_per_s"} for r in rows]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(ZO_OPTIMIZERS))
+def test_killed_run_of_each_zo_optimizer_resumes_to_the_uninterrupted_result(tiny_llama_dir, tmp_path, name,
+                                                                            one_thread):
+    """`leanft train --zo-optimizer NAME ...` SIGKILLed in step 4 resumes from step 3's checkpoint and ends as the
+    uninterrupted run, row for row and tensor for tensor: the optimiser's state (moments, Adam's step count,
+    HiZOO's Hessian, LOZO's subspace and moment) is in the checkpoint."""
+    train.train(zo_config(tiny_llama_dir, tmp_path / "whole", name))
+    cut = tmp_path / "cut"
+    (tmp_path / "cfg.json").write_text(json.dumps(asdict(zo_config(tiny_llama_dir, cut, name, chosen=False))))
+    status, said = in_child("kill", str(tmp_path / "cfg.json"), "3", "-1", *zo_flags(name))
+    assert status == -9, said[-3000:]
+    assert checkpoint.load(cut)[0]["step"] == 3
+    train.train(zo_config(tiny_llama_dir, cut, name, resume=True))
+    assert_same(final_state(tmp_path / "whole"), final_state(cut))
+    rows = logged(cut)
+    assert rows == logged(tmp_path / "whole")
+    forwards = {"fzoo": 3, "hizoo": 5}.get(name, 4)  # Q + 1 (one-sided), 2Q + 1 (with l0), 2Q; Q = 2
+    assert [r["forwards"] for r in rows] == [forwards * k for k in range(1, 9)]  # counted so far
+    assert not any(r.get("rolled_back") for r in rows)
+
+
+@pytest.mark.slow
+def test_resuming_with_another_zo_optimizer_is_refused_naming_the_one_to_use(tiny_llama_dir, tmp_path):
+    train.train(zo_config(tiny_llama_dir, tmp_path, "adam", max_steps=2))
+    with pytest.raises(ValueError, match="written by optimiser 'adam', not 'momentum': resume with --zo-optimizer adam"):
+        train.train(zo_config(tiny_llama_dir, tmp_path, "momentum", max_steps=4, resume=True))
+
+
 @pytest.mark.slow
 def test_lamda_resumes_from_inside_the_partial_freeze(tiny_llama_dir, tmp_path, monkeypatch):
     """The copy of P_B's frozen columns is working state: a checkpoint taken while only some columns are
@@ -191,6 +250,17 @@ def _plan(model_dir: str, root: Path) -> list[dict]:
     return plan
 
 
+# each zeroth-order optimiser on two processes with fewer queries than processes: one (FZOO, which needs two,
+# three: two on one process, one on the other), so a process has no query of its own in some or every step
+DDP_ZO_QUERIES = {"fzoo": 3}
+
+
+def _zo_plan(model_dir: str, root: Path) -> list[dict]:
+    return [{"name": f"ddp-zo-{name}", "config": asdict(zo_config(model_dir, root / "ddp-zo" / name, name, max_steps=4,
+                                                                 queries=DDP_ZO_QUERIES.get(name, 1)))}
+            for name in ZO_OPTIMIZERS]
+
+
 def _torchrun(plan: list[dict], root: Path) -> subprocess.CompletedProcess:
     (root / "plan.json").write_text(json.dumps(plan))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
@@ -208,14 +278,15 @@ def _lora_on_two(model_dir: str, root: Path, name: str, dropout: float, **kw) ->
 @pytest.fixture(scope="module")
 def two_processes(tiny_llama_dir, tmp_path_factory) -> dict:
     """Every two-process case, in two torchrun launches (each starts two interpreters that import torch and
-    transformers, the most of a small case's time): the data-parallel matrix and the NaN cases (``_plan``), a
-    NaN gradient on one process, a SIGTERM to one process, dropout with a clock that runs fast on one process,
-    and last a dropout run SIGKILLed mid-step, which ends the first launch; the second resumes that run.
+    transformers, the most of a small case's time): the data-parallel matrix and the NaN cases (``_plan``), each
+    zeroth-order optimiser (``_zo_plan``), a NaN gradient on one process, a SIGTERM to one process, dropout with a
+    clock that runs fast on one process, and last a dropout run SIGKILLed mid-step, which ends the first launch;
+    the second resumes that run.
     ``results``: each entry's per-process outcome (None where the process was killed before writing it)."""
     root = tmp_path_factory.mktemp("two-processes")
     lora = lambda name, dropout=0.0, **kw: _lora_on_two(tiny_llama_dir, root, name, dropout, **kw)  # noqa: E731
     nan_gradient = config(tiny_llama_dir, root / "nan-gradient", "lora", batch_size=1)
-    plan = [*_plan(tiny_llama_dir, root),
+    plan = [*_plan(tiny_llama_dir, root), *_zo_plan(tiny_llama_dir, root),
             {"name": "nan-gradient", "config": asdict(nan_gradient),
              "fault": {"kind": "nan-gradient", "steps": [2], "micro": 0, "ranks": [1]}},
             {"name": "signal-whole", "config": lora("signal-whole", max_steps=6, save_every="0")},
@@ -311,6 +382,24 @@ def test_data_parallel_matrix_and_a_nan_on_one_process(two_processes, tiny_llama
     assert "did not change under any perturbation" in flat[0]["error"] and "guard is off" in flat[0]["error"]
     state, _ = checkpoint.load(tmp_path / "flat-zo-guard-off")
     assert state["step"] <= 2
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("two-processes")
+@pytest.mark.parametrize("name", list(ZO_OPTIMIZERS))
+def test_each_zo_optimizer_on_two_processes_equals_one_process(two_processes, tiny_llama_dir, name, one_thread):
+    """Each process evaluates its share of the queries on the whole batch and only seeds and losses are
+    exchanged, so two processes make the run one makes, row for row and bit for bit, also when one process has
+    no query of its own (it runs as many forwards anyway, of the unperturbed model)."""
+    root, entry = two_processes["root"], f"ddp-zo-{name}"
+    _launched(two_processes, [entry])
+    assert all(r["ok"] for r in two_processes["results"][entry]), two_processes["results"][entry]
+    train.train(zo_config(tiny_llama_dir, root / "single-zo" / name, name, max_steps=4,
+                          queries=DDP_ZO_QUERIES.get(name, 1)))
+    assert_same(final_state(root / "ddp-zo" / name), final_state(root / "single-zo" / name))
+    assert logged(root / "ddp-zo" / name) == logged(root / "single-zo" / name)
+    metrics = json.loads((root / "ddp-zo" / name / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2 and metrics["steps"] == 4
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallba
 import leanft
 from leanft import models, tasks
 from leanft.zo import query_seed
+from leanft.zo.noise import BLOCK, Z, mix
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -140,18 +141,39 @@ def zo_model(tiny_llama_dir):
 
 
 @pytest.mark.slow
-def test_zo_trainer_resumes_exactly(tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("optimizer,options,forwards,lr", [
+    ("sgd", {}, 4, 1e-3), ("adam", {}, 4, 1e-3), ("hizoo", {}, 5, 1e-3),
+    ("fzoo", {}, 3, 1e-6),  # normalised: each element moves by about lr / eps, whatever the loss's slope
+    # rank 1: the TT cores (2 rows at most) are matrices only below rank 2; interval 1: a new subspace every
+    # step, so the resumed step carries the moment over from the checkpoint's subspace
+    ("lozo", {"rank": 1, "interval": 1, "momentum": 0.9}, 4, 1e-3)])
+def test_zo_trainer_resumes_exactly(tiny_llama_dir, tmp_path, optimizer, options, forwards, lr):
+    """A run stopped at step 2 and resumed from its checkpoint ends bit-identical to the whole run, the
+    optimiser's state (Adam's moments, HiZOO's Hessian, LOZO's moment and subspace) carried over; each step
+    logs its queries and the forward passes its optimiser takes (2 queries: fzoo Q + 1, hizoo 2Q + 1)."""
     def make(out, callbacks):
         model, tokenizer = zo_model(tiny_llama_dir)
         return trainer_of(leanft.ZOTrainer, model, tokenizer, out, steps=6, callbacks=callbacks, zo_queries=2,
-                          args={"learning_rate": 1e-3})
+                          zo_optimizer=optimizer, zo_optimizer_options=options, args={"learning_rate": lr})
 
     whole = make(tmp_path / "whole", [])
+    start = trainable(whole.model)
     whole.train()
+    assert whole.engine.optimizer.name == optimizer
+    if optimizer == "lozo":
+        assert any(shape is not None for shape in whole.engine.optimizer.shapes)  # some tensor perturbed low-rank
     expected = trainable(whole.model)
+    assert not any(torch.equal(t, start[n]) for n, t in expected.items())
     assert all(torch.equal(expected[n], p) for n, p in stopped_and_resumed(make, tmp_path / "cut").items())
     logged = [h for h in whole.state.log_history if "zo_queries" in h]
-    assert logged and all(h["zo_queries"] == 2 and "zo_projected_grad" in h for h in logged)
+    assert len(logged) == 6 and sum(h["zo_rollbacks"] for h in logged) == 0
+    assert all(h["zo_queries"] == 2 and h["zo_forwards"] == forwards and "zo_projected_grad" in h for h in logged)
+    if optimizer == "adam":  # resumed with another optimiser: refused, naming the one that wrote the checkpoint
+        model, tokenizer = zo_model(tiny_llama_dir)
+        wrong = trainer_of(leanft.ZOTrainer, model, tokenizer, tmp_path / "cut", steps=6, zo_queries=2,
+                           args={"learning_rate": 1e-3})
+        with pytest.raises(ValueError, match="resume with zo_optimizer='adam'"):
+            wrong.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-2"))
 
 
 @pytest.mark.slow
@@ -181,9 +203,10 @@ def test_zo_trainer_on_a_bf16_model_trains_float32_adapters_and_resumes_exactly(
 @pytest.mark.slow
 def test_zo_trainer_takes_the_spsa_steps_computed_by_hand(tiny_llama_dir, tmp_path):
     """Two steps of ZOTrainer against SPSA done by hand on the batches it drew: query ``q`` of step ``t``
-    draws ``z`` by the documented rule (a generator seeded with ``query_seed(args.seed, t, q)``, one
-    ``randn`` per trainable tensor in order), ``p = (l+ - l-) / (2 eps)`` from the model's own loss at
-    ``theta +- eps z``, and the step sets ``theta - lr * mean_q p_q z_q``."""
+    draws ``z`` by the documented rule (``leanft.zo.noise``: the trainable tensors laid end to end in order,
+    block 0 of that vector a ``randn`` from a generator seeded with ``mix(query_seed(args.seed, t, q), Z, 0, 0)``;
+    the adapters fit in one block), ``p = (l+ - l-) / (2 eps)`` from the model's own loss at ``theta +- eps z``,
+    and the step sets ``theta - lr * mean_q p_q z_q``."""
     model, tokenizer = zo_model(tiny_llama_dir)
     theta = trainable(model)
     trainer = trainer_of(leanft.ZOTrainer, model, tokenizer, tmp_path, steps=2, zo_queries=3, zo_eps=1e-3,
@@ -205,11 +228,14 @@ def test_zo_trainer_takes_the_spsa_steps_computed_by_hand(tiny_llama_dir, tmp_pa
         with torch.no_grad():
             return float(by_hand(**batch).loss)
 
+    sizes = [t.numel() for t in theta.values()]
+    assert sum(sizes) <= BLOCK
     for step, batch in enumerate(batches):
         update = {n: torch.zeros_like(t) for n, t in theta.items()}
         for q in range(3):
-            generator = torch.Generator().manual_seed(query_seed(7, step, q))
-            z = {n: torch.randn(t.shape, generator=generator) for n, t in theta.items()}
+            generator = torch.Generator().manual_seed(mix(query_seed(7, step, q), Z, 0, 0))
+            parts = torch.randn(sum(sizes), generator=generator).split(sizes)
+            z = {n: part.view(t.shape) for (n, t), part in zip(theta.items(), parts)}
             plus = loss_at({n: t + 1e-3 * z[n] for n, t in theta.items()}, batch)
             minus = loss_at({n: t - 1e-3 * z[n] for n, t in theta.items()}, batch)
             for n in theta:
@@ -231,6 +257,31 @@ def test_zo_trainer_refuses_lamda_and_gradient_accumulation(tiny_llama_dir, tmp_
         trainer_of(leanft.ZOTrainer, model, tokenizer, tmp_path, args={"gradient_accumulation_steps": 2})
     with pytest.raises(ValueError, match="zo_schedule 'ada' is not one of: fixed, adazeta"):
         trainer_of(leanft.ZOTrainer, model, tokenizer, tmp_path, zo_schedule="ada")
+
+
+def test_zo_trainer_takes_an_optimizer_and_refuses_what_it_cannot_run(tiny_llama_dir, tmp_path):
+    """``zo_optimizer``/``zo_optimizer_options`` reach the engine's optimiser; a bad name or option, and fzoo
+    without the two queries a step its normalisation needs, fail at construction, saying what to do."""
+    model, tokenizer = zo_model(tiny_llama_dir)
+    trainer = trainer_of(leanft.ZOTrainer, model, tokenizer, tmp_path, zo_optimizer="lozo",
+                         zo_optimizer_options={"rank": 3, "interval": 7, "momentum": 0.5})
+    assert (trainer.zo_optimizer.name, trainer.zo_optimizer.rank, trainer.zo_optimizer.interval,
+            trainer.zo_optimizer.beta) == ("lozo", 3, 7, 0.5)
+    with pytest.raises(ValueError, match="unknown zeroth-order optimizer 'adamw'; choose one of sgd, momentum, adam"):
+        trainer_of(leanft.ZOTrainer, model, tokenizer, tmp_path, zo_optimizer="adamw")
+    with pytest.raises(ValueError, match="'sign' does not take momentum; it takes directions"):
+        trainer_of(leanft.ZOTrainer, model, tokenizer, tmp_path, zo_optimizer="sign",
+                   zo_optimizer_options={"momentum": 0.9})
+    with pytest.raises(ValueError, match="zo momentum must be in"):
+        trainer_of(leanft.ZOTrainer, model, tokenizer, tmp_path, zo_optimizer="momentum",
+                   zo_optimizer_options={"momentum": 1.5})
+    with pytest.raises(ValueError, match="'fzoo' needs at least 2 queries a step, got zo_queries=1"):
+        trainer_of(leanft.ZOTrainer, model, tokenizer, tmp_path, zo_optimizer="fzoo")
+    with pytest.raises(ValueError, match="use zo_schedule='fixed' with zo_queries >= 2"):
+        trainer_of(leanft.ZOTrainer, model, tokenizer, tmp_path, zo_optimizer="fzoo", zo_schedule="adazeta",
+                   zo_queries=4)
+    fzoo = trainer_of(leanft.ZOTrainer, model, tokenizer, tmp_path, zo_optimizer="fzoo", zo_queries=2)
+    assert fzoo.zo_optimizer.kind == "rademacher"  # fzoo's own default directions
 
 
 @pytest.mark.parametrize("flag,name", [("is_fsdp_enabled", "FSDP"), ("is_deepspeed_enabled", "DeepSpeed")])
@@ -290,8 +341,8 @@ def test_examples_run_on_a_tiny_model(tiny_llama_dir, tmp_path):
     model = plain_loop_lamda.main(["--model", tiny_llama_dir, "--steps", "10", "--batch-size", "2", "--rank", "4"])
     assert all(layer.lamda_frozen["default"] == 4 for layer in model.base_model.lamda_layers())
     sft = sft_adazeta_zo.main(["--model", tiny_llama_dir, "--steps", "4", "--examples", "16", "--batch-size", "2",
-                               "--bottleneck", "8", "--output-dir", str(tmp_path / "sft")])
-    assert sft.state.global_step == 4 and isinstance(sft, leanft.ZOSFTTrainer)
+                               "--bottleneck", "8", "--output-dir", str(tmp_path / "sft"), "--optimizer", "adam"])
+    assert sft.state.global_step == 4 and isinstance(sft, leanft.ZOSFTTrainer) and sft.engine.optimizer.name == "adam"
 
 
 TWO_PROCESSES = """
@@ -307,6 +358,13 @@ trainer.train()
 if trainer.is_world_process_zero():
     from safetensors.torch import save_file
     save_file(trainable(trainer.model), {out!r} + "/zo-trainer/final.safetensors")
+model, tokenizer = zo_model({model!r})
+trainer = trainer_of(leanft.ZOTrainer, model, tokenizer, {out!r} + "/zo-trainer-hizoo", steps=3, zo_queries=2,
+                     zo_optimizer="hizoo", args={{"learning_rate": 1e-3, "per_device_train_batch_size": 2,
+                                                 "use_cpu": True}})
+trainer.train()
+if trainer.is_world_process_zero():
+    save_file(trainable(trainer.model), {out!r} + "/zo-trainer-hizoo/final.safetensors")
 for queries in (1, 3):
     sft_adazeta_zo.main([*{sft!r}, "--queries", str(queries), "--batch-size", "2", "--output-dir",
                          {out!r} + f"/sft-q{{queries}}"])
@@ -316,9 +374,9 @@ SFT = ["--steps", "3", "--examples", "16", "--bottleneck", "8"]
 
 @pytest.fixture(scope="module")
 def zo_trainers_on_two_processes(tiny_llama_dir, tmp_path_factory) -> Path:
-    """``ZOTrainer`` (2 queries a step) and ``examples/sft_adazeta_zo.py`` with 1 and 3 queries, on two processes
-    with batch 2 each, in one torchrun launch (each launch starts two interpreters that import torch, transformers
-    and TRL: most of a small run's time)."""
+    """``ZOTrainer`` (2 queries a step, sgd and hizoo) and ``examples/sft_adazeta_zo.py`` with 1 and 3 queries, on
+    two processes with batch 2 each, in one torchrun launch (each launch starts two interpreters that import torch,
+    transformers and TRL: most of a small run's time)."""
     out = tmp_path_factory.mktemp("zo-trainers")
     script = out / "run.py"
     script.write_text(TWO_PROCESSES.format(tests=str(Path(__file__).parent), examples=str(ROOT / "examples"),
@@ -332,14 +390,18 @@ def zo_trainers_on_two_processes(tiny_llama_dir, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("zo-trainers")
-def test_two_process_zo_trainer_equals_one_process(zo_trainers_on_two_processes, tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("optimizer,folder", [("sgd", "zo-trainer"), ("hizoo", "zo-trainer-hizoo")])
+def test_two_process_zo_trainer_equals_one_process(zo_trainers_on_two_processes, tiny_llama_dir, tmp_path, optimizer,
+                                                   folder):
+    """Two processes with batch 2 each end where one with batch 4 does; HiZOO's unperturbed loss, taken by each
+    process, and its Hessian, updated by each, included."""
     from safetensors.torch import load_file
 
     model, tokenizer = zo_model(tiny_llama_dir)
-    one = trainer_of(leanft.ZOTrainer, model, tokenizer, tmp_path, steps=3, zo_queries=2,
+    one = trainer_of(leanft.ZOTrainer, model, tokenizer, tmp_path, steps=3, zo_queries=2, zo_optimizer=optimizer,
                      args={"learning_rate": 1e-3, "per_device_train_batch_size": 4, "use_cpu": True})
     one.train()
-    two = load_file(str(zo_trainers_on_two_processes / "zo-trainer" / "final.safetensors"))
+    two = load_file(str(zo_trainers_on_two_processes / folder / "final.safetensors"))
     for name, value in trainable(one.model).items():
         torch.testing.assert_close(two[name], value, rtol=1e-4, atol=1e-6, msg=name)
 

@@ -1,16 +1,16 @@
-import io
 import math
 import warnings
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import reloaded, tiny_llama
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
 from leanft import LorettaAdpConfig
 from leanft.optim import decays
 from leanft.zo import ZOEngine, query_schedule, query_seed
+from leanft.zo.noise import BLOCK, mix
 
 
 def lora_model(dtype=torch.float32):
@@ -48,10 +48,18 @@ def test_in_place_mode_for_large_sets_also_restores_closely(tokens):
 
 
 def directions(params, seed):
-    """``z`` by the rule leanft.zo documents: a generator seeded with the query's seed, then one ``randn``
-    per trainable tensor in order (float32, CPU here)."""
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(p.shape, generator=gen) for p in params]
+    """``z`` by the rule leanft.zo.noise documents: the trainable tensors laid end to end (one device here),
+    cut into blocks of ``BLOCK`` elements, block ``k`` drawn by ``randn`` from a generator seeded with
+    ``mix(seed, 0, 0, k)`` (stream 0: directions; device group 0)."""
+    total = sum(p.numel() for p in params)
+    blocks = [torch.randn(min(BLOCK, total - k * BLOCK), generator=torch.Generator().manual_seed(mix(seed, 0, 0, k // BLOCK)))
+              for k in range(0, total, BLOCK)]
+    flat = torch.cat(blocks)
+    out, at = [], 0
+    for p in params:
+        out.append(flat[at:at + p.numel()].view(p.shape))
+        at += p.numel()
+    return out
 
 
 def quadratic():
@@ -107,7 +115,7 @@ def test_update_follows_the_formula_and_skips_decay_on_biases_and_norms(tokens):
     engine = ZOEngine(model, weight_decay=0.1, decays=decays)
     assert {decays(p) for p in engine.params} == {True, False}
     before = [p.detach().clone() for p in engine.params]
-    engine.apply([11, 22], [0.5, -1.5], lr=0.01)
+    engine.apply([11, 22], [0.5 / 2, -1.5 / 2], lr=0.01)  # the weights of the directions: p_q / Q for sgd
     z = [directions(engine.params, s) for s in (11, 22)]
     for i, (name, p) in enumerate(engine.named):
         wd = 0.0 if ("bias" in name or "norm" in name) else 0.1
@@ -213,15 +221,7 @@ def test_outlier_batches_are_not_divergence_but_an_opt_in_threshold_rolls_them_b
 def resumed(engine: ZOEngine, build) -> ZOEngine:
     """A fresh model and engine given ``engine``'s parameters and ``state_dict`` (through bytes, as a
     checkpoint stores them)."""
-    fresh = ZOEngine(build(), eps=engine.eps, recover=engine.recover)
-    buffer = io.BytesIO()
-    torch.save({"params": [p.detach() for p in engine.params], "state": engine.state_dict()}, buffer)
-    saved = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
-    with torch.no_grad():
-        for p, s in zip(fresh.params, saved["params"]):
-            p.copy_(s)
-    fresh.load_state_dict(saved["state"])
-    return fresh
+    return reloaded(engine, ZOEngine(build(), eps=engine.eps, recover=engine.recover))
 
 
 def test_a_nan_is_rolled_back_the_lr_recovers_and_a_resume_mid_recovery_agrees(tokens):

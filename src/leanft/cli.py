@@ -14,6 +14,7 @@ import shlex
 import sys
 import warnings
 from dataclasses import fields
+from datetime import date
 from pathlib import Path
 
 import huggingface_hub
@@ -74,9 +75,10 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
         elif f.type.startswith("list["):
             p.add_argument(flag, type=lambda v: v.split(","), default=argparse.SUPPRESS, help=text)
         else:
-            kind = type(default) if default is not None else str
+            kind = f.metadata.get("type") or (type(default) if default is not None else str)
             choices = f.metadata.get("choices")
-            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=list(choices) if choices else None,
+            choices = [c for c in choices if c is not None] if choices else None
+            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=choices,
                            help=f"{text} (default {default})")
     for name, kind in METHOD_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=argparse.SUPPRESS,
@@ -178,7 +180,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
                           out, Path(args.work_dir) / out.name, [int(r) for r in args.ranks.split(",") if r],
                           params.method_names(args.sweep) if args.sweep else [], args.dtype, args.memory,
                           args.force, lr_grid=[float(m) for m in comma_list(args.lr_grid)],
-                          seeds=[int(x) for x in comma_list(args.seeds)]).run()
+                          seeds=[int(x) for x in comma_list(args.seeds)],
+                          zo_optimizers=comma_list(args.zo_optimizers), zo_queries=args.zo_queries).run()
     failed = [r["bench"]["slug"] for r in results if r.get("failed")]
     if failed:
         sys.exit(f"leanft: error: {len(failed)} run(s) failed: {', '.join(failed)} (see {out / 'README.md'})")
@@ -195,8 +198,17 @@ def cmd_estimate(args: argparse.Namespace) -> None:
     else:
         result = estimate.paper_scale(names(args.models) or estimate.PAPER_MODELS,
                                       names(args.methods) or estimate.PAPER_METHODS, args.batch_size, args.seq_len,
-                                      args.dtype, args.device)
+                                      args.dtype, args.device, estimate.zo_optimizer_names(args.zo_optimizers))
     print(report.estimate_markdown(result))
+    if result.get("zo_rows"):
+        print(f"\nZeroth-order optimisers: full-model MeZO and MeZO-LoRA ({args.dtype} weights; MB; inference: "
+              + ", ".join(f"{m} {mb:,.0f}" for m, mb in result["inference_mb"].items()) + ")")
+        columns = ["model", "method", "zo_optimizer", "optimizer_mb", "activations_mb", "total_mb", "vs_inference"]
+        rows = [{**r, **{k: f"{r[k]:,.0f}" for k in columns[3:6]},
+                 "vs_inference": f"{r['total_mb'] / result['inference_mb'][r['model']]:.2f}"} for r in result["zo_rows"]]
+        print(report.text_table(rows, columns))
+    if result.get("notes"):
+        print("".join(f"\nnote: {note}" for note in result["notes"]))
     if args.output:
         save(result, Path(args.output))
         print(f"saved {args.output}")
@@ -267,14 +279,37 @@ def resume_command(argv: list[str]) -> str:
 
 
 def cmd_memory(args: argparse.Namespace) -> None:
+    from .measure.estimate import zo_optimizer_names
+
+    zo_optimizers = list(zo_optimizer_names(args.zo_optimizers)) if args.zo_optimizers else None
     result = steps.memory_compare(args.model, args.task, args.batch_size, args.steps,
-                                  params.method_names(args.methods) if args.methods else None, args.dtype)
+                                  params.method_names(args.methods) if args.methods else None, args.dtype,
+                                  zo_optimizers)
     columns = ["run", "peak_mb", "baseline_mb", "peak_vs_inference", "step_s", "trainable"]
     print(f"{args.model} on one {args.task} batch of {args.batch_size}: peak memory ({result['device']})")
     show(result, columns, args.output)
 
 
 def cmd_steps(args: argparse.Namespace) -> None:
+    import torch  # here: the other commands start without it
+
+    from .system import machine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.zo_cost:
+        rows = [steps.zo_step_cost(args.model, args.task, method, dtype=dtype, batch_size=args.batch_size,
+                                   queries=args.queries, repeats=args.steps, zo_optimizer=args.zo_optimizer,
+                                   directions=directions)
+                for method in params.method_names(args.methods) for dtype in args.dtype.split(",")
+                for directions in args.zo_directions.split(",")]
+        result = {"model": args.model, "task": args.task, "batch_size": args.batch_size, "machine": machine(),
+                  "torch": torch.__version__, "date": date.today().isoformat(), "rows": rows}
+        print(f"{args.model} on one {args.task} batch of {args.batch_size}: a zeroth-order step against its forwards "
+              f"({result['machine']}, {torch.get_num_threads()} thread(s))")
+        show(result, ["method", "dtype", "directions", "queries", "forward_s", "step_s", "forwards", "vs_forwards",
+                      "draw_s", "floor_s", "vs_floor"], args.output)
+        return
     result = steps.step_times(args.model, args.task, params.method_names(args.methods), args.batch_size, args.steps)
     print(f"{args.model} on {args.task}, batch {args.batch_size}: seconds per training step ({result['machine']})")
     show(result, ["method", "queries", "step_s", "trainable"], args.output)
@@ -351,12 +386,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="result folder (default results/bench/MODEL-DEVICE)")
     p.add_argument("--work-dir", default="runs/bench", help="where the runs' checkpoints and logs go")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
-                   help="also measure the peak memory of one step of each method against inference")
+                   help="also measure the peak memory of one step of each method against inference, and the time "
+                   "of one training forward of each zeroth-order method (the report's step / forwards)")
     p.add_argument("--force", action="store_true", help="redo runs whose results exist")
-    p.add_argument("--lr-grid", default="", help="multiples of each method's default lr, e.g. 0.5,1,2: each "
-                   "first-order run is trained at each and the lr with the best dev score kept (eval never looked at)")
+    p.add_argument("--lr-grid", default="", help="multiples of each run group's default lr, e.g. 0.5,1,2: each "
+                   "run (first- and zeroth-order) is trained at each and the lr with the best dev score kept (eval "
+                   "never looked at); a choice at the grid's edge tries the next multiple beyond it (up to 3)")
     p.add_argument("--seeds", default="", help="repeat every run with these seeds, e.g. 0,1,2 (the lr chosen on "
                    "the first); the report gives mean and standard deviation")
+    p.add_argument("--zo-optimizers", default="sgd", help="zeroth-order optimisers each zeroth-order method runs "
+                   "with, one run group each (e.g. sgd,momentum,adam,sign,fzoo,hizoo,lozo,sparse; sgd is MeZO)")
+    p.add_argument("--zo-queries", type=int, default=1, help="queries per zeroth-order step (raised to 2 for fzoo; "
+                   "adazeta keeps its own schedule)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("estimate", help="training memory of each method on paper-scale models, estimated on the "
@@ -370,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="whose kernels the estimate assumes")
     p.add_argument("--check", action="store_true", help="run real steps of the packaged models on this machine "
                                                          "and state the estimate's error")
+    p.add_argument("--zo-optimizers", default="all", help="also estimate full-model MeZO and MeZO-LoRA with these "
+                   "zeroth-order optimizers (comma-separated, 'all' or 'none'; not with --check), with a note where "
+                   "one needs more than LoRA with AdamW or 1.5x inference")
     p.add_argument("--output", help="write the result as JSON here")
     p.set_defaults(func=cmd_estimate)
 
@@ -397,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--methods", help="comma-separated methods to measure (default all); inference always runs")
+    p.add_argument("--zo-optimizers", help="zeroth-order optimizers of the zeroth-order steps (comma-separated, "
+                   "'all' or 'none'; default sgd): full-model MeZO and MeZO-LoRA are measured with each, e.g. "
+                   "--methods mezo,mezo-lora --zo-optimizers sgd,adam")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="base weights dtype (trainable parameters float32, compute by autocast; MeZO full keeps it)")
 
@@ -405,6 +452,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="full,lora,loretta-rep,loretta-adp,lamda,mezo,mezo-lora,adazeta")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--zo-cost", action="store_true",
+                   help="zeroth-order methods only: one step against the forwards it takes and the random numbers it "
+                        "draws (vs_forwards, vs_floor), in this process; --steps is the number of timed steps")
+    p.add_argument("--dtype", default="float32", help="--zo-cost: comma-separated dtypes of the base weights")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--queries", type=int, default=1, help="--zo-cost: queries per step")
+    p.add_argument("--zo-optimizer", default="sgd", help="--zo-cost: the zeroth-order optimiser")
+    p.add_argument("--zo-directions", default="gaussian", help="--zo-cost: comma-separated direction kinds")
 
     p = sub.add_parser("report", help="Markdown table comparing finished runs (their metrics.json files)")
     p.add_argument("metrics", nargs="+", help="metrics.json files written by leanft train")

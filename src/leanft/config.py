@@ -13,6 +13,8 @@ from typing import Any
 from .methods import METHODS, ZO_METHODS, resolve_method
 from .precision import DTYPES
 from .tasks import is_data_file
+from .zo.noise import DIRECTIONS
+from .zo.optimizers import OPTIMIZERS, make_optimizer
 
 # Fields that must be positive (> 0) and those that must not be negative.
 POSITIVE = ("num_train", "num_eval", "epochs", "batch_size", "grad_accum", "eval_every", "max_length",
@@ -43,6 +45,10 @@ DEFAULT_LR = {
     "encoder": {"full": 1e-4, "lora": 2e-3, "loretta-rep": 5e-3, "loretta-adp": 5e-3, "lamda": 1e-2,
                 "lamda++": 1e-2, "mezo": 1e-6, "mezo-lora": 1e-4, "adazeta": 1e-4},
 }
+
+
+ZO_OPTION_FIELDS = ("zo_directions", "zo_momentum", "zo_adam_betas", "zo_rank", "zo_interval", "zo_sparsity",
+                    "zo_hessian_smoothing")
 
 
 @dataclass
@@ -119,6 +125,26 @@ class TrainConfig:
     zo_max_rollbacks: int = field(default=5, metadata={
         "help": "ZO: rollbacks in a row before the run stops; 0 turns the guard off (the first non-finite step "
                 "stops the run, so divergence shows in the log instead of being rolled back)"})
+    zo_optimizer: str = field(default="sgd", metadata={
+        "help": "ZO optimiser: sgd (MeZO), momentum, adam, sign, fzoo (one-sided, normalised by the queries' loss "
+                "spread; needs --zo-queries >= 2), hizoo (diagonal Hessian), lozo (low-rank directions), sparse "
+                "(perturbs the smallest weights); see leanft.zo.optimizers", "choices": tuple(OPTIMIZERS)})
+    zo_directions: str | None = field(default=None, metadata={
+        "help": "ZO directions: gaussian or rademacher (default: rademacher for fzoo, gaussian otherwise)",
+        "choices": (None, *DIRECTIONS)})
+    zo_momentum: float | None = field(default=None, metadata={
+        "help": "momentum (default 0.9) and lozo (LOZO-M when > 0; default 0): the moment's decay", "type": float})
+    zo_adam_betas: list[float] | None = field(default=None, metadata={
+        "help": "adam: the moments' decays, comma-separated (default 0.9,0.999)"})
+    zo_rank: int | None = field(default=None, metadata={"help": "lozo: rank of each matrix's direction (default 2)",
+                                                        "type": int})
+    zo_interval: int | None = field(default=None, metadata={
+        "help": "lozo: steps between new subspaces (V resampled; default 50)", "type": int})
+    zo_sparsity: float | None = field(default=None, metadata={
+        "help": "sparse: fraction of each tensor's largest-magnitude weights left unperturbed (default 0.75)",
+        "type": float})
+    zo_hessian_smoothing: float | None = field(default=None, metadata={
+        "help": "hizoo: the Hessian estimate's running-average weight (default 1e-3)", "type": float})
     # rank, tt_rank, bottleneck, ...: YAML key method_options, or the method option flags (cli.METHOD_FLAGS)
     method_options: dict[str, Any] = field(default_factory=dict)
     # users' own data instead of built-in tasks
@@ -160,7 +186,8 @@ class TrainConfig:
         for f in fields(self):
             valid = f.metadata.get("choices")
             if valid and getattr(self, f.name) not in valid:
-                raise ValueError(f"{f.name} {getattr(self, f.name)!r} is not one of: {', '.join(valid)}")
+                raise ValueError(f"{f.name} {getattr(self, f.name)!r} is not one of: "
+                                 f"{', '.join(str(v) for v in valid if v is not None)}")
         for name in POSITIVE:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
@@ -206,9 +233,19 @@ class TrainConfig:
                                      ("zo_schedule", self.zo_schedule != "auto"),
                                      ("zo_max_rollbacks",
                                       self.zo_max_rollbacks != TrainConfig.zo_max_rollbacks)) if given]
+        set_zo += [f.name for f in fields(self) if f.name in ZO_OPTION_FIELDS and getattr(self, f.name) is not None]
+        set_zo += ["zo_optimizer"] if self.zo_optimizer != "sgd" else []
         if set_zo and not zo:
             raise ValueError(f"{', '.join(set_zo)} apply to zeroth-order training; method {self.method!r} trains with "
                              "AdamW (use --optimizer zo, or a zeroth-order method: mezo, mezo-lora, adazeta)")
+        if zo:
+            optimizer = make_optimizer(self.zo_optimizer, **self.zo_options())  # an option it does not take
+            adazeta = self.zo_schedule == "adazeta" or (self.zo_schedule == "auto" and self.method == "adazeta")
+            if optimizer.min_queries > 1 and (adazeta or self.zo_queries < optimizer.min_queries):
+                raise ValueError(f"zo_optimizer {self.zo_optimizer} needs at least {optimizer.min_queries} queries a "
+                                 f"step (it normalises by their spread); "
+                                 + ("AdaZeta's schedule starts at 1: use --zo-schedule fixed and " if adazeta else "")
+                                 + f"--zo-queries {optimizer.min_queries} or more")
         if zo and self.max_grad_norm != TrainConfig.max_grad_norm:
             raise ValueError("max_grad_norm applies to first-order (AdamW) training; a zeroth-order run has no "
                              "gradient to clip (drop it: its guard against divergence is zo_blowup and "
@@ -242,6 +279,13 @@ class TrainConfig:
     @property
     def instruction(self) -> bool:
         return bool(self.messages_column or self.prompt_column)
+
+    def zo_options(self) -> dict[str, Any]:
+        """The zeroth-order optimiser's options as ``leanft.zo.make_optimizer`` takes them (None: its default)."""
+        betas = None if self.zo_adam_betas is None else tuple(float(b) for b in self.zo_adam_betas)
+        return {"directions": self.zo_directions, "momentum": self.zo_momentum, "betas": betas, "rank": self.zo_rank,
+                "interval": self.zo_interval, "sparsity": self.zo_sparsity,
+                "hessian_smoothing": self.zo_hessian_smoothing}
 
     @property
     def zeroth_order(self) -> bool:

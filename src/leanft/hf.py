@@ -8,15 +8,20 @@ are float32 whatever the base model's dtype (train with ``bf16=True`` for bfloat
 
 ``ZOTrainingMixin`` replaces ``Trainer.training_step`` by one step of ``leanft.zo.ZOEngine``, the engine
 ``leanft train`` uses: for each query, the loss of the batch at ``theta +- eps z`` (forward passes only,
-no autograd graph, eval mode), then ``theta -= lr * mean_q p_q z_q``. The Trainer keeps what it is good
-at (data, lr schedule, logging, checkpoints); its optimiser is a stateless stand-in that carries the lr.
+no autograd graph, eval mode), then ``theta -= lr * mean_q p_q z_q``. ``zo_optimizer`` (with
+``zo_optimizer_options``) picks another zeroth-order rule of ``leanft.zo.optimizers`` (momentum, adam, sign,
+fzoo, hizoo, lozo, sparse), as ``leanft train --zo-optimizer`` does; each step logs its mean queries and
+forward passes (``zo_queries``, ``zo_forwards``: fzoo takes ``Q + 1``, hizoo ``2Q + 1``). The Trainer keeps
+what it is good at (data, lr schedule, logging, checkpoints); its own optimiser is a stateless stand-in that
+carries the lr.
 Under ``torchrun``/``accelerate launch`` every process gathers the whole global batch and evaluates its
 share of the queries, so a run equals a single-process run with the same global batch (the data order
 is a permutation drawn from the seed and epoch, ``EpochPermutation``, the same for any process count); FSDP and
 DeepSpeed, which shard the tensors each process perturbs whole, are refused. ``fp16``/``bf16`` set the forwards'
 autocast; no loss scaler runs (there are no gradients), and no ``grad_norm`` is logged. Checkpoints hold
-the weights plus the engine's ``state_dict`` (lr scale after rollbacks, its rollback copy), written and read
-as ``leanft train`` writes and reads it, so ``resume_from_checkpoint`` continues exactly.
+the weights plus the engine's ``state_dict`` (lr scale after rollbacks, its rollback copy, the zeroth-order
+optimiser's state such as Adam's moments), written and read as ``leanft train`` writes and reads it, so
+``resume_from_checkpoint`` continues exactly.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from . import checkpoint
 from .optim import decays, start_anchors
 from .tuners.lamda.schedule import lamda_tuner
 from .tuners.lamda.trainer import LamdaCallback  # noqa: F401  (leanft.LamdaCallback; LaMDA's own)
-from .zo import ZOEngine, query_schedule
+from .zo import ZOEngine, make_optimizer, query_schedule
 
 ZO_ENGINE = "leanft_zo_engine.pt"  # the engine's state_dict, in each checkpoint-N folder
 SCHEDULES = ("fixed", "adazeta")
@@ -74,16 +79,28 @@ class ZOTrainingMixin:
     ``zo_schedule="fixed"`` takes ``zo_queries`` queries a step; ``"adazeta"`` takes AdaZeta's
     ``min(max(floor(alpha * epoch**beta), 1), q_max)``. ``zo_blowup``, ``zo_recover`` and ``zo_max_rollbacks`` (0: off)
     are the divergence guard's (``leanft.zo``); the Trainer's ``weight_decay`` decays matrices towards their start.
+    ``zo_optimizer`` names a ``leanft.zo.optimizers`` rule and ``zo_optimizer_options`` its options
+    (``leanft.zo.OPTIONS``), e.g. ``{"momentum": 0.9}`` or, for lozo, ``{"rank": 2, "interval": 50}``.
     """
 
     def __init__(self, *args, zo_eps: float = 1e-3, zo_queries: int = 1, zo_schedule: str = "fixed",
                  zo_alpha: float = 0.85, zo_beta: float = 0.45, zo_q_max: int = 20, zo_blowup: float = 0.0,
-                 zo_recover: int = 10, zo_max_rollbacks: int = 5, **kwargs) -> None:
+                 zo_recover: int = 10, zo_max_rollbacks: int = 5, zo_optimizer: str = "sgd",
+                 zo_optimizer_options: dict | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if zo_schedule not in SCHEDULES:
             raise ValueError(f"zo_schedule {zo_schedule!r} is not one of: {', '.join(SCHEDULES)}")
         if not (zo_eps > 0 and zo_queries >= 1):
             raise ValueError(f"zo_eps must be positive and zo_queries at least 1, got {zo_eps} and {zo_queries}")
+        optimizer = make_optimizer(zo_optimizer, **(zo_optimizer_options or {}))
+        least = optimizer.min_queries
+        if zo_schedule == "adazeta" and least > 1:
+            raise ValueError(f"zo_optimizer {zo_optimizer!r} needs at least {least} queries a step and the "
+                             "adazeta schedule takes 1 in its first epochs: use zo_schedule='fixed' with "
+                             f"zo_queries >= {least}")
+        if zo_schedule == "fixed" and zo_queries < least:
+            raise ValueError(f"zo_optimizer {zo_optimizer!r} needs at least {least} queries a step, got "
+                             f"zo_queries={zo_queries}: set zo_queries >= {least}")
         if self.is_fsdp_enabled or self.is_fsdp_xla_enabled or self.is_deepspeed_enabled:
             sharder = "DeepSpeed" if self.is_deepspeed_enabled else "FSDP"
             raise ValueError(f"zeroth-order training perturbs each trainable tensor whole, the same on every process, "
@@ -102,11 +119,12 @@ class ZOTrainingMixin:
                              "not follow: train LaMDA with Trainer (and leanft.LamdaCallback), or use LoRA/AdaZeta here")
         self.zo_eps, self.zo_blowup, self.zo_recover = zo_eps, zo_blowup, zo_recover
         self.zo_max_rollbacks = zo_max_rollbacks
+        self.zo_optimizer = optimizer  # bound to the engine when it is built, at the first step
         self.zo_queries = ((lambda epoch: query_schedule(epoch, zo_alpha, zo_beta, zo_q_max)) if zo_schedule == "adazeta"
                            else (lambda epoch: zo_queries))
         self.engine: ZOEngine | None = None
         self._resume_from: Path | None = None
-        self._stats: list[tuple[int, float, bool]] = []  # (queries, projected gradient, rolled back) since the last log
+        self._stats: list[tuple[int, int, float, bool]] = []  # (queries, forwards, projected gradient, rolled back)
         self.add_callback(_SaveZOState(self))
 
     # -- the Trainer's optimiser: a stand-in that carries the lr schedule, no state --------------------
@@ -139,7 +157,7 @@ class ZOTrainingMixin:
             wd = self.args.weight_decay
             self.engine = ZOEngine(model, eps=self.zo_eps, weight_decay=wd, seed=self.args.seed, blowup=self.zo_blowup,
                                    recover=self.zo_recover, max_rollbacks=self.zo_max_rollbacks, decays=decays,
-                                   anchors=start_anchors(model) if wd else None)
+                                   anchors=start_anchors(model) if wd else None, optimizer=self.zo_optimizer)
             if self._resume_from is not None:
                 self.load_zo_state(self._resume_from)
         return self.engine
@@ -171,14 +189,15 @@ class ZOTrainingMixin:
         epoch = int(self.state.epoch or 0)
         record = engine.step(self.state.global_step, loss_fn, self.zo_queries(epoch), self._get_learning_rate())
         net.train()  # as a Trainer's step leaves it: logging reads the mode (TRL's logs eval metrics otherwise)
-        self._stats.append((len(record.seeds), float(sum(record.grads) / len(record.grads)), record.rolled_back))
+        self._stats.append((len(record.seeds), engine.last_forwards, float(sum(record.grads) / len(record.grads)),
+                            record.rolled_back))
         return torch.tensor(record.loss, device=self.args.device)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._stats and "loss" in logs:
-            queries, grads, rolled = zip(*self._stats)
-            logs.update(zo_queries=sum(queries) / len(queries), zo_projected_grad=sum(grads) / len(grads),
-                        zo_rollbacks=sum(rolled))
+            queries, forwards, grads, rolled = zip(*self._stats)
+            logs.update(zo_queries=sum(queries) / len(queries), zo_forwards=sum(forwards) / len(forwards),
+                        zo_projected_grad=sum(grads) / len(grads), zo_rollbacks=sum(rolled))
             self._stats.clear()
         super().log(logs, *args, **kwargs)
 
@@ -202,13 +221,19 @@ class ZOTrainingMixin:
                           "the divergence guard restarts (lr scale 1, the weights as its rollback copy), so the "
                           "resumed run may differ from an uninterrupted one", stacklevel=2)
             return
-        self.engine.load_state_dict(checkpoint.read_object(file, "the zeroth-order engine's state"))
+        state = checkpoint.read_object(file, "the zeroth-order engine's state")
+        written, mine = state.get("optimizer", {}).get("name", "sgd"), self.engine.optimizer.name
+        if written != mine:
+            raise ValueError(f"{folder} was written by a run with zo_optimizer={written!r}, and this trainer has "
+                             f"{mine!r}: resume with zo_optimizer={written!r} (and its zo_optimizer_options)")
+        self.engine.load_state_dict(state)
 
 
 class _SFTMetrics:
     """For ``ZOSFTTrainer``: TRL's ``compute_loss`` records entropy, token accuracy and the tokens seen under the
-    model's mode, and the zeroth-order forwards (two a query) run in eval mode. What they record becomes one
-    training record a step, and the step's tokens are counted once, as TRL counts a first-order step's."""
+    model's mode, and the zeroth-order forwards (two a query for most optimisers) run in eval mode. What they
+    record becomes one training record a step, and the step's tokens are counted once, as TRL counts a first-order
+    step's."""
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         held, self._metrics["eval"] = self._metrics["eval"], defaultdict(list)

@@ -36,6 +36,7 @@ from transformers import get_scheduler
 from .tuners.common import StartCopies
 from .tuners.lamda.schedule import lamda_tuner
 from .zo import ZOEngine
+from .zo.optimizers import SGD
 
 Objective = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -253,13 +254,15 @@ class ZerothOrder:
                  weight_decay: float = 0.0, seed: int = 0, blowup: float = 0.0, recover: int = 10,
                  max_rollbacks: int = 5, queries: Callable[[int], int] = lambda epoch: 1, max_forwards: int = 0,
                  scheduler: str = "constant", warmup_steps: int = 0, total_steps: int = 1,
-                 autocast: Callable = contextlib.nullcontext, stage: int = 0) -> None:
-        if max_forwards % 2:
+                 autocast: Callable = contextlib.nullcontext, stage: int = 0, optimizer: SGD | None = None) -> None:
+        optimizer = optimizer if optimizer is not None else SGD()
+        if max_forwards % 2 and not optimizer.one_sided and not optimizer.center:
             raise ValueError(f"--max-forwards {max_forwards} is odd: each zeroth-order query costs 2 forward "
                              "passes, so only an even budget can be spent exactly")
         self.engine = ZOEngine(model, eps=eps, weight_decay=weight_decay, seed=seed, blowup=blowup, recover=recover,
                                max_rollbacks=max_rollbacks, decays=decays,
-                               anchors=start_anchors(model) if weight_decay else None, stage=stage)
+                               anchors=start_anchors(model) if weight_decay else None, stage=stage,
+                               optimizer=optimizer)
         self.autocast = autocast
         self.dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)  # carries the lr schedule
         self.scheduler = get_scheduler(scheduler, self.dummy, warmup_steps, total_steps)
@@ -270,8 +273,18 @@ class ZerothOrder:
         return self.scheduler.get_last_lr()[0]
 
     def queries(self, epoch: int) -> int:
+        """The schedule's query count, cut so the step fits what is left of ``max_forwards``."""
         q = self.schedule(epoch)
-        return min(q, (self.max_forwards - self.forwards) // 2) if self.max_forwards else q
+        if not self.max_forwards:
+            return q
+        opt = self.engine.optimizer
+        while q > 0 and self.forwards + opt.forwards(q) > self.max_forwards:
+            q -= 1
+        return q
+
+    def fits(self) -> bool:
+        """Whether another step fits in ``max_forwards`` (always, without a budget)."""
+        return self.queries(0) >= self.engine.optimizer.min_queries if self.max_forwards else True
 
     def step(self, step: int, epoch: int, micro_batches: list) -> dict:
         if len(micro_batches) != 1:
@@ -282,7 +295,7 @@ class ZerothOrder:
                 return float(self.objective(self.net, micro_batches[0]))
 
         record = self.engine.step(step, loss_fn, self.queries(epoch), self.lr())
-        spent = 2 * len(record.seeds) + self.engine.extra_forwards
+        spent = self.engine.last_forwards
         self.forwards += spent
         self.dummy.step()
         self.scheduler.step()

@@ -49,7 +49,7 @@ from .stops import Interrupted, StopSignals
 from .system import machine, peak_memory
 from .tasks import load_tasks
 from .tasks.collate import task_batches
-from .zo import query_schedule
+from .zo import make_optimizer, query_schedule
 
 __all__ = ["Interrupted", "TrainConfig", "train"]
 
@@ -199,7 +199,8 @@ def make_updater(run: Run, total_steps: int, stage_no: int = 0):
     updater = optim.ZerothOrder(loaded.model, loaded.net, objective, run.lr, eps=cfg.zo_eps, seed=cfg.seed,
                                 blowup=cfg.zo_blowup, recover=cfg.zo_recover,
                                 max_rollbacks=cfg.zo_max_rollbacks, queries=queries, max_forwards=cfg.max_forwards,
-                                stage=stage_no, **common)
+                                stage=stage_no, optimizer=make_optimizer(cfg.zo_optimizer, **cfg.zo_options()),
+                                **common)
     return updater
 
 
@@ -272,7 +273,7 @@ def run_stage(run: Run, stage_no: int, stage: list[int], out: Path) -> dict:
         # 4. bookkeeping, evaluation, checkpoint
         state["step"] += 1
         row["forwards"] = updater.forwards  # the run's so far (the updater counts them)
-        if zo and cfg.max_forwards and updater.forwards > cfg.max_forwards - 2:  # no query fits any more
+        if zo and not updater.fits():  # no step fits in what is left of --max-forwards
             total_steps = state["step"]  # budget spent: this is the last step (evaluate, save)
         dt = time.perf_counter() - t0
         n_all = sum(n for batches in micro_batches for n, _ in batches) * (1 if zo else world)

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import date
 from pathlib import Path
 
@@ -17,15 +17,33 @@ import torch
 
 from .. import methods, models
 from ..system import machine, save
-from . import tuning
-from .budget import RANK_OPTION, SHORT, Budget, default_dtype, default_rank
+from ..zo import OPTIMIZERS, make_optimizer
+from . import steps, tuning
+from .budget import RANK_OPTION, SHORT, Budget, default_dtype, default_rank, eval_every, zo_spend
 from .report import bench_report
 from .steps import memory_compare
 
 
+def zo_settings(method: str, optimizer: str, queries: int) -> dict:
+    """The ``leanft train`` zeroth-order options of one (method, optimiser) run group: the optimiser, and the
+    queries per step raised to what it needs (fzoo: 2). AdaZeta keeps its own query schedule (``queries``
+    does not apply) unless that schedule starts below the optimiser's minimum: then the fixed schedule."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown zeroth-order optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+    fewest = make_optimizer(optimizer).min_queries
+    settings: dict = {"zo_optimizer": optimizer}
+    if method == "adazeta" and fewest > 1:
+        settings["zo_schedule"] = "fixed"
+    if max(queries, fewest) != 1 and (method != "adazeta" or fewest > 1):
+        settings["zo_queries"] = max(queries, fewest)
+    return settings
+
+
 def bench_plan(task_names: list[str], method_names: list[str], ranks: list[int], sweep: list[str],
-               task_type: str) -> list[dict]:
-    """Runs in order: per task, each method at its defaults, then the rank sweep of the ``sweep`` methods."""
+               task_type: str, zo_optimizers: list[str] = ("sgd",), zo_queries: int = 1) -> list[dict]:
+    """Runs in order: per task, each method at its defaults, then the rank sweep of the ``sweep`` methods;
+    a zeroth-order method's each size once per optimiser of ``zo_optimizers`` (slug ``mezo-lora+adam``;
+    MeZO's sgd keeps the method's own slug). ``set`` names the trainable set a run group trains."""
     plan = []
     for task in task_names:
         for method in method_names:
@@ -34,9 +52,44 @@ def bench_plan(task_names: list[str], method_names: list[str], ranks: list[int],
             for value in values:
                 option = RANK_OPTION.get(method)
                 slug = method if value == default else f"{method}-{SHORT[option]}{value}"
-                plan.append({"task": task, "method": method, "slug": slug, "rank_option": option, "rank": value,
-                             "options": {} if value == default else {option: value}})
+                run = {"task": task, "method": method, "slug": slug, "set": slug, "rank_option": option,
+                       "rank": value, "options": {} if value == default else {option: value}}
+                if method not in methods.ZO_METHODS:
+                    plan.append(run)
+                    continue
+                for opt in zo_optimizers:  # an optimiser with its own lr scale gets it (train would take MeZO's)
+                    own = {"lr": tuning.default_lr(method, task_type, opt)} if opt in tuning.ZO_LR else {}
+                    plan.append({**run, "slug": slug if opt == "sgd" else f"{slug}+{opt}",
+                                 "zo": zo_settings(method, opt, zo_queries), **own})
     return plan
+
+
+def zo_run_spend(run: dict, budget: Budget) -> tuple[int, int]:
+    """``(steps, forwards)`` the zeroth-order ``run`` will take under ``budget`` (``budget.zo_spend``)."""
+    zo = run.get("zo", {})
+    adazeta = run["method"] == "adazeta" and zo.get("zo_schedule", "auto") == "auto"
+    return zo_spend(budget.forwards, budget.train, budget.zo_batch, zo.get("zo_optimizer", "sgd"),
+                    zo.get("zo_queries", 1), adazeta)
+
+
+def check_forwards(plan: list[dict], budget: Budget) -> None:
+    """Refuse a budget some zeroth-order run cannot spend exactly (fzoo and hizoo take 3 forwards a step at
+    their fewest queries), naming the nearest budgets every planned run spends exactly."""
+    zo_runs = [r for r in plan if r["method"] in methods.ZO_METHODS]
+    short = {r["slug"]: zo_run_spend(r, budget)[1] for r in zo_runs}
+    short = {slug: spent for slug, spent in short.items() if spent != budget.forwards}
+    if not short:
+        return
+
+    def fits(f: int) -> bool:
+        return all(zo_run_spend(r, replace(budget, forwards=f))[1] == f for r in zo_runs)
+
+    near = sorted((f for f in range(max(2, budget.forwards - 60), budget.forwards + 62, 2) if fits(f)),
+                  key=lambda f: abs(f - budget.forwards))[:2]
+    raise ValueError(f"forwards={budget.forwards} cannot be spent exactly by "
+                     + ", ".join(f"{slug} (stops at {spent})" for slug, spent in short.items())
+                     + (f"; budgets every planned run spends exactly: {', '.join(map(str, sorted(near)))}" if near
+                        else "; choose a multiple of 6 (fzoo and hizoo take 3 forwards a step at Q=1-2)"))
 
 
 def train_argv(run: dict, model: str, budget: Budget, dtype: str, eval_before: bool) -> list[str]:
@@ -44,14 +97,15 @@ def train_argv(run: dict, model: str, budget: Budget, dtype: str, eval_before: b
     b = budget
     argv = ["--model", model, "--task", run["task"], "--method", run["method"], "--num-train", str(b.train),
             "--num-eval", str(b.eval), "--seed", str(run.get("seed", b.seed)), "--dtype", dtype]
-    if "lr" in run:  # a tuned or repeated run (measure.tuning)
+    if "lr" in run:  # a tuned or repeated run (measure.tuning), or an optimiser's own default
         argv += ["--lr", f"{run['lr']:.6g}"]
-    if run["method"] in methods.ZO_METHODS:
-        argv += ["--num-dev", "0", "--batch-size", str(b.zo_batch), "--max-steps", "1000000000",
-                 "--max-forwards", str(b.forwards), "--scheduler", "constant"]
+    if run["method"] in methods.ZO_METHODS:  # dev evaluated about 15 times along the run
+        argv += ["--num-dev", str(b.dev), "--batch-size", str(b.zo_batch), "--max-steps", "1000000000",
+                 "--max-forwards", str(b.forwards), "--scheduler", "constant",
+                 "--eval-every", str(eval_every(zo_run_spend(run, b)[0]))]
     else:
         argv += ["--num-dev", str(b.dev), "--batch-size", str(b.batch), "--epochs", str(b.epochs)]
-    for option, value in run["options"].items():
+    for option, value in {**run["options"], **run.get("zo", {})}.items():
         argv += ["--" + option.replace("_", "-"), str(value)]
     return argv + ["--eval-before" if eval_before else "--no-eval-before"]
 
@@ -69,6 +123,31 @@ def run_child(argv: list[str], log: Path) -> int:
     return proc.wait()
 
 
+def measure_child(function: str, *args, **kwargs) -> dict:
+    """``leanft.measure.steps.<function>(*args, **kwargs)`` in a fresh interpreter (nothing else loaded in it);
+    a failure raises ``RuntimeError`` with the child's last line of error."""
+    code = (f"import json, leanft.measure.steps as s; print(json.dumps(s.{function}(*{args!r}, **{kwargs!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if out.returncode:
+        raise RuntimeError((out.stderr.strip().splitlines() or ["no output"])[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def forward_times(model: str, task: str, method_names: list[str], batch_size: int, dtype: str) -> dict:
+    """One training forward (the loss of one batch) of each zeroth-order method, each in its own process,
+    measured by ``steps.zo_step_cost``: what a run's step time is compared with (step / (forwards x one
+    forward)). A method whose measurement fails is left out."""
+    rows = []
+    for method in method_names:
+        try:
+            rows.append(measure_child("zo_step_cost", model, task, method, dtype=dtype, batch_size=batch_size))
+        except RuntimeError as e:
+            print(f"forward time of {method} failed: {e}")
+    return {"model": model, "task": task, "batch_size": batch_size, "dtype": dtype, "machine": machine(),
+            "date": date.today().isoformat(), "rows": rows}
+
+
 @dataclass
 class Bench:
     """One bench: ``model`` on ``tasks`` with ``methods`` under ``budget``, results in ``out`` and the runs'
@@ -84,16 +163,20 @@ class Bench:
     ranks: list[int] = field(default_factory=list)
     sweep: list[str] = field(default_factory=lambda: ["lora", "loretta-rep", "loretta-adp"])
     dtype: str | None = None
-    memory: bool = True  # also the peak memory of one step of each method, against inference
+    memory: bool = True  # also the peak memory of one step of each method against inference, and one forward's time
     force: bool = False  # redo runs whose results exist
     lr_grid: list[float] = field(default_factory=list)  # multiples of each method's default lr, chosen on dev
     seeds: list[int] = field(default_factory=list)  # repeat every run with these seeds (default: the budget's)
+    zo_optimizers: list[str] = field(default_factory=lambda: ["sgd"])  # each zeroth-order method with each
+    zo_queries: int = 1  # queries per step of zeroth-order runs (raised to 2 for fzoo; AdaZeta schedules its own)
 
     def command(self, dtype: str) -> str:
         spent = ",".join(f"{k}={v}" for k, v in asdict(self.budget).items())
         sweep = ["--ranks", ",".join(map(str, self.ranks)), "--sweep", ",".join(self.sweep)] if self.ranks else []
         sweep += ["--lr-grid", ",".join(f"{m:g}" for m in self.lr_grid)] if self.lr_grid else []
         sweep += ["--seeds", ",".join(map(str, self.seeds))] if self.seeds else []
+        sweep += ["--zo-optimizers", ",".join(self.zo_optimizers)] if self.zo_optimizers != ["sgd"] else []
+        sweep += ["--zo-queries", str(self.zo_queries)] if self.zo_queries != 1 else []
         return " ".join(["leanft bench --model", self.model, "--tasks", ",".join(self.tasks), "--methods",
                          ",".join(self.methods), "--budget", spent, *sweep, "--dtype", dtype, "--out", str(self.out)])
 
@@ -106,9 +189,11 @@ class Bench:
         """
         dtype = self.dtype or default_dtype()
         plan = bench_plan(self.tasks, [methods.resolve_method(m) for m in self.methods], list(self.ranks),
-                          list(self.sweep), models.task_type(self.model))
+                          list(self.sweep), models.task_type(self.model), list(self.zo_optimizers), self.zo_queries)
+        check_forwards(plan, self.budget)
         self.out.mkdir(parents=True, exist_ok=True)
         save({"model": self.model, "tasks": self.tasks, "budget": asdict(self.budget), "dtype": dtype,
+              "zo_queries": self.zo_queries,
               "machine": machine(), "torch": torch.__version__, "date": date.today().isoformat(),
               "runs": [f"{r['task']}/{r['slug']}" for r in plan], "command": self.command(dtype)},
              self.out / "bench.json")
@@ -124,30 +209,48 @@ class Bench:
             print(f"\npeak memory of one step per method ({self.tasks[0]}, batch {self.budget.batch}), "
                   "each in its own process")
             save(memory_compare(self.model, self.tasks[0], self.budget.batch, 3,
-                                list(dict.fromkeys(r["method"] for r in plan)), dtype), self.out / "memory.json")
+                                list(dict.fromkeys(r["method"] for r in plan)), dtype,
+                                zo_optimizers=list(self.zo_optimizers)), self.out / "memory.json")
+            zo = list(dict.fromkeys(r["method"] for r in plan if r["method"] in methods.ZO_METHODS))
+            if zo and hasattr(steps, "zo_step_cost"):
+                print(f"\ntime of one training forward per zeroth-order method (batch {self.budget.zo_batch})")
+                save(forward_times(self.model, self.tasks[0], zo, self.budget.zo_batch, dtype),
+                     self.out / "forward.json")
         (self.out / "README.md").write_text(bench_report(self.out))
         print(f"\nreport: {self.out / 'README.md'}")
         return results
 
     def tuned(self, run: dict, dtype: str, first_of_task: bool, label: str) -> list[dict]:
         """``run`` as planned, or (with ``lr_grid``/``seeds``) its lr grid on the first seed, the lr chosen
-        on dev, then the other seeds at that lr (``measure.tuning``)."""
+        on dev (past the grid's edge when chosen there: ``tuning.select``), then the other seeds at that lr.
+        Every choice is remade from the saved runs, so an interrupted bench resumes its extensions too."""
         seeds = self.seeds or [self.budget.seed]
         if not self.lr_grid and len(seeds) == 1:
             return [self.once(run, dtype, first_of_task, label)]
-        base = tuning.default_lr(run["method"], models.task_type(self.model))
-        zo = run["method"] in methods.ZO_METHODS
-        grid = self.lr_grid if self.lr_grid and not zo and self.budget.dev else [1.0]
-        picked = [tuning.variant(run, m, seeds[0], base * m, "select") for m in grid]
-        results = [self.once(v, dtype, first_of_task and k == 0, f"{label} @lr x{v['lr_multiplier']:g}")
-                   for k, v in enumerate(picked)]
-        scores = [tuning.best_dev(self.out / v["task"] / f"{v['slug']}.jsonl") for v in picked]
-        chosen = tuning.choose(list(zip(grid, scores))) if len(grid) > 1 else 1.0
-        for seed in seeds[1:]:
+        base = tuning.default_lr(run["method"], models.task_type(self.model), run.get("zo", {}).get("zo_optimizer"))
+        grid = sorted(self.lr_grid) if self.lr_grid and self.budget.dev else [1.0]
+        results, scores = [], []
+
+        def score(m: float) -> float | None:  # the run at multiplier m of the first seed, trained or found
+            v = tuning.variant(run, m, seeds[0], base * m, "select")
+            results.append(self.once(v, dtype, first_of_task and not results, f"{label} @lr x{m:g}"))
+            scores.append(tuning.best_dev(self.out / v["task"] / f"{v['slug']}.jsonl"))
+            return scores[-1]
+
+        chosen, at_edge = grid[0], False
+        if len(grid) == 1:  # seeds only (or no dev set to choose on): the default lr
+            score(chosen)
+        else:
+            try:
+                chosen, at_edge = tuning.select(grid, score)
+            except ValueError as e:  # every run of the grid failed: nothing to repeat
+                print(f"{label}: no lr chosen ({e})")
+                chosen = None
+        for seed in seeds[1:] if chosen is not None else []:
             v = tuning.variant(run, chosen, seed, base * chosen, "seed")
             results.append(self.once(v, dtype, False, f"{label} @lr x{chosen:g} seed {seed}"))
-        for r, score in zip(results, scores + [None] * (len(results) - len(scores))):
-            r["bench"].update(chosen=chosen, dev_score=score)
+        for r, s in zip(results, scores + [None] * (len(results) - len(scores))):
+            r["bench"].update(chosen=chosen, at_edge=at_edge, dev_score=s)
             save(r, self.out / r["bench"]["task"] / f"{r['bench']['slug']}.json")
         return results
 

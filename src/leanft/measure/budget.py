@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 
 from .. import methods
 from ..models import default_device
+from ..zo import make_optimizer, query_schedule
 
 
 @dataclass(frozen=True)
 class Budget:
     """What every run of a bench gets, so methods compare at equal data and compute.
 
-    First-order runs train ``epochs`` over ``train`` examples at ``batch`` (dev set ``dev`` picks the
-    best checkpoint); zeroth-order runs spend exactly ``forwards`` training forward passes (2 per SPSA
-    query) at ``zo_batch`` with a constant lr and no dev set (MeZO's protocol). Every run evaluates on
+    First-order runs train ``epochs`` over ``train`` examples at ``batch``; zeroth-order runs spend exactly
+    ``forwards`` training forward passes (2 per SPSA query for most optimisers) at ``zo_batch`` with a
+    constant lr. Both keep the checkpoint best on ``dev`` examples (none when 0). Every run evaluates on
     the same ``eval`` examples; evaluation forwards are not counted in the budget.
     """
 
@@ -72,3 +74,32 @@ def default_dtype() -> str:
     return "bfloat16" if default_device().type == "cuda" else "float32"
 
 
+
+
+def zo_spend(forwards: int, train: int, batch: int, optimizer: str, queries: int, adazeta: bool) -> tuple[int, int]:
+    """``(steps, forwards spent)`` of a zeroth-order run under ``leanft train --max-forwards forwards``, worked
+    out as ``optim.ZerothOrder`` cuts its steps: each step takes the schedule's queries (``queries``, or
+    AdaZeta's per-epoch count when ``adazeta``), the last ones cut to what is left, and the run stops when
+    not even the optimiser's fewest queries fit. The bench needs it before training: to check that every
+    optimiser spends the budget exactly, and to space the dev evaluations along the run."""
+    opt = make_optimizer(optimizer)
+    per_epoch = max(1, math.ceil(train / batch))
+    steps = spent = 0
+
+    def cut(q: int) -> int:
+        while q > 0 and spent + opt.forwards(q) > forwards:
+            q -= 1
+        return q
+
+    def schedule(epoch: int) -> int:
+        return query_schedule(epoch) if adazeta else queries
+
+    while cut(schedule(0)) >= opt.min_queries:
+        spent += opt.forwards(cut(schedule(steps // per_epoch)))
+        steps += 1
+    return steps, spent
+
+
+def eval_every(steps: int, points: int = 15) -> int:
+    """Steps between dev evaluations so that a run of ``steps`` steps has about ``points`` of them (10-20)."""
+    return max(1, math.ceil(steps / points))

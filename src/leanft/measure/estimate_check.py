@@ -14,23 +14,36 @@ from torch import nn
 from ..methods import ZO_METHODS, apply_method
 from ..models import default_device, load_model, model_kind, task_type
 from ..system import RssSampler, rss_mb
-from .estimate import MB, _weight_bytes, estimate, step_loss
+from ..zo import OPTIMIZERS
+from .estimate import MB, ZO_STEADY_STEPS, _weight_bytes, estimate, step_loss
 from .steps import timed_steps, updater
 
 CHECK_METHODS = ("full", "lora", "loretta-rep", "loretta-adp", "lamda", "mezo", "adazeta")
 
 
-def train_steps(model: nn.Module, method: str, ids: torch.Tensor, causal: bool, steps: int) -> None:
+def train_steps(model: nn.Module, method: str, ids: torch.Tensor, causal: bool, steps: int,
+                zo_optimizer: str = "sgd") -> None:
     """``steps`` training steps as leanft takes them (``measure.steps.updater``): AdamW for first-order
-    methods, one-query SPSA steps for zeroth-order ones."""
+    methods, SPSA steps of ``zo_optimizer`` with the fewest queries it takes for zeroth-order ones."""
     objective = lambda net, batch: step_loss(net, batch, causal)  # noqa: E731
-    timed_steps(updater(model, model, objective, method in ZO_METHODS), [ids] * steps)
+    queries = OPTIMIZERS[zo_optimizer].min_queries
+    timed_steps(updater(model, model, objective, method in ZO_METHODS, queries, zo_optimizer=zo_optimizer),
+                [ids] * steps)
+
+
+def steady_steps(method: str, steps: int) -> int:
+    """Steps to measure so the last is in the estimate's steady state: a zeroth-order run's noise cache
+    fills over its first ``ZO_STEADY_STEPS``; AdamW's state exists from the second step on."""
+    return max(steps, ZO_STEADY_STEPS) if method in ZO_METHODS else steps
 
 
 def cpu_allocated_peak(run) -> int:
-    """Peak bytes held by the CPU allocator for what ``run()`` allocates (the profiler's memory events)."""
+    """Peak bytes held by the CPU allocator for what ``run()`` allocates (the profiler's memory events).
+    Garbage from before is collected first: freed during ``run()`` it would count against its peak (a
+    zeroth-order engine and its optimiser refer to each other, so only the cycle collector frees them)."""
     from torch.profiler import ProfilerActivity, profile
 
+    gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
@@ -56,9 +69,11 @@ def measure(model_name: str, method: str, batch_size: int, seq_len: int, steps: 
     CUDA: ``max_memory_allocated`` with the model on the GPU. CPU: the highest resident memory while the
     steps run minus that before the model was loaded (allocator overhead and runtime pages included), and
     then, for the same steps again, the CPU allocator's own peak plus the weights (``allocated_mb``).
-    Two steps by default: AdamW's state exists from the first update on, so the second is the steady state.
+    Two steps by default: AdamW's state exists from the first update on, so the second is the steady state;
+    zeroth-order methods take at least ``ZO_STEADY_STEPS`` (``steady_steps``).
     """
     device = default_device().type
+    steps = steady_steps(method, steps)
     gc.collect()
     before = rss_mb()
     model = load_model(model_name)[0]
@@ -66,7 +81,7 @@ def measure(model_name: str, method: str, batch_size: int, seq_len: int, steps: 
     model = apply_method(model, method, task_type(model_name)).to(device)
     ids = random_ids(model.config.vocab_size, model.config.pad_token_id, batch_size, seq_len).to(device)
     gc.collect()
-    result = {"device": device}
+    result = {"device": device, "steps": steps}
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         train_steps(model, method, ids, causal, steps)

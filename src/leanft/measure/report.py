@@ -10,8 +10,9 @@ import numpy as np
 
 from .. import methods
 from ..runfolder import pyplot
+from . import tuning
 from .budget import SHORT, Budget
-from .tuning import summary_table
+from .tuning import label, summary_table
 
 
 def text_table(rows: list[dict], columns: list[str]) -> str:
@@ -53,16 +54,17 @@ def report(metric_files: list[Path]) -> str:
     return "\n".join(lines)
 
 
-def plot_runs(metric_files: list[Path], path: Path) -> None:
+def plot_runs(metric_files: list[Path], path: Path, labels: list[str] | None = None) -> None:
     """Training loss of several runs against forward passes, one PNG: methods compared at equal compute.
 
     Each ``X.json`` needs its log beside it as ``X.jsonl`` (the run's ``metrics.jsonl``); the loss is
-    a running mean over a twentieth of the run, so zeroth-order noise does not hide the trend.
+    a running mean over a twentieth of the run, so zeroth-order noise does not hide the trend. The lines
+    are named by ``labels`` (default: each run's method).
     """
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for f in map(Path, metric_files):
+    for k, f in enumerate(map(Path, metric_files)):
         log = f.with_suffix(".jsonl")
         if not log.is_file():
             raise FileNotFoundError(f"{log}: no training log beside {f} (copy the run's metrics.jsonl there)")
@@ -70,7 +72,8 @@ def plot_runs(metric_files: list[Path], path: Path) -> None:
         rows = [r for r in rows if "loss" in r and not r.get("rolled_back")]
         window = max(1, len(rows) // 20)
         smooth = np.convolve([r["loss"] for r in rows], np.ones(window) / window, mode="valid")
-        ax.plot([r["forwards"] for r in rows][window - 1 :], smooth, label=json.loads(f.read_text())["method"])
+        name = labels[k] if labels else json.loads(f.read_text())["method"]
+        ax.plot([r["forwards"] for r in rows][window - 1 :], smooth, label=name)
     ax.set(xlabel="forward passes", ylabel="training loss (running mean)")
     ax.legend()
     fig.tight_layout()
@@ -86,7 +89,8 @@ def bench_report(out: Path) -> str:
     info = json.loads((out / "bench.json").read_text())
     runs = [json.loads((out / f"{name}.json").read_text()) for name in info["runs"] if (out / f"{name}.json").is_file()]
     mem = json.loads((out / "memory.json").read_text()) if (out / "memory.json").is_file() else None
-    seen = {r["machine"] for r in runs} | ({mem["machine"]} if mem else set())
+    fwd = json.loads((out / "forward.json").read_text()) if (out / "forward.json").is_file() else None
+    seen = {r["machine"] for r in runs} | {m["machine"] for m in (mem, fwd) if m}
     if len(seen) > 1:
         raise ValueError(f"{out} holds results of {len(seen)} machines ({'; '.join(sorted(seen))}): a table never "
                          "mixes devices; bench each machine into its own folder")
@@ -99,13 +103,16 @@ def bench_report(out: Path) -> str:
              f"{b.train} examples at batch {b.batch} (about {fo_steps} AdamW steps; "
              + (f"the checkpoint best on {b.dev} dev examples); " if b.dev else "the last step); ")
              + f"zeroth-order methods spend exactly {b.forwards} training forward passes at batch {b.zo_batch} "
-             f"(2 per SPSA query, constant lr, no dev set). All are evaluated on the same {b.eval} examples; "
-             "evaluation forwards are not counted.", ""]
+             "(2 per SPSA query for most optimisers, constant lr, "
+             + ("the checkpoint best on the same dev set, evaluated about 15 times along the run). " if b.dev
+                else "no dev set). ")
+             + f"All are evaluated on the same {b.eval} examples; evaluation forwards are not counted.", ""]
     for task in dict.fromkeys(r["tasks"][0] for r in runs):
         task_runs = [r for r in runs if r["tasks"][0] == task]
         lines += task_table(task, task_runs) + summary_table(task, task_runs)
-        plots = plot_task(out, task, task_runs)
-        lines += [f"![{p.stem}]({p.name})" for p in plots] + [""]
+        zo_lines, zo_plots = zo_section(out, task, task_runs, info, mem, fwd)
+        plots = plot_task(out, task, task_runs) + zo_plots
+        lines += zo_lines + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     if mem:
         lines += [f"**Peak memory of one step** on one {mem['task']} batch of {mem['batch_size']} "
                   f"({mem['device']}, each in its own process; working = peak minus the model loaded)", "",
@@ -133,10 +140,10 @@ def task_table(task: str, runs: list[dict]) -> list[str]:
         meta = r["bench"]
         rank = f"{SHORT[meta['rank_option']]}={meta['rank']}" if meta["rank_option"] else ""
         if r.get("failed"):
-            lines.append(f"| {meta['method']} | {rank} | failed: {r['error'][:120]} |" + " |" * 9)
+            lines.append(f"| {label(meta)} | {rank} | failed: {r['error'][:120]} |" + " |" * 9)
             continue
         ratio = f"{r['trainable'] / lora:.3f}x" if lora else ""
-        lines.append(f"| {meta['method']} | {rank} | {r['eval'][task][key]:.1f} | {r['trainable']:,} | {ratio} | "
+        lines.append(f"| {label(meta)} | {rank} | {r['eval'][task][key]:.1f} | {r['trainable']:,} | {ratio} | "
                      f"{r['parameter_updates']:.3g} | {r['peak_memory_mb']:.0f} | {r['time_per_step_s']:.2f} | "
                      f"{r['examples_per_s']:.1f} | {r['steps']} | {r['forward_passes']} | {r['wall_time_s']:.0f} |")
     return lines + [""]
@@ -154,10 +161,10 @@ def plot_task(out: Path, task: str, runs: list[dict]) -> list[Path]:
     # repeated runs (seeds at the lr chosen on dev) are one point with an error bar of one sd
     final = [r for r in ok if r["bench"].get("chosen") in (None, r["bench"].get("lr_multiplier"))]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in dict.fromkeys(r["method"] for r in final):
+    for method in dict.fromkeys(label(r["bench"]) for r in final):
         by_size: dict = {}
         for r in final:
-            if r["method"] == method:
+            if label(r["bench"]) == method:
                 by_size.setdefault(r["trainable"], []).append(r)
         points = sorted((n, statistics.mean(x["eval"][task][key] for x in rs),
                          statistics.stdev([x["eval"][task][key] for x in rs]) if len(rs) > 1 else 0.0, rs[0]["bench"])
@@ -179,12 +186,146 @@ def plot_task(out: Path, task: str, runs: list[dict]) -> list[Path]:
     plt.close(fig)
     for kind, selected in (("loss", [r for r in ok if r["method"] not in methods.ZO_METHODS]),
                            ("zo-convergence", [r for r in ok if r["method"] in methods.ZO_METHODS])):
-        files = [out / task / f"{r['bench']['slug']}.json" for r in selected
-                 if r["bench"]["options"] == {} and r["bench"].get("role") != "seed"]
-        if files:
+        # each group's default size at its chosen lr, first seed
+        shown = [r for r in selected if r["bench"]["options"] == {} and r["bench"].get("role") != "seed"
+                 and r["bench"].get("chosen") in (None, r["bench"].get("lr_multiplier"))]
+        if shown:
             paths.append(out / f"{kind}-{task}.png")
-            plot_runs(files, paths[-1])
+            plot_runs([out / task / f"{r['bench']['slug']}.json" for r in shown], paths[-1],
+                      [label(r["bench"]) for r in shown])
     return paths
+
+
+def forwards_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
+    """Forward passes spent at a run's first dev evaluation at or above ``target`` (None: never reached)."""
+    return next((f for f, score in curve if score >= target), None)
+
+
+def zo_section(out: Path, task: str, runs: list[dict], info: dict, mem: dict | None,
+               fwd: dict | None) -> tuple[list[str], list[Path]]:
+    """Which zeroth-order optimiser to use: per trainable set and optimiser, the lr chosen on dev, the eval
+    metric over seeds, the forwards to reach MeZO-SGD's final dev score on the same set, the step time against
+    the forwards it takes, and peak memory; plus a plot per trainable set of dev score against forwards.
+    Shown when the bench has zeroth-order runs with a dev set or more than one optimiser."""
+    ok = [r for r in runs if not r.get("failed") and r["method"] in methods.ZO_METHODS]
+    curves = {r["bench"]["slug"]: tuning.dev_curve(out / task / f"{r['bench']['slug']}.jsonl") for r in ok}
+    optimizers = {optimizer_of(r["bench"]) for r in ok}
+    if not ok or (len(optimizers) < 2 and not any(curves.values())):
+        return [], []
+    key = next(iter(ok[0]["eval"][task]))
+    forward_s = {r["method"]: r["forward_s"] for r in (fwd or {}).get("rows", [])}
+    peaks = {(r["method"], r.get("zo_optimizer", "sgd")): r["peak_vs_inference"] for r in (mem or {}).get("rows", [])
+             if r["mode"] == "zo"}
+    lines = [f"### {task}: which zeroth-order optimiser", "",
+             f"Per trainable set and optimiser, at the lr chosen on dev (x its default, `tuning.default_lr`): {key} "
+             "mean ± sd over seeds; the forward passes to reach MeZO-SGD's final dev score on the same set (the "
+             "mean over its seeds of the last dev evaluation; per seed the first evaluation at or above it, mean "
+             "over seeds; \"not reached\" when a seed never does) and their ratio to sgd's (sgd's by the same rule or, "
+             "when one of its seeds ends below the mean and never reaches it, where the mean of its seeds' curves "
+             "does); "
+             + ("step / forwards: a run's s/step over (its forwards per step x one training forward, "
+                f"`steps.zo_step_cost` at batch {fwd['batch_size']} in its own process after the runs); " if fwd
+                else "")
+             + "peak / inference: the one-step peak of `leanft memory` (mezo and mezo-lora with each optimiser, "
+             "adazeta with sgd), at the method's default size.", ""]
+    if not fwd:
+        lines += ["The step-time ratio is left out: this bench measured no forward time (it does with --memory).", ""]
+    notes, asked = [], info.get("zo_queries", 1)
+    if "fzoo" in optimizers:
+        raised = f" (the bench's --zo-queries {asked} raised)" if asked < 2 else ""
+        notes.append(f"fzoo takes Q + 1 forwards a step and needs Q >= 2: its runs use Q = {max(asked, 2)}{raised}; "
+                     "on adazeta with the fixed schedule (AdaZeta's own starts at Q = 1).")
+    if asked != 1 and any(r["method"] == "adazeta" for r in ok):
+        notes.append("adazeta keeps its own query schedule: --zo-queries does not apply to it (fzoo aside).")
+    lines += [f"Note: {n}" for n in notes] + ([""] if notes else [])
+    head = ["trainable set", "optimiser", "lr chosen", "grid (multiplier: best dev)", f"{key} mean ± sd", "seeds",
+            "forwards to sgd's final dev", "vs sgd", "s/step"] + (["step / forwards"] if fwd else []) + \
+        ["peak / inference"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    plots = []
+    for zo_set in dict.fromkeys(r["bench"]["set"] for r in ok):
+        groups: dict = {}  # optimiser -> its runs on this set (grid, extensions, seeds)
+        for r in ok:
+            if r["bench"]["set"] == zo_set:
+                groups.setdefault(optimizer_of(r["bench"]), []).append(r)
+        final = {opt: tuning.chosen_runs(members) for opt, members in groups.items()}
+        sgd = final.get("sgd", (None, []))[1]
+        ends = [curves[r["bench"]["slug"]][-1][1] for r in sgd if curves[r["bench"]["slug"]]]
+        target = statistics.mean(ends) if ends and len(ends) == len(sgd) else None
+        reach = {}
+        for opt, (_, rs) in final.items():
+            hits = [forwards_to_reach(curves[r["bench"]["slug"]], target) for r in rs] if target is not None else []
+            reach[opt] = statistics.mean(hits) if hits and None not in hits else None
+        # sgd's seeds that end below their mean may never reach it: then its mean curve's first point at or
+        # above the target is the reference (its last evaluation at the latest, the target being its mean)
+        sgd_reach = reach.get("sgd") or (forwards_to_reach(mean_curve([curves[r["bench"]["slug"]] for r in sgd]),
+                                                           target - 1e-9) if target is not None else None)
+        for opt, (chosen, rs) in final.items():
+            if not rs:
+                lines.append(f"| {zo_set} | {opt} | no lr: every run of the grid failed |" + " |" * (len(head) - 3))
+                continue
+            meta, values = rs[0]["bench"], [r["eval"][task][key] for r in rs]
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            lr = (f"{rs[0]['lr']:.2g}" + (f" (x{chosen:g})" if chosen is not None else "")
+                  + (" at the edge" if meta.get("at_edge") else ""))
+            hit = ("no sgd dev curve" if target is None else "not reached" if reach[opt] is None
+                   else f"{reach[opt]:.0f}")
+            ratio = f"{reach[opt] / sgd_reach:.2f}x" if reach[opt] is not None and sgd_reach else ""
+            row = [zo_set, opt, lr, tuning.grid_scores(groups[opt]), f"{statistics.mean(values):.1f} ± {sd:.1f}",
+                   str(len(values)), hit, ratio, f"{statistics.mean(r['time_per_step_s'] for r in rs):.3g}"]
+            if fwd:  # one forward measured at the method's default size
+                one = forward_s.get(meta["method"]) if not meta["options"] else None
+                row.append(f"{statistics.mean(step_vs_forwards(r, one) for r in rs):.2f}x" if one else "not measured")
+            peak = peaks.get((meta["method"], opt)) if not meta["options"] else None  # measured at the default size
+            row.append(f"{peak:.3f}x" if peak else "not measured")
+            lines.append("| " + " | ".join(row) + " |")
+        path = out / f"dev-vs-forwards-{task}-{zo_set}.png"
+        if plot_dev_curves({opt: [curves[r["bench"]["slug"]] for r in rs] for opt, (_, rs) in final.items() if rs},
+                           target, f"{ok[0]['model']}: {task} dev score, {zo_set}", path):
+            plots.append(path)
+    return lines + [""], plots
+
+
+def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
+    """Seeds' dev curves (evaluated at the same forwards) averaged point by point, up to the shortest."""
+    n = min(map(len, curves), default=0)
+    return [(curves[0][i][0], statistics.mean(c[i][1] for c in curves)) for i in range(n)]
+
+
+def optimizer_of(meta: dict) -> str:
+    return meta.get("zo", {}).get("zo_optimizer", "sgd")
+
+
+def step_vs_forwards(run: dict, forward_s: float) -> float:
+    """A run's mean step time over the time of the forwards its mean step takes."""
+    return run["time_per_step_s"] / (run["forward_passes"] / run["steps"] * forward_s)
+
+
+def plot_dev_curves(curves: dict[str, list[list[tuple[int, float]]]], target: float | None, title: str,
+                    path: Path) -> bool:
+    """Dev score against forward passes, one line per optimiser: the mean over its seeds' curves (evaluated at
+    the same forwards, the budget spaced alike) with a band of one sd; MeZO-SGD's final dev score dashed.
+    False (and no file) when no run has a dev curve."""
+    drawn = {name: seeds for name, seeds in curves.items() if seeds and all(seeds)}
+    if not drawn:
+        return False
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, seeds in drawn.items():
+        n = min(map(len, seeds))
+        x = np.array([f for f, _ in seeds[0][:n]])
+        y = np.array([[s for _, s in c[:n]] for c in seeds])
+        mean, sd = y.mean(axis=0), (y.std(axis=0, ddof=1) if len(y) > 1 else np.zeros(n))
+        line = ax.plot(x, mean, marker=".", label=name)[0]
+        ax.fill_between(x, mean - sd, mean + sd, color=line.get_color(), alpha=0.2, linewidth=0)
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle="--", linewidth=1, label="sgd's final dev")
+    ax.set(xlabel="training forward passes", ylabel="dev score", title=title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def plot_memory(mem: dict, path: Path) -> None:

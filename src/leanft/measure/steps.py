@@ -18,19 +18,27 @@ from ..config import TrainConfig
 from ..precision import Precision
 from ..system import RssSampler, machine, release_freed_memory, rss_mb
 from ..tasks.collate import encode, to_device
+from ..zo import OPTIMIZERS, make_optimizer
 
 DEFAULT_METHODS = ("base", "lora", "loretta-rep", "loretta-adp")
-# (row label, method, mode): "frozen" is a first-order step of LaMDA after its freezing phase (only S trains).
-MEMORY_RUNS = (("inference", "full", "inference"), ("mezo (full)", "mezo", "zo"), ("mezo-lora", "mezo-lora", "zo"),
-               ("adazeta", "adazeta", "zo"), ("lora (AdamW)", "lora", "first-order"),
-               ("loretta-rep (AdamW)", "loretta-rep", "first-order"),
-               ("loretta-adp (AdamW)", "loretta-adp", "first-order"),
-               ("lamda (AdamW)", "lamda", "first-order"),
-               ("lamda, P_B frozen (AdamW)", "lamda", "frozen"), ("lamda++, P_B frozen (AdamW)", "lamda++", "frozen"),
-               ("full (AdamW)", "full", "first-order"),
+# zeroth-order optimisers measured beside MeZO's sgd, on full-model MeZO and on MeZO-LoRA (--zo-optimizers)
+ZO_MEMORY_OPTIMIZERS = ("momentum", "adam", "hizoo", "lozo", "fzoo", "sparse", "sign")
+# (row label, method, mode, zeroth-order optimiser of a "zo" step): "frozen" is a first-order step of LaMDA
+# after its freezing phase (only S trains).
+MEMORY_RUNS = (("inference", "full", "inference", None), ("mezo (full)", "mezo", "zo", "sgd"),
+               ("mezo-lora", "mezo-lora", "zo", "sgd"), ("adazeta", "adazeta", "zo", "sgd"),
+               ("lora (AdamW)", "lora", "first-order", None),
+               ("loretta-rep (AdamW)", "loretta-rep", "first-order", None),
+               ("loretta-adp (AdamW)", "loretta-adp", "first-order", None),
+               ("lamda (AdamW)", "lamda", "first-order", None),
+               ("lamda, P_B frozen (AdamW)", "lamda", "frozen", None),
+               ("lamda++, P_B frozen (AdamW)", "lamda++", "frozen", None),
+               ("full (AdamW)", "full", "first-order", None),
                # the user's-script path: transformers' LM loss over every token, against inference of that loss
-               ("inference, LM loss", "full", "lm-inference"), ("ZOTrainer, mezo (full)", "mezo", "zotrainer"),
-               ("ZOTrainer, adazeta", "adazeta", "zotrainer"))
+               ("inference, LM loss", "full", "lm-inference", None), ("ZOTrainer, mezo (full)", "mezo", "zotrainer", None),
+               ("ZOTrainer, adazeta", "adazeta", "zotrainer", None),
+               *((f"{label}, {name}", method, "zo", name) for name in ZO_MEMORY_OPTIMIZERS
+                 for label, method in (("mezo (full)", "mezo"), ("mezo-lora", "mezo-lora"))))
 
 
 def zotrainer_step(model, lm_batch: dict, work_dir: str):
@@ -52,12 +60,12 @@ def task_loss(decoder: bool) -> optim.Objective:
 
 
 def updater(model, net, objective: optim.Objective, zeroth_order: bool, queries: int = 1,
-            precision: Precision = Precision()):
+            precision: Precision = Precision(), zo_optimizer: str = "sgd"):
     """The step a measurement takes: one-batch SPSA at ``queries`` queries, or AdamW with the method's own
     schedule held still (so each phase of LaMDA is measured on its own), computing as ``precision`` says."""
     if zeroth_order:
         return optim.ZerothOrder(model, net, objective, 1e-6, queries=lambda epoch: queries,
-                                 autocast=precision.autocast)
+                                 autocast=precision.autocast, optimizer=make_optimizer(zo_optimizer))
     return optim.FirstOrder(model, net, objective, 1e-5, method_schedule=False, autocast=precision.autocast,
                             scaler=precision.scaler())
 
@@ -139,24 +147,87 @@ def step_times(model_name: str, task_name: str, method_names: list[str], batch_s
             "date": date.today().isoformat(), "rows": rows}
 
 
-def memory_child(model_name: str, method: str, mode: str, task_name: str, batch_size: int, steps: int, *,
-                 dtype: str = "float32") -> dict:
-    """Peak memory of ``steps`` steps of one kind on one fixed batch, in this (fresh) process.
-
-    ``baseline`` is measured after loading the model and applying the method, so ``peak - baseline`` is
-    the working memory of the step itself (activations, gradients, optimiser state, perturbation copies).
-    The model, its head and the batch are built as ``leanft train`` builds them, decoders and encoders alike.
-    """
+def one_batch(model_name: str, method: str, task_name: str, dtype: str, batch_size: int):
+    """``(model, net, batch, decoder)``: the model with ``method`` on the default device and one training batch of
+    ``task_name``, built as ``leanft train`` builds them, decoders and encoders alike."""
     device = models.default_device()
-    # inference: the model as loaded, in its dtype (full-model MeZO's build is the one that upcasts nothing)
-    built = "mezo" if mode in ("inference", "lm-inference") else method
-    cfg = TrainConfig(model=model_name, method=built, task=task_name, dtype=dtype, batch_size=batch_size)
+    cfg = TrainConfig(model=model_name, method=method, task=task_name, dtype=dtype, batch_size=batch_size)
     task = tasks.get_task(task_name)
     model, tokenizer, decoder = loading.build_model(cfg, [task])
     model.to(device)
     examples = tasks.load_splits(task_name, batch_size, 0, 0).train
     batch = to_device(encode(task, examples, tokenizer, cfg.max_length, decoder, training=True), device)
-    net = objectives.network(model, decoder)
+    return model, objectives.network(model, decoder), batch, decoder
+
+
+def zo_step_cost(model_name: str, task_name: str, method: str = "mezo", *, dtype: str = "float32",
+                 batch_size: int = 16, queries: int = 1, repeats: int = 5, zo_optimizer: str = "sgd",
+                 directions: str | None = None) -> dict:
+    """What one zeroth-order step costs against the forwards it must take, in this process, on one batch.
+
+    Forward passes of the unperturbed loss and steps alternate (so drifts in machine load hit both alike);
+    the medians give ``vs_forwards`` = step / (forwards per step x one forward). The time spent drawing
+    random numbers inside the steps (``Noise.block``) is timed too: ``floor_s`` = forwards x one forward +
+    those draws is what a step cannot go below without drawing fewer or cheaper numbers.
+    """
+    from ..zo import make_optimizer
+
+    model, net, batch, decoder = one_batch(model_name, method, task_name, dtype, batch_size)
+    precision = Precision(dtype, models.default_device().type)
+    optimizer = make_optimizer(zo_optimizer, directions=directions)
+    step_with = optim.ZerothOrder(model, net, task_loss(decoder), 1e-7, queries=lambda epoch: queries,
+                                  autocast=precision.autocast, optimizer=optimizer)
+    noise, drawing = step_with.engine.noise, [0.0]
+    block = noise.block
+
+    def timed_block(*args):
+        t0 = time.perf_counter()
+        out = block(*args)
+        drawing[0] += time.perf_counter() - t0
+        return out
+
+    noise.block = timed_block
+
+    def forward() -> float:
+        net.eval()
+        t0 = time.perf_counter()
+        with torch.no_grad(), precision.autocast():
+            task_loss(decoder)(net, batch)
+        return time.perf_counter() - t0
+
+    forward(), step_with.step(0, 0, [batch])  # warm-up
+    forwards, steps_s, draws = [], [], []
+    for i in range(repeats):
+        forwards.append(forward())
+        drawing[0] = 0.0
+        t0 = time.perf_counter()
+        row = step_with.step(i + 1, 0, [batch])
+        steps_s.append(time.perf_counter() - t0)
+        draws.append(drawing[0])
+    fwd, step, draw = statistics.median(forwards), statistics.median(steps_s), statistics.median(draws)
+    n = row["forwards"]
+    return {"method": method, "dtype": dtype, "zo_optimizer": zo_optimizer, "directions": optimizer.kind,
+            "queries": queries, "forward_s": round(fwd, 3), "step_s": round(step, 3), "forwards": n,
+            "vs_forwards": round(step / (n * fwd), 3), "draw_s": round(draw, 3), "floor_s": round(n * fwd + draw, 3),
+            "vs_floor": round(step / (n * fwd + draw), 3), "threads": torch.get_num_threads(),
+            "trainable": sum(p.numel() for p in step_with.engine.params)}
+
+
+def memory_child(model_name: str, method: str, mode: str, task_name: str, batch_size: int, steps: int, *,
+                 dtype: str = "float32", zo_optimizer: str = "sgd") -> dict:
+    """Peak memory of ``steps`` steps of one kind on one fixed batch, in this (fresh) process.
+
+    ``baseline`` is measured after loading the model and applying the method, and before the step's
+    updater is built, so ``peak - baseline`` is the working memory of the step itself (activations,
+    gradients, optimiser state, perturbation copies; a zeroth-order engine makes its copies and its
+    optimiser's state when it is built). The model, its head and the batch are built as ``leanft train``
+    builds them, decoders and encoders alike. A "zo" step takes ``zo_optimizer`` with the fewest queries it
+    allows (one, two for fzoo).
+    """
+    device = models.default_device()
+    # inference: the model as loaded, in its dtype (full-model MeZO's build is the one that upcasts nothing)
+    built = "mezo" if mode in ("inference", "lm-inference") else method
+    model, net, batch, decoder = one_batch(model_name, built, task_name, dtype, batch_size)
     if mode == "frozen":
         model.base_model.update_freezing(1, 1)
     precision = Precision(dtype, device.type)
@@ -164,8 +235,6 @@ def memory_child(model_name: str, method: str, mode: str, task_name: str, batch_
           "labels": batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)}
     if mode == "zotrainer":
         step_with = zotrainer_step(model, lm, tempfile.mkdtemp(prefix="leanft-memory-"))
-    elif mode not in ("inference", "lm-inference"):
-        step_with = updater(model, net, task_loss(decoder), mode == "zo", 1, precision)
     release_freed_memory()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -173,6 +242,9 @@ def memory_child(model_name: str, method: str, mode: str, task_name: str, batch_
     else:
         baseline = rss_mb()
         sampler = RssSampler()
+    if mode in ("zo", "first-order", "frozen"):
+        queries = OPTIMIZERS[zo_optimizer].min_queries
+        step_with = updater(model, net, task_loss(decoder), mode == "zo", queries, precision, zo_optimizer=zo_optimizer)
     t0 = time.perf_counter()
     if mode in ("inference", "lm-inference"):
         net.eval(), model.eval()
@@ -185,7 +257,8 @@ def memory_child(model_name: str, method: str, mode: str, task_name: str, batch_
     else:
         timed_steps(step_with, [batch] * steps)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else sampler.stop()
-    return {"method": method, "mode": mode, "peak_mb": round(peak, 1), "baseline_mb": round(baseline, 1),
+    return {"method": method, "mode": mode, **({"zo_optimizer": zo_optimizer} if mode == "zo" else {}),
+            "peak_mb": round(peak, 1), "baseline_mb": round(baseline, 1),
             "step_s": round((time.perf_counter() - t0) / steps, 3), **methods.count_parameters(model)}
 
 
@@ -199,19 +272,28 @@ def in_fresh_process(*args, **kwargs) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def memory_runs(method_names: list[str] | None = None, zo_optimizers: list[str] | None = None) -> list[tuple]:
+    """The entries of ``MEMORY_RUNS`` to measure: those of ``method_names`` when given, plus inference (the
+    reference); of the zeroth-order steps, those with an optimiser in ``zo_optimizers`` (default: sgd alone)."""
+    unknown = sorted(set(zo_optimizers or ()) - set(OPTIMIZERS))
+    if unknown:
+        raise ValueError(f"unknown zeroth-order optimizer(s) {', '.join(unknown)}; choose from {', '.join(OPTIMIZERS)}")
+    return [(label, method, mode, zo) for label, method, mode, zo in MEMORY_RUNS
+            if (not method_names or mode in ("inference", "lm-inference") or method in method_names)
+            and (mode != "zo" or zo in (("sgd",) if zo_optimizers is None else zo_optimizers))]
+
+
 def memory_compare(model_name: str, task_name: str, batch_size: int, steps: int = 3,
-                   method_names: list[str] | None = None, dtype: str = "float32") -> dict:
-    """``memory_child`` for the entries of ``MEMORY_RUNS`` (those of ``method_names`` when given, plus
-    inference, the reference), each in its own process (peaks never mix)."""
+                   method_names: list[str] | None = None, dtype: str = "float32",
+                   zo_optimizers: list[str] | None = None) -> dict:
+    """``memory_child`` for the entries ``memory_runs`` selects, each in its own process (peaks never mix)."""
     rows, failed = [], []
-    for label, method, mode in MEMORY_RUNS:
-        if method_names and mode not in ("inference", "lm-inference") and method not in method_names:
-            continue
+    for label, method, mode, zo_optimizer in memory_runs(method_names, zo_optimizers):
         if mode in ("lm-inference", "zotrainer") and models.model_kind(model_name) != "causal":
             continue  # the Trainer path measured here is language modelling
         try:
             rows.append({"run": label, **in_fresh_process(model_name, method, mode, task_name, batch_size, steps,
-                                                          dtype=dtype)})
+                                                          dtype=dtype, **({"zo_optimizer": zo_optimizer} if zo_optimizer else {}))})
         except RuntimeError as e:
             print(f"memory of {label} failed: {e}")
             failed.append({"run": label, "error": str(e)})
