@@ -289,3 +289,25 @@ def test_zo_slope_of_tt_factors_read_outside_their_forward_is_the_float32_slope(
     ours, slope = torch.tensor(ours), torch.tensor(slope)
     assert torch.nn.functional.cosine_similarity(ours, slope, dim=0) > 0.93  # factors rounded to bfloat16: 0.87
     assert abs(ours.norm() / slope.norm() - 1) < 0.15
+
+
+def test_bfloat16_stochastic_rounding_is_unbiased_and_lands_on_a_neighbour():
+    """The engine's integer form of stochastic rounding to bfloat16: each result is one of the value's two
+    bfloat16 neighbours, and the mean over seeds is the value (rounding to nearest would give the nearer
+    neighbour every time: a bias of up to half a unit in the last place)."""
+    layer = torch.nn.Linear(64, 1, bias=False).to(torch.bfloat16)
+    engine = ZOEngine(layer, eps=1e-3, copy_limit=0)
+    value = torch.linspace(-3, 3, 64) + 1e-3  # mostly between two bfloat16 numbers
+    down = value.to(torch.bfloat16).float()
+    up = torch.nextafter(value.to(torch.bfloat16), torch.where(value > down, float("inf"), float("-inf"))
+                         .to(torch.bfloat16)).float()
+    out = torch.empty(64, dtype=torch.bfloat16)
+    draws = []
+    for seed in range(2000):
+        engine._round_into(out, value.clone(), 0, 0, 64, seed, 3)
+        draws.append(out.float().clone())
+    draws = torch.stack(draws)
+    assert bool(((draws == down) | (draws == up)).all())
+    gap = (up - down).abs()
+    assert float(((draws.mean(0) - value).abs() / gap).max()) < 0.05  # 2000 draws: sd of the mean <= 0.011 gap
+    assert float(((value.to(torch.bfloat16).float() - value).abs() / gap).max()) > 0.3  # nearest is biased

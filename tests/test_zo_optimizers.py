@@ -389,3 +389,24 @@ def test_a_lozo_state_is_refused_with_another_rank_or_momentum():
     with pytest.raises(ValueError, match="written by lozo with no momentum, not rank 2 with momentum 0.5"):
         ZOEngine(module, optimizer=make_optimizer("lozo", rank=2, momentum=0.5)).load_state_dict(plain)
     ZOEngine(module, optimizer=make_optimizer("lozo", rank=3)).load_state_dict(plain)  # plain LOZO has no state
+
+
+def test_swapped_weights_are_made_in_float32_under_autocast():
+    """A bfloat16 forward under autocast must not compute the perturbed weights in bfloat16: LOZO's ``U V^T``
+    is a matmul, which autocast would run in bfloat16 (a wrong direction, and a crash on a tensor drawn in
+    pieces). The weights a module sees are the same with autocast on and off."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(700, 600).to(torch.bfloat16)  # 420,000 weights: two pieces
+    x = torch.randn(3, 700, dtype=torch.bfloat16)
+    engine = ZOEngine(layer, optimizer=make_optimizer("lozo", rank=2), copy_limit=0)
+    seen = []
+    hook = layer.register_forward_hook(lambda m, args, out: seen.append(m.weight.detach().clone()))
+
+    def loss():
+        return float(layer(x).float().pow(2).mean())
+
+    engine.query(5, loss)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        engine.query(5, loss)
+    hook.remove()
+    assert len(seen) == 4 and torch.equal(seen[0], seen[2]) and torch.equal(seen[1], seen[3])

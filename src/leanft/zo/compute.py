@@ -119,7 +119,12 @@ def swapped(held_by: list[tuple[torch.nn.Module, str, int]], names: list[str],
         for name, i in by_module[module]:
             param = module._parameters[name]
             held[module, name] = param.data
-            param.data = perturbed(i)
+            kind = param.device.type
+            # the perturbed weights are made in float32 whatever autocast the forward runs under (a low-rank
+            # direction is a matmul, which autocast would compute in bfloat16)
+            off = torch.autocast(kind, enabled=False) if kind in ("cpu", "cuda") else contextlib.nullcontext()
+            with off:
+                param.data = perturbed(i)
             seen.add(i)
 
     def after(module, args, output):

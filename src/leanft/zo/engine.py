@@ -60,7 +60,7 @@ import torch
 import torch.distributed as dist
 
 from .compute import float32_compute, float32_regions, owners, swapped
-from .noise import BITS16, ROUND_MINUS, ROUND_PLUS, ROUND_UPDATE, UNIFORM, Noise, round_bfloat16, stochastic_round
+from .noise import BITS16, ROUND_MINUS, ROUND_PLUS, ROUND_UPDATE, UNIFORM, Noise, stochastic_round
 from .optimizers import SGD
 
 
@@ -157,23 +157,29 @@ class ZOEngine:
         parts = [self.optimizer.direction(seed, i, a, b) for a, b in self.noise.pieces(i)]
         return torch.cat(parts).view(self.params[i].shape)
 
-    def _round(self, value: torch.Tensor, i: int, a: int, b: int, seed: int, stream: int) -> torch.Tensor:
-        """``value`` (float32) in tensor ``i``'s dtype: stochastically rounded, from the seed's ``stream``."""
-        dtype = self.params[i].dtype
-        if dtype == torch.bfloat16:
-            return round_bfloat16(value, self.noise.draw(seed, stream, BITS16, i, a, b))
-        if dtype == torch.float32:
-            return value
-        return stochastic_round(value, dtype, self.noise.draw(seed, stream, UNIFORM, i, a, b))
+    def _round_into(self, out: torch.Tensor, value: torch.Tensor, i: int, a: int, b: int, seed: int,
+                    stream: int) -> None:
+        """``out`` (elements ``a:b`` of tensor ``i``, its dtype) := ``value`` (a float32 temporary, used up),
+        stochastically rounded from the seed's ``stream``."""
+        if out.dtype == torch.bfloat16:
+            # bfloat16 is the top half of a float32: adding 16 random bits (uniform on [0, 2^16)) to the low half
+            # of the magnitude and cutting it off rounds away from zero with probability (dropped part) / 2^16,
+            # stochastic_round's law for finite values, in three integer operations
+            word = value.view(torch.int32).add_(self.noise.draw(seed, stream, BITS16, i, a, b))
+            out.view(torch.int16).copy_(word.bitwise_right_shift_(16))
+        elif out.dtype == torch.float32:
+            out.copy_(value)
+        else:
+            out.copy_(stochastic_round(value, out.dtype, self.noise.draw(seed, stream, UNIFORM, i, a, b)))
 
     def _perturbed(self, seed: int, i: int, sign: float) -> torch.Tensor:
         """``SR(theta_i + sign * eps * d_i)`` in the parameter's dtype, chunk by chunk (the swap path)."""
         p = self.params[i]
         flat, out = p.detach().reshape(-1), torch.empty(p.numel(), dtype=p.dtype, device=p.device)
         stream = ROUND_PLUS if sign > 0 else ROUND_MINUS
-        for a, b in self.noise.pieces(i):
-            value = torch.add(flat[a:b].float(), self.optimizer.direction(seed, i, a, b), alpha=sign * self.eps)
-            out[a:b] = self._round(value, i, a, b, seed, stream)
+        for a, b in self.noise.pieces(i):  # bfloat16 + float32 computes in float32: one operation
+            value = torch.add(flat[a:b], self.optimizer.direction(seed, i, a, b), alpha=sign * self.eps)
+            self._round_into(out[a:b], value, i, a, b, seed, stream)
         return out.view(p.shape)
 
     @torch.no_grad()
@@ -250,15 +256,18 @@ class ZOEngine:
         for i, p in enumerate(self.params):
             flat = p.data.view(-1)
             anchor = None if self.anchors[i] is None else self.anchors[i].reshape(-1)
+            # float32 weights are updated in place, unless the directions read them (the swap path's sparse mask)
+            copy = self.swap or p.dtype != torch.float32
             for a, b in self.noise.pieces(i):
-                theta = flat[a:b].to(torch.float32, copy=True)
+                theta = flat[a:b].to(torch.float32, copy=True) if copy else flat[a:b]
                 if pending is not None:
                     theta.add_(opt.direction(pending[0], i, a, b), alpha=pending[1] * self.eps)
                 if self.decay[i]:
                     pull = theta if anchor is None else theta - anchor[a:b].float()
                     theta.sub_(pull, alpha=lr * self.decay[i])
                 new = opt.update(seeds, weights, i, a, b, theta, lr)
-                flat[a:b] = self._round(new, i, a, b, seeds[0], ROUND_UPDATE)
+                if copy or new.data_ptr() != theta.data_ptr():
+                    self._round_into(flat[a:b], new, i, a, b, seeds[0], ROUND_UPDATE)
 
     def step(self, step: int, loss_fn: Callable[[], float], queries: int, lr: float) -> ZOStep:
         """One step with ``queries`` queries on the batch behind ``loss_fn``.

@@ -12,7 +12,8 @@ end, per device, into one virtual vector, cut into blocks of ``BLOCK`` elements,
 
 Directions are ``N(0, 1)`` (``GAUSSIAN``, MeZO's) or ``+-1`` with equal odds (``RADEMACHER``, as cheap to
 draw as random bytes: ``E[z z^T] = I`` as for the Gaussian, so SPSA stays unbiased). Stochastic rounding
-draws ``UNIFORM`` numbers (float16) or 16 random bits per element (``BITS16``, bfloat16's fast path).
+draws ``UNIFORM`` numbers (float16) or 16 random bits per element (``BITS16``: bfloat16's integer form,
+``engine.ZOEngine._round_into``).
 """
 
 from __future__ import annotations
@@ -110,8 +111,8 @@ class Noise:
             self.cache.move_to_end(key)
             return self.cache[key]
         n = min(BLOCK, self.sizes[group] - k * BLOCK)
-        generator = self.generators[group].manual_seed(mix(seed, stream, group, k))
-        self.cache[key] = out = draw(kind, n, generator, self.devices[group])
+        seeded = self.generators[group].manual_seed(mix(seed, stream, group, k))
+        self.cache[key] = out = draw(kind, n, seeded, self.devices[group])
         if len(self.cache) > self.CACHE:
             self.cache.popitem(last=False)
         return out
@@ -145,12 +146,3 @@ def stochastic_round(value: torch.Tensor, dtype: torch.dtype, uniform: torch.Ten
     gap = neighbour.float() - nearest.float()
     p = torch.where(gap != 0, (value - nearest.float()) / gap, torch.zeros_like(value))
     return torch.where(uniform < p, neighbour, nearest)
-
-
-def round_bfloat16(value: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-    """Stochastic rounding of float32 ``value`` (overwritten) to bfloat16 in three integer operations: bfloat16 is the top
-    16 bits of a float32, so adding 16 random bits (``bits``, uniform on [0, 2^16)) to the magnitude's low
-    half and cutting it off rounds away from zero with probability (dropped part) / 2^16, exactly
-    ``stochastic_round``'s law for finite values."""
-    word = value.contiguous().view(torch.int32).add_(bits)  # ``value`` is used up (a contiguous temporary)
-    return word.bitwise_right_shift_(16).to(torch.int16).view(torch.bfloat16)
