@@ -256,6 +256,8 @@ CASES: dict[str, list[Run]] = {
     "YAML config": [Run(train("--config run.yaml"), before=write("run.yaml", "methd: lora\n")),
                     Run(train("--config run.yaml"), before=write("run.yaml", "method: [lora\n")),
                     Run(train("--config run.yaml"), before=write("run.yaml", "epochs: two\n"))],
+    "ZO optimiser option it does not take": [Run(train("--method mezo-lora --zo-optimizer lozo --zo-sparsity 0.5"))],
+    "fzoo with one query": [Run(train("--method mezo-lora --zo-optimizer fzoo"))],
     "odd ZO budget": [Run(train("--method mezo-lora --max-forwards 7"))],
     "ZO options with a first-order method": [Run(train("--method lora --max-forwards 8")),
                                              Run(train("--method lora --zo-schedule adazeta"), quotes=False)],

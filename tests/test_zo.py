@@ -160,7 +160,7 @@ def test_a_healthy_model_whose_loss_no_query_moves_takes_a_normal_step_not_a_rol
     with pytest.warns(UserWarning, match="20 zeroth-order steps in a row left the loss exactly unchanged.*--zo-eps"):
         records = [engine.step(s, fn, queries=2, lr=1e-2) for s in range(20)]
     assert not any(r.rolled_back for r in records) and engine.lr_scale == 1.0
-    assert all(r.grads == [0.0, 0.0] for r in records) and engine.extra_forwards == 1
+    assert all(r.grads == [0.0, 0.0] for r in records) and engine.last_forwards == 2 * 2 + 1
     for p, p0 in zip(engine.params, start):  # decay only: theta * (1 - lr wd)^20
         torch.testing.assert_close(p, p0 * (1 - 1e-2 * 0.1) ** 20, rtol=1e-5, atol=0)
     with warnings.catch_warnings():
