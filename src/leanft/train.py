@@ -15,7 +15,8 @@ evaluates before training, then trains in one stage (a mixture of tasks) or one 
    one AdamW step (weight decay on matrices and TT cores only), the lr schedule, then the method's own
    schedule (LaMDA freezes P_B's columns). Zeroth-order (``leanft.zo``): for each of Q queries, the loss
    at ``theta + eps z`` and ``theta - eps z`` with ``z`` regenerated from a seed, then
-   ``theta -= lr * mean_q((l+ - l-) / (2 eps) z_q)``: forward passes only, no gradients;
+   ``theta -= lr * mean_q((l+ - l-) / (2 eps) z_q)`` (MeZO's sgd; ``--zo-optimizer`` picks another update,
+   ``leanft.zo.optimizers``): forward passes only, no gradients;
 4. logs a row to ``metrics.jsonl``; every ``eval_every`` steps evaluates on dev (``leanft.evaluate``),
    keeps the best adapter in ``best/``, stops early after ``patience`` evaluations without progress; at
    evaluations and every ``save_every`` steps or minutes it checkpoints (``leanft.runfolder``, which owns

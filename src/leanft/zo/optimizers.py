@@ -7,26 +7,22 @@ processes) and on any trainable set. A step with queries ``q = 1..Q`` forms the 
 into the update, chunk by chunk (``engine.ZOEngine.apply``); weight decay ``theta -= lr wd (theta - anchor)``
 comes before it, decoupled, for every optimiser.
 
-====================  =========================================================================  =======================
-name                  step                                                                       state (per weight)
-====================  =========================================================================  =======================
-``sgd`` (MeZO)        ``d = z``, ``w_q = p_q / Q`` with ``p_q = (l(+eps d) - l(-eps d)) / 2eps``;      none
-                      ``theta -= lr G``
-``momentum``          ``m = beta m + (1 - beta) G``; ``theta -= lr m`` (ZO-SGD-MMT)               1 float32
-``adam``              Adam's moments of ``G``, bias-corrected (ZO-Adam)                           2 float32
-``sign``              ``theta -= lr sign(G)`` (ZO-SignSGD)                                        none
-``fzoo``              one-sided: ``l0 = l(theta)`` once, ``p_q = (l(+eps u_q) - l0) / eps`` with    none
-                      Rademacher ``u``; ``theta -= lr G / sigma``, ``sigma`` the sample sd of the
-                      ``Q >= 2`` perturbed losses (FZOO: normalised SGD); ``Q + 1`` forwards
-``hizoo``             ``d = z / sqrt(h)`` with ``h`` a running diagonal-Hessian estimate:             1 float32
-                      ``h = (1 - a) h + a |delta z^2 h|``, ``delta = (l+ + l- - 2 l0) / 2eps^2``
-                      (HiZOO); ``2Q + 1`` forwards
-``lozo``              a matrix's ``d = U V^T`` (``U`` per query, ``V`` per ``interval`` steps:         ``rank`` columns per
-                      LOZO's lazy subspace), ``G / rank``; with ``momentum`` (LOZO-M) the moment is  matrix row (LOZO-M)
-                      kept on the ``U`` side and carried over when ``V`` changes; vectors as sgd
-``sparse``            ``d = z * [|theta| <= h]``, ``h`` each tensor's ``1 - sparsity`` quantile of     none
-                      ``|theta|`` at the step's start (Sparse-MeZO)
-====================  =========================================================================  =======================
+The optimisers (``p_q = (l(+eps d_q) - l(-eps d_q)) / 2 eps`` unless said otherwise; state per weight):
+
+* ``sgd`` (MeZO): ``d = z``, ``w_q = p_q / Q``, ``theta -= lr G``. No state.
+* ``momentum`` (ZO-SGD-MMT): ``m = beta m + (1 - beta) G``, ``theta -= lr m``. One float32.
+* ``adam`` (ZO-Adam): Adam's bias-corrected moments of ``G``. Two float32.
+* ``sign`` (ZO-SignSGD): ``theta -= lr sign(G)``. No state.
+* ``fzoo`` (FZOO, normalised SGD): one-sided, ``l0 = l(theta)`` once a step and
+  ``p_q = (l(+eps u_q) - l0) / eps`` with Rademacher ``u``; ``theta -= lr G / sigma``, ``sigma`` the sample sd of
+  the ``Q >= 2`` perturbed losses; ``Q + 1`` forwards. No state.
+* ``hizoo`` (HiZOO): ``d = z / sqrt(h)``, ``h`` a running diagonal-Hessian estimate
+  ``h = (1 - a) h + a |delta z^2 h|`` with ``delta = (l+ + l- - 2 l0) / 2 eps^2``; ``2Q + 1`` forwards. One float32.
+* ``lozo`` (LOZO): a matrix's ``d = U V^T``, ``U`` per query and ``V`` per ``interval`` steps (the lazy subspace),
+  ``G / rank``; vectors as sgd. With ``momentum`` (LOZO-M) the moment is kept on the ``U`` side (``rank`` floats per
+  matrix row) and carried into each new subspace.
+* ``sparse`` (Sparse-MeZO): ``d = z * [|theta| <= h]``, ``h`` each tensor's ``1 - sparsity`` quantile of ``|theta|``
+  at the step's start. No state.
 
 State that scales with the model (momentum, Adam, HiZOO's Hessian) is float32 whatever the weights'
 dtype: on a full model it costs 1-2x the float32 weights, which defeats zeroth-order training's point
