@@ -66,6 +66,7 @@ def test_every_zo_optimizer_keeps_the_state_its_table_says():
     assert {name: cls.state_tensors for name, cls in OPTIMIZERS.items()} == ZO_STATE
 
 
+@pytest.mark.slow  # 28 cases of real steps against the allocator
 @pytest.mark.parametrize("zo_optimizer", ZO_OTHERS)
 @pytest.mark.parametrize("method", ["mezo", "mezo-lora"])
 @pytest.mark.parametrize("family", ["llama", "bert"])

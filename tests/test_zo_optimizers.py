@@ -266,6 +266,7 @@ TRAIN_LR = {"sgd": (0.1, 1e-3), "momentum": (0.1, 1e-3), "adam": (1e-2, 1e-3), "
             "fzoo": (1e-4, 1e-5), "hizoo": (0.1, 1e-2), "lozo": (0.1, 1e-3), "sparse": (0.1, 1e-2)}
 
 
+@pytest.mark.slow  # 30 steps each, 16 cases: trains
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("name", NAMES)
 def test_each_optimizer_lowers_the_loss_of_a_tiny_model(name, dtype, tokens):
