@@ -275,12 +275,7 @@ class ZerothOrder:
     def queries(self, epoch: int) -> int:
         """The schedule's query count, cut so the step fits what is left of ``max_forwards``."""
         q = self.schedule(epoch)
-        if not self.max_forwards:
-            return q
-        opt = self.engine.optimizer
-        while q > 0 and self.forwards + opt.forwards(q) > self.max_forwards:
-            q -= 1
-        return q
+        return self.engine.optimizer.fitting(q, self.forwards, self.max_forwards) if self.max_forwards else q
 
     def fits(self) -> bool:
         """Whether another step fits in ``max_forwards`` (always, without a budget)."""

@@ -86,16 +86,11 @@ def zo_spend(forwards: int, train: int, batch: int, optimizer: str, queries: int
     per_epoch = max(1, math.ceil(train / batch))
     steps = spent = 0
 
-    def cut(q: int) -> int:
-        while q > 0 and spent + opt.forwards(q) > forwards:
-            q -= 1
-        return q
-
     def schedule(epoch: int) -> int:
         return query_schedule(epoch) if adazeta else queries
 
-    while cut(schedule(0)) >= opt.min_queries:
-        spent += opt.forwards(cut(schedule(steps // per_epoch)))
+    while opt.fitting(schedule(0), spent, forwards) >= opt.min_queries:
+        spent += opt.forwards(opt.fitting(schedule(steps // per_epoch), spent, forwards))
         steps += 1
     return steps, spent
 

@@ -67,6 +67,12 @@ class SGD:
         """Forward passes of a step with ``queries`` queries."""
         return queries * (1 if self.one_sided else 2) + (1 if self.center else 0)
 
+    def fitting(self, queries: int, spent: int, budget: int) -> int:
+        """``queries`` cut so the step fits in what is left of a budget of ``budget`` forwards (0 when none fits)."""
+        while queries > 0 and spent + self.forwards(queries) > budget:
+            queries -= 1
+        return queries
+
     def begin(self, step: int) -> None:
         """Before a step's queries."""
 
