@@ -18,7 +18,7 @@ import torch
 from .. import methods, models
 from ..system import machine, save
 from ..zo import OPTIMIZERS, make_optimizer
-from . import steps, tuning
+from . import tuning
 from .budget import RANK_OPTION, SHORT, Budget, default_dtype, default_rank, eval_every, zo_spend
 from .report import bench_report
 from .steps import memory_compare
@@ -134,16 +134,18 @@ def measure_child(function: str, *args, **kwargs) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def forward_times(model: str, task: str, method_names: list[str], batch_size: int, dtype: str) -> dict:
-    """One training forward (the loss of one batch) of each zeroth-order method, each in its own process,
-    measured by ``steps.zo_step_cost``: what a run's step time is compared with (step / (forwards x one
-    forward)). A method whose measurement fails is left out."""
+def step_costs(model: str, task: str, groups: list[tuple[str, str]], batch_size: int, dtype: str) -> dict:
+    """One step of each zeroth-order (method, optimiser) group against the forwards it takes, each in its own
+    process on one batch, by ``steps.zo_step_cost`` (``vs_forwards``): measured apart from the runs, so runs
+    made side by side or on a busy machine do not skew it. A group whose measurement fails is left out."""
     rows = []
-    for method in method_names:
+    for method, optimizer in groups:
+        queries = zo_settings(method, optimizer, 1).get("zo_queries", 1)
         try:
-            rows.append(measure_child("zo_step_cost", model, task, method, dtype=dtype, batch_size=batch_size))
+            rows.append(measure_child("zo_step_cost", model, task, method, dtype=dtype, batch_size=batch_size,
+                                      zo_optimizer=optimizer, queries=queries))
         except RuntimeError as e:
-            print(f"forward time of {method} failed: {e}")
+            print(f"step cost of {method} with {optimizer} failed: {e}")
     return {"model": model, "task": task, "batch_size": batch_size, "dtype": dtype, "machine": machine(),
             "date": date.today().isoformat(), "rows": rows}
 
@@ -211,11 +213,11 @@ class Bench:
             save(memory_compare(self.model, self.tasks[0], self.budget.batch, 3,
                                 list(dict.fromkeys(r["method"] for r in plan)), dtype,
                                 zo_optimizers=list(self.zo_optimizers)), self.out / "memory.json")
-            zo = list(dict.fromkeys(r["method"] for r in plan if r["method"] in methods.ZO_METHODS))
-            if zo and hasattr(steps, "zo_step_cost"):
-                print(f"\ntime of one training forward per zeroth-order method (batch {self.budget.zo_batch})")
-                save(forward_times(self.model, self.tasks[0], zo, self.budget.zo_batch, dtype),
-                     self.out / "forward.json")
+            zo = list(dict.fromkeys((r["method"], r["zo"]["zo_optimizer"]) for r in plan if r.get("zo")))
+            if zo:
+                print(f"\none step of each zeroth-order method and optimiser against its forwards "
+                      f"(batch {self.budget.zo_batch})")
+                save(step_costs(self.model, self.tasks[0], zo, self.budget.zo_batch, dtype), self.out / "zo-steps.json")
         (self.out / "README.md").write_text(bench_report(self.out))
         print(f"\nreport: {self.out / 'README.md'}")
         return results

@@ -89,7 +89,7 @@ def bench_report(out: Path) -> str:
     info = json.loads((out / "bench.json").read_text())
     runs = [json.loads((out / f"{name}.json").read_text()) for name in info["runs"] if (out / f"{name}.json").is_file()]
     mem = json.loads((out / "memory.json").read_text()) if (out / "memory.json").is_file() else None
-    fwd = json.loads((out / "forward.json").read_text()) if (out / "forward.json").is_file() else None
+    fwd = json.loads((out / "zo-steps.json").read_text()) if (out / "zo-steps.json").is_file() else None
     seen = {r["machine"] for r in runs} | {m["machine"] for m in (mem, fwd) if m}
     if len(seen) > 1:
         raise ValueError(f"{out} holds results of {len(seen)} machines ({'; '.join(sorted(seen))}): a table never "
@@ -213,7 +213,7 @@ def zo_section(out: Path, task: str, runs: list[dict], info: dict, mem: dict | N
     if not ok or (len(optimizers) < 2 and not any(curves.values())):
         return [], []
     key = next(iter(ok[0]["eval"][task]))
-    forward_s = {r["method"]: r["forward_s"] for r in (fwd or {}).get("rows", [])}
+    step_cost = {(r["method"], r["zo_optimizer"]): r["vs_forwards"] for r in (fwd or {}).get("rows", [])}
     peaks = {(r["method"], r.get("zo_optimizer", "sgd")): r["peak_vs_inference"] for r in (mem or {}).get("rows", [])
              if r["mode"] == "zo"}
     lines = [f"### {task}: which zeroth-order optimiser", "",
@@ -223,13 +223,13 @@ def zo_section(out: Path, task: str, runs: list[dict], info: dict, mem: dict | N
              "over seeds; \"not reached\" when a seed never does) and their ratio to sgd's (sgd's by the same rule or, "
              "when one of its seeds ends below the mean and never reaches it, where the mean of its seeds' curves "
              "does); "
-             + ("step / forwards: a run's s/step over (its forwards per step x one training forward, "
-                f"`steps.zo_step_cost` at batch {fwd['batch_size']} in its own process after the runs); " if fwd
+             + ("step / forwards: one step over the forwards it takes (`steps.zo_step_cost`: one batch of "
+                f"{fwd['batch_size']}, in its own process after the runs, at the method's default size); " if fwd
                 else "")
              + "peak / inference: the one-step peak of `leanft memory` (mezo and mezo-lora with each optimiser, "
              "adazeta with sgd), at the method's default size.", ""]
     if not fwd:
-        lines += ["The step-time ratio is left out: this bench measured no forward time (it does with --memory).", ""]
+        lines += ["The step-time ratio is left out: this bench measured no step cost (it does with --memory).", ""]
     notes, asked = [], info.get("zo_queries", 1)
     if "fzoo" in optimizers:
         raised = f" (the bench's --zo-queries {asked} raised)" if asked < 2 else ""
@@ -273,9 +273,9 @@ def zo_section(out: Path, task: str, runs: list[dict], info: dict, mem: dict | N
             ratio = f"{reach[opt] / sgd_reach:.2f}x" if reach[opt] is not None and sgd_reach else ""
             row = [zo_set, opt, lr, tuning.grid_scores(groups[opt]), f"{statistics.mean(values):.1f} ± {sd:.1f}",
                    str(len(values)), hit, ratio, f"{statistics.mean(r['time_per_step_s'] for r in rs):.3g}"]
-            if fwd:  # one forward measured at the method's default size
-                one = forward_s.get(meta["method"]) if not meta["options"] else None
-                row.append(f"{statistics.mean(step_vs_forwards(r, one) for r in rs):.2f}x" if one else "not measured")
+            if fwd:  # measured at the method's default size
+                cost = step_cost.get((meta["method"], opt)) if not meta["options"] else None
+                row.append(f"{cost:.2f}x" if cost else "not measured")
             peak = peaks.get((meta["method"], opt)) if not meta["options"] else None  # measured at the default size
             row.append(f"{peak:.3f}x" if peak else "not measured")
             lines.append("| " + " | ".join(row) + " |")
@@ -294,11 +294,6 @@ def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]
 
 def optimizer_of(meta: dict) -> str:
     return meta.get("zo", {}).get("zo_optimizer", "sgd")
-
-
-def step_vs_forwards(run: dict, forward_s: float) -> float:
-    """A run's mean step time over the time of the forwards its mean step takes."""
-    return run["time_per_step_s"] / (run["forward_passes"] / run["steps"] * forward_s)
 
 
 def plot_dev_curves(curves: dict[str, list[list[tuple[int, float]]]], target: float | None, title: str,

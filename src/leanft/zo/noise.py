@@ -61,7 +61,7 @@ def draw(kind: str, n: int, generator: torch.Generator, device: torch.device) ->
     if kind == RADEMACHER:  # the sign of random bytes: 128 of the 256 values are negative
         return _bytes(n, generator, device).view(torch.int8).float().add_(0.5).sign_()
     if kind == BITS16:
-        return _bytes(2 * n, generator, device).view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF)
+        return _bytes(2 * n, generator, device).view(torch.uint16).to(torch.int32)
     raise ValueError(f"unknown kind of random numbers {kind!r}; one of {GAUSSIAN}, {RADEMACHER}, {UNIFORM}, {BITS16}")
 
 
