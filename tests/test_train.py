@@ -535,3 +535,15 @@ def test_a_repeated_signal_at_once_is_one_stop_and_one_a_moment_later_aborts(mon
             os.kill(os.getpid(), signal.SIGINT)
             sum(range(1000))  # the handler runs between bytecodes
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_zeroth_order_on_an_encoders_new_head_says_it_is_slow_and_what_to_use(tiny_bert_dir, tiny_llama_dir, tmp_path,
+                                                                             capsys):
+    """Measured on MiniLM SST-2 (BENCHMARKS 14): zeroth-order training of a fresh classification head learns only
+    the class prior in thousands of forwards; a user who picks it is told, a decoder's user is not."""
+    zo = dict(method="mezo-lora", max_steps=1, method_options={"rank": 2})
+    train.train(tiny_cfg(tiny_bert_dir, tmp_path / "encoder", **zo))
+    assert "note: zeroth-order training of an encoder's new classification head" in capsys.readouterr().out
+    train.train(tiny_cfg(tiny_llama_dir, tmp_path / "decoder", **zo))
+    train.train(tiny_cfg(tiny_bert_dir, tmp_path / "first-order", method="lora", max_steps=1, method_options={"rank": 2}))
+    assert "classification head" not in capsys.readouterr().out

@@ -120,6 +120,11 @@ def run_all(cfg: TrainConfig, accel, out: Path, stop: StopSignals) -> dict:
     if accel.is_main_process:
         print(f"{cfg.method} adapts {methods.describe_targets(loaded.model)}: {counts['trainable']:,} trainable "
               f"parameters of {counts['total']:,}")
+        if cfg.zeroth_order and not loaded.decoder:
+            print("note: zeroth-order training of an encoder's new classification head is slow to leave chance: on "
+                  "MiniLM SST-2 it learned only the class prior in 3,006 forward passes (BENCHMARKS.md section 14). "
+                  "Train encoders first-order (--method lora), or use a decoder, whose answers are label words its "
+                  "pretrained head already scores")
     lr = cfg.lr or DEFAULT_LR["causal" if loaded.decoder else "encoder"][cfg.method]
     run = Run(loaded, task_data, lr, out / "metrics.jsonl", stop)
     every = range(len(task_data))
